@@ -1,0 +1,204 @@
+"""The serving runtime: ONNX Runtime sessions and an incremental decoder (no torch).
+
+- :class:`ModelFiles` knows the layout of a model folder (``model/bundled`` by default)
+  and checks it is complete and consistent.
+- :class:`OnnxModel` holds the ONNX Runtime sessions (the int8 or fp32 decoder step and
+  the latent encoder) and the tokenizer. Providers are chosen at run time: CUDA when the
+  installed ONNX Runtime offers it (the ``onnxruntime-gpu`` build), else CPU.
+- :class:`IncrementalDecoder` is the streaming interface: ``reset`` / ``feed`` tokens
+  (prefill or one step, with the KV cache kept between calls) / ``logits``. Sampling and
+  grammar live in ``model.grammar`` and are driven by ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.tokenizer import DivergentTokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "IncrementalDecoder",
+    "ModelError",
+    "ModelFiles",
+    "OnnxModel",
+    "default_model_dir",
+    "providers",
+]
+
+
+class ModelError(RuntimeError):
+    """A model folder that is missing, incomplete or inconsistent."""
+
+
+def default_model_dir() -> Path:
+    """The model bundled with the package (``model/bundled``), or ``$DIVERGENT_MODEL``."""
+    env = os.environ.get("DIVERGENT_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent / "bundled"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    @property
+    def encoder(self) -> Path:
+        return self.root / "encoder.onnx"
+
+    def decoder(self, precision: str) -> Path:
+        if precision not in ("int8", "fp32"):
+            raise ModelError(f"precision must be int8 or fp32, got {precision!r}")
+        return self.root / f"decoder.{precision}.onnx"
+
+    def check(self, precision: str = "int8") -> dict[str, Any]:
+        """The parsed config, after checking the folder has what the runtime needs."""
+        for p in (self.config, self.tokenizer, self.encoder, self.decoder(precision)):
+            if not p.exists():
+                raise ModelError(f"model folder {self.root} is missing {p.name}")
+        try:
+            cfg: dict[str, Any] = json.loads(self.config.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{self.config}: not valid JSON: {e}") from e
+        if cfg.get("format") != 1 or "model" not in cfg or "io" not in cfg:
+            raise ModelError(f"{self.config}: not a divergent model config")
+        return cfg
+
+
+def providers() -> list[str]:
+    """CUDA first when this ONNX Runtime build has it (onnxruntime-gpu), then CPU."""
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    chosen = [p for p in ("CUDAExecutionProvider",) if p in avail]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """The exported model: decoder step + latent encoder + tokenizer."""
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        precision: str = "int8",
+        threads: int = 1,
+        device: str = "auto",
+    ) -> None:
+        import onnxruntime as ort
+
+        self.files = ModelFiles(Path(model_dir) if model_dir else default_model_dir())
+        cfg = self.files.check(precision)
+        self.config = cfg
+        m = cfg["model"]
+        self.vocab_size = int(m["vocab_size"])
+        self.block_size = int(m["block_size"])
+        self.n_layer = int(m["n_layer"])
+        self.n_head = int(m["n_head"])
+        self.head_size = int(m["n_embd"]) // self.n_head
+        self.z_dim = int(m["z_dim"])
+        self.past_names: list[str] = list(cfg["io"]["past_names"])
+        self.present_names: list[str] = list(cfg["io"]["present_names"])
+        self.tokenizer: DivergentTokenizer = load_tokenizer(self.files.tokenizer)
+        if self.tokenizer.hash != cfg.get("tokenizer_hash"):
+            raise ModelError("tokenizer.json does not match the model's config")
+        so = ort.SessionOptions()
+        # One intra-op thread was stable here; two varied 2x between processes on 2 vCPUs.
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        prov = ["CPUExecutionProvider"] if device == "cpu" else providers()
+        try:
+            self.decoder = ort.InferenceSession(
+                str(self.files.decoder(precision)), so, providers=prov
+            )
+            self.encoder = ort.InferenceSession(str(self.files.encoder), so, providers=prov)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise ModelError(f"cannot load the ONNX model in {self.files.root}: {e}") from e
+        self.precision = precision
+        self.output_names = ["logits", *self.present_names]
+
+    def encode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior (mu, logvar), each (z_dim,), of a phrase of token ids."""
+        x = np.asarray(ids, dtype=np.int64)[None, :]
+        if x.shape[1] == 0:
+            return np.zeros(self.z_dim, np.float32), np.zeros(self.z_dim, np.float32)
+        mu, logvar = self.encoder.run(None, {"input_ids": x, "mask": np.ones(x.shape, np.float32)})
+        return mu[0], logvar[0]
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        shape = (1, self.n_head, 0, self.head_size)
+        return {n: np.zeros(shape, np.float32) for n in self.past_names}
+
+
+class IncrementalDecoder:
+    """Feed tokens, read the next-token logits; the KV cache lives between calls.
+
+    When the context reaches the model's ``block_size``, the last ``keep`` tokens are
+    re-fed as a fresh prefill (positions restart), so a live stream never stops.
+    """
+
+    def __init__(self, model: OnnxModel, *, z: np.ndarray | None = None, keep: int = 384) -> None:
+        self.model = model
+        self.keep = min(keep, model.block_size // 2)
+        self._z = np.zeros((1, model.z_dim), np.float32)
+        if z is not None:
+            self.set_z(z)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.model.empty_cache()
+        self.tokens: list[int] = []
+        self.last_logits = np.zeros(self.model.vocab_size, np.float32)
+
+    @property
+    def z(self) -> np.ndarray:
+        return self._z[0]
+
+    def set_z(self, z: np.ndarray) -> None:
+        """Change the latent; it acts from the next fed token on (the cache is kept)."""
+        z = np.asarray(z, dtype=np.float32).reshape(1, -1)
+        if z.shape[1] != self.model.z_dim:
+            raise ValueError(f"z must have {self.model.z_dim} values, got {z.shape[1]}")
+        self._z = z
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        feed: dict[str, np.ndarray] = {"input_ids": ids, "z": self._z}
+        feed.update(self.cache)
+        out = self.model.decoder.run(self.model.output_names, feed)
+        for name, value in zip(self.model.past_names, out[1:], strict=True):
+            self.cache[name] = value
+        return np.asarray(out[0][0])  # (T, V)
+
+    def feed(self, tokens: list[int] | np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+        """Append tokens; returns the logits after the last one (V,), or (T, V) if asked."""
+        toks = [int(t) for t in tokens]
+        if not toks:
+            return self.last_logits
+        if len(self.tokens) + len(toks) > self.model.block_size:
+            history = (self.tokens + toks)[-self.keep :]
+            self.cache = self.model.empty_cache()
+            self.tokens = []
+            toks = history
+        logits = self._run(np.asarray([toks], dtype=np.int64))
+        self.tokens.extend(toks)
+        self.last_logits = logits[-1]
+        return logits if all_logits else self.last_logits

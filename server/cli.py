@@ -1,0 +1,193 @@
+"""The ``divergent`` command line.
+
+Each subcommand imports what it needs when it runs, so ``divergent generate`` and the
+serving path never load torch, and ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("divergent")
+
+
+class CLIError(Exception):
+    """An error the user can fix: printed as one line, exit status 2."""
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from model.data import build_dataset
+
+    summary = build_dataset(
+        args.out,
+        corpus=not args.no_corpus,
+        midi_dirs=args.midi or [],
+        limit_per_source=args.limit_per_source,
+        sources=args.sources.split(",") if args.sources else None,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary.__dict__, indent=1))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from model.train import TrainConfig, train
+
+    cfg = TrainConfig.from_args(args)
+    train(cfg)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_checkpoint
+
+    report = export_checkpoint(
+        Path(args.checkpoint), Path(args.out), data=args.data, parity_windows=args.parity_windows
+    )
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from model.generate import GenerateError, generate_file
+
+    try:
+        result = generate_file(
+            Path(args.prompt),
+            Path(args.output),
+            bars=args.bars,
+            seed=args.seed,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            model_dir=Path(args.model) if args.model else None,
+        )
+    except GenerateError as e:
+        raise CLIError(str(e)) from e
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(
+            f"wrote {args.output}: {result['notes']} notes in {result['bars']} bars "
+            f"({result['compute_ms']:.0f} ms)"
+        )
+    return 0
+
+
+def _cmd_evaluate_nll(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate_nll
+
+    res = evaluate_nll(
+        data=Path(args.data),
+        model_dir=Path(args.model) if args.model else None,
+        max_tokens=args.max_tokens,
+        order=args.order,
+    )
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_bench_model(args: argparse.Namespace) -> int:
+    from model.bench import bench_model
+
+    res = bench_model(model_dir=Path(args.model) if args.model else None, repeats=args.repeats)
+    print(json.dumps(res, indent=None if args.json else 1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="divergent",
+        description="Live human-AI music co-creation with a divergence knob.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build the training dataset")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("build", help="tokenize music21's corpus (and --midi folders)")
+    b.add_argument("--out", default="data/dataset", help="dataset folder (default: %(default)s)")
+    b.add_argument("--midi", action="append", metavar="DIR", help="add a folder of MIDI files")
+    b.add_argument("--no-corpus", action="store_true", help="only the --midi folders")
+    b.add_argument("--limit-per-source", type=int, default=None, help="for quick tests")
+    b.add_argument(
+        "--sources", default=None, help="comma-separated corpus collections (default: all)"
+    )
+    b.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_data_build)
+
+    t = sub.add_parser("train", help="train the transformer (needs the train extra)")
+    from model.train_config import add_train_arguments
+
+    add_train_arguments(t)
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export", help="export a checkpoint to ONNX (fp32 + int8) with parity")
+    e.add_argument("checkpoint", help="a checkpoint written by `divergent train`")
+    e.add_argument("--out", default="model/bundled", help="output folder (default: %(default)s)")
+    e.add_argument("--data", default="data/dataset", help="dataset for the parity check")
+    e.add_argument("--parity-windows", type=int, default=16)
+    e.set_defaults(func=_cmd_export)
+
+    g = sub.add_parser("generate", help="continue a MIDI prompt with the model")
+    g.add_argument("prompt", help="a MIDI file")
+    g.add_argument("--bars", type=int, default=4, help="bars to generate (default: 4)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("-o", "--output", required=True, help="output MIDI file")
+    g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    g.add_argument("--json", action="store_true", help="print a JSON summary")
+    g.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("evaluate", help="measure the model")
+    evsub = ev.add_subparsers(dest="evaluate_command", required=True)
+    nll = evsub.add_parser("nll", help="validation NLL of the ONNX model vs an n-gram baseline")
+    nll.add_argument("--data", default="data/dataset")
+    nll.add_argument("--model", default=None)
+    nll.add_argument("--max-tokens", type=int, default=None)
+    nll.add_argument("--order", type=int, default=None, help="n-gram order (default: best 3..6)")
+    nll.add_argument("--json", action="store_true")
+    nll.set_defaults(func=_cmd_evaluate_nll)
+
+    be = sub.add_parser("bench", help="benchmarks that print JSON")
+    besub = be.add_subparsers(dest="bench_command", required=True)
+    bm = besub.add_parser("model", help="per-token latency, bar latency, note events/s")
+    bm.add_argument("--model", default=None)
+    bm.add_argument("--repeats", type=int, default=200)
+    bm.add_argument("--json", action="store_true")
+    bm.set_defaults(func=_cmd_bench_model)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``divergent`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except CLIError as e:
+        print(f"divergent: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Shared fixtures: small scores built in code, so tests need no downloaded data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ABC_REEL = """X:1
+T:Test reel
+M:4/4
+L:1/8
+K:D
+|:DFAF dFAF|GBdB AFEF|DFAF dfaf|gefd edBd:|
+"""
+
+ABC_JIG = """X:2
+T:Test jig
+M:6/8
+L:1/8
+K:G
+|:GAG GBd|ege dBA|GAG GBd|cAF G3:|
+"""
+
+ABC_WALTZ = """X:3
+T:Test waltz
+M:3/4
+L:1/4
+K:F
+F A c|f2 e|d c B|A3|G B d|c2 B|A G F|F3|
+"""
+
+ABC_TUNES = {"reel_4_4": ABC_REEL, "jig_6_8": ABC_JIG, "waltz_3_4": ABC_WALTZ}
+
+
+def chord_score():  # type: ignore[no-untyped-def]
+    """Four bars of block chords and a melody in 4/4 (polyphony in one stream)."""
+    import symusic
+
+    tpq = 480
+    s = symusic.Score(tpq)
+    s.time_signatures.append(symusic.TimeSignature(0, 4, 4))
+    s.tempos.append(symusic.Tempo(0, 96.0))
+    chords = symusic.Track(program=0, name="chords")
+    melody = symusic.Track(program=0, name="melody")
+    for bar, root in enumerate([60, 65, 67, 60]):
+        for p in (root - 12, root - 8 if bar != 3 else root - 9, root - 5):
+            chords.notes.append(symusic.Note(bar * 4 * tpq, 4 * tpq, p, 80))
+        for beat, step in enumerate((0, 2, 4, 7)):
+            melody.notes.append(symusic.Note((bar * 4 + beat) * tpq, tpq // 2, root + step, 90))
+    s.tracks.append(chords)
+    s.tracks.append(melody)
+    return s
+
+
+@pytest.fixture
+def abc_scores():  # type: ignore[no-untyped-def]
+    import symusic
+
+    return {name: symusic.Score.from_abc(text) for name, text in ABC_TUNES.items()}
+
+
+@pytest.fixture
+def midi_folder(tmp_path: Path) -> Path:
+    """A user's MIDI folder: two good files and one broken one."""
+    import symusic
+
+    d = tmp_path / "my_midi"
+    (d / "sub").mkdir(parents=True)
+    symusic.Score.from_abc(ABC_REEL).dump_midi(str(d / "reel.mid"))
+    chord_score().dump_midi(str(d / "sub" / "chords.mid"))
+    (d / "broken.mid").write_bytes(b"MThd\x00\x00\x00\x06garbage")
+    return d

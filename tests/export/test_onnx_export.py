@@ -1,0 +1,143 @@
+"""A tiny model trained in seconds, exported, and checked against torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.data import build_dataset, load_split
+from model.train_config import TrainConfig
+
+TINY = dict(
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=160,
+    z_dim=4,
+    seq_len=64,
+    batch_size=4,
+    eval_interval=10,
+    eval_windows=4,
+    warmup_steps=5,
+    kl_warmup_steps=5,
+    threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ds")
+    build_dataset(out, sources=["airdsAirs"], limit_per_source=60, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    metrics = train(TrainConfig(data=str(dataset), out=str(out), max_steps=20, **TINY))  # type: ignore[arg-type]
+    assert metrics["step"] == 20
+    return out
+
+
+def test_training_learns_and_logs(trained: Path) -> None:
+    log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in log] == [10, 20]
+    assert log[-1]["val_ce"] < np.log(411)  # better than uniform after 20 steps
+    assert (trained / "model.pt").exists() and (trained / "ckpt.pt").exists()
+
+
+def test_resume_continues_from_checkpoint(dataset: Path, trained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from model.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    cfg = TrainConfig(data=str(dataset), out=str(run), max_steps=30, resume=True, **TINY)  # type: ignore[arg-type]
+    metrics = train(cfg)
+    assert metrics["step"] == 30
+    steps = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30]
+
+
+def test_train_config_round_trip(tmp_path: Path) -> None:
+    cfg = TrainConfig(**TINY)  # type: ignore[arg-type]
+    p = tmp_path / "c.json"
+    p.write_text(cfg.to_json())
+    assert TrainConfig.from_json(p) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError):
+        TrainConfig(seq_len=700, block_size=640)
+
+
+@pytest.fixture(scope="module")
+def exported(
+    trained: Path, dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("model")
+    report = export_checkpoint(
+        trained / "model.pt", out, data=dataset, parity_windows=4, seq_len=64
+    )
+    return out, report
+
+
+def test_export_parity(exported) -> None:  # type: ignore[no-untyped-def]
+    out, report = exported
+    p = report["parity"]
+    assert p["fp32_max_abs_logit_diff"] <= 1e-4
+    assert p["fp32_incremental_max_abs_logit_diff"] <= 1e-4
+    assert p["int8_top1_agreement"] >= 0.9
+    assert abs(p["int8_nll_diff"]) < 0.05
+    for name in (
+        "decoder.fp32.onnx",
+        "decoder.int8.onnx",
+        "encoder.onnx",
+        "tokenizer.json",
+        "config.json",
+    ):
+        assert (out / name).exists()
+
+
+def test_runtime_matches_torch(exported, trained: Path, dataset: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from model.runtime import IncrementalDecoder, OnnxModel
+    from model.train import load_model
+
+    out, _ = exported
+    model, _ = load_model(trained / "model.pt")
+    ort_model = OnnxModel(out, precision="fp32")
+    val, _ = load_split(dataset, "train")
+    ids = val[:50].astype(np.int64)
+    z = np.linspace(-1, 1, model.cfg.z_dim).astype(np.float32)
+    with torch.no_grad():
+        ref = model.decode(torch.from_numpy(ids[None]), torch.from_numpy(z[None]))[0].numpy()
+        mu_t, _ = model.encode(torch.from_numpy(ids[None]), torch.ones(1, len(ids)))
+    dec = IncrementalDecoder(ort_model, z=z)
+    dec.feed(ids[:20])
+    for t in range(20, 50):
+        logits = dec.feed([int(ids[t])])
+        assert np.abs(logits - ref[t]).max() < 1e-4
+    mu, _ = ort_model.encode(ids)
+    assert np.abs(mu - mu_t[0].numpy()).max() < 1e-4
+
+
+def test_decoder_slides_past_block_size(exported) -> None:  # type: ignore[no-untyped-def]
+    from model.runtime import IncrementalDecoder, OnnxModel
+
+    out, _ = exported
+    m = OnnxModel(out)
+    dec = IncrementalDecoder(m)
+    rng = np.random.default_rng(0)
+    for _ in range(m.block_size + 40):
+        logits = dec.feed([int(rng.integers(0, m.vocab_size))])
+        assert np.all(np.isfinite(logits))
+    assert len(dec.tokens) <= m.block_size
