@@ -78,7 +78,7 @@ def _split_abc(text: str) -> tuple[str, list[tuple[str, str]]]:
     """An ABC file's header and its tunes as (X number, tune text)."""
     parts = re.split(r"(?m)^(?=X:)", text)
     header, tunes = parts[0], parts[1:]
-    out = []
+    out: list[tuple[str, str]] = []
     for t in tunes:
         m = re.match(r"X:\s*(\S*)", t)
         out.append((m.group(1) if m else str(len(out) + 1), t))
@@ -329,7 +329,7 @@ def build_dataset(
     summary = BuildSummary(works=len(works))
     fail_src: Counter[str] = Counter()
     fail_kind: Counter[str] = Counter()
-    manifest_works = []
+    manifest_works: list[dict[str, object]] = []
     chunks: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     for r in results:
         if r.ids is None:

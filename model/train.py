@@ -225,7 +225,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         kl_term = torch.clamp(kl_dims.float(), min=cfg.free_bits).sum() / cfg.seq_len
         loss = ce + beta * kl_term
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1

@@ -58,6 +58,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from model.generate import GenerateError, generate_file
+    from model.runtime import ModelError
 
     try:
         result = generate_file(
@@ -69,7 +70,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             model_dir=Path(args.model) if args.model else None,
         )
-    except GenerateError as e:
+    except (GenerateError, ModelError) as e:
         raise CLIError(str(e)) from e
     if args.json:
         print(json.dumps(result, indent=1))
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except CLIError as e:
+    except (CLIError, FileNotFoundError) as e:
         print(f"divergent: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

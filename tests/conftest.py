@@ -71,3 +71,52 @@ def midi_folder(tmp_path: Path) -> Path:
     chord_score().dump_midi(str(d / "sub" / "chords.mid"))
     (d / "broken.mid").write_bytes(b"MThd\x00\x00\x00\x06garbage")
     return d
+
+
+# A tiny model trained in seconds on a few corpus tunes, exported to ONNX: shared by the
+# export, runtime and generation tests so CI needs no bundled model to test the pipeline.
+TINY = dict(
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=160,
+    z_dim=4,
+    seq_len=64,
+    batch_size=4,
+    eval_interval=10,
+    eval_windows=4,
+    warmup_steps=5,
+    kl_warmup_steps=5,
+    threads=1,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.data import build_dataset
+
+    out = tmp_path_factory.mktemp("ds")
+    build_dataset(out, sources=["airdsAirs"], limit_per_source=60, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.train import train
+    from model.train_config import TrainConfig
+
+    out = tmp_path_factory.mktemp("run")
+    metrics = train(TrainConfig(data=str(tiny_dataset), out=str(out), max_steps=20, **TINY))  # type: ignore[arg-type]
+    assert metrics["step"] == 20
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_run: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("model")
+    report = export_checkpoint(
+        tiny_run / "model.pt", out, data=tiny_dataset, parity_windows=4, seq_len=64
+    )
+    return out, report

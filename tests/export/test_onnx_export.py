@@ -8,40 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import build_dataset, load_split
+from model.data import load_split
 from model.train_config import TrainConfig
-
-TINY = dict(
-    n_layer=2,
-    n_head=2,
-    n_embd=32,
-    block_size=160,
-    z_dim=4,
-    seq_len=64,
-    batch_size=4,
-    eval_interval=10,
-    eval_windows=4,
-    warmup_steps=5,
-    kl_warmup_steps=5,
-    threads=1,
-)
+from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ds")
-    build_dataset(out, sources=["airdsAirs"], limit_per_source=60, workers=1, progress=False)
-    return out
+def dataset(tiny_dataset: Path) -> Path:
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")
-def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.train import train
-
-    out = tmp_path_factory.mktemp("run")
-    metrics = train(TrainConfig(data=str(dataset), out=str(out), max_steps=20, **TINY))  # type: ignore[arg-type]
-    assert metrics["step"] == 20
-    return out
+def trained(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 def test_training_learns_and_logs(trained: Path) -> None:
@@ -77,16 +56,8 @@ def test_train_config_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(
-    trained: Path, dataset: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, dict]:  # type: ignore[type-arg]
-    from export.onnx_export import export_checkpoint
-
-    out = tmp_path_factory.mktemp("model")
-    report = export_checkpoint(
-        trained / "model.pt", out, data=dataset, parity_windows=4, seq_len=64
-    )
-    return out, report
+def exported(tiny_model: tuple[Path, dict]) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    return tiny_model
 
 
 def test_export_parity(exported) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,132 @@
+"""``divergent bench model --json``: model speed, measured side by side in one run.
+
+- per-token step latency at contexts 64/256/512: one decoder step on a KV cache of
+  exactly that length, ONNX Runtime int8 (1 intra-op thread) and torch eager on the same
+  weights (the bundled checkpoint), interleaved so machine noise hits both alike;
+- 4/4 bar generation latency (sampling and grammar included), p50/p99;
+- end-to-end note events generated per second.
+
+torch is imported only here (and only if installed): the serving path never needs it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.generate import Generator
+from model.runtime import OnnxModel, default_model_dir
+
+__all__ = ["bench_model"]
+
+CONTEXTS = (64, 256, 512)
+
+
+def _pct(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 4),
+        "p99": round(float(np.percentile(a, 99)), 4),
+    }
+
+
+def _torch_step(model_dir: Path) -> Any:
+    """A callable (ctx) -> per-call timer for torch eager, or None without torch."""
+    try:
+        import torch
+
+        from model.train import load_model
+        from model.transformer import StepModel
+    except ImportError:
+        return None
+    ckpt = model_dir / "model.pt"
+    if not ckpt.exists():
+        return None
+    torch.set_num_threads(1)
+    model, _ = load_model(ckpt)
+    step = StepModel(model).eval()
+    cfg = model.cfg
+
+    def prepare(ctx: int) -> Any:
+        ids = torch.randint(0, cfg.vocab_size, (1, ctx))
+        z = torch.zeros(1, cfg.z_dim)
+        hs = cfg.n_embd // cfg.n_head
+        empty = [torch.zeros(1, cfg.n_head, 0, hs) for _ in range(2 * cfg.n_layer)]
+        with torch.inference_mode():
+            out = step(ids, z, *empty)
+        past = list(out[1:])
+        tok = torch.randint(0, cfg.vocab_size, (1, 1))
+
+        def run() -> None:
+            with torch.inference_mode():
+                step(tok, z, *past)
+
+        return run
+
+    return prepare
+
+
+def bench_model(
+    model_dir: Path | None = None, *, repeats: int = 200, bars: int = 40
+) -> dict[str, Any]:
+    model_dir = model_dir or default_model_dir()
+    model = OnnxModel(model_dir, precision="int8", threads=1, device="cpu")
+    rng = np.random.default_rng(0)
+    torch_prepare = _torch_step(model_dir)
+    ort_ms: dict[str, dict[str, float]] = {}
+    torch_ms: dict[str, dict[str, float]] | None = {} if torch_prepare else None
+    for ctx in CONTEXTS:
+        ids = rng.integers(0, model.vocab_size, (1, ctx)).astype(np.int64)
+        z = np.zeros((1, model.z_dim), np.float32)
+        out = model.decoder.run(None, {"input_ids": ids, "z": z, **model.empty_cache()})
+        feed = {"input_ids": ids[:, :1], "z": z}
+        feed.update(dict(zip(model.past_names, out[1:], strict=True)))
+        names = model.output_names
+        torch_run = torch_prepare(ctx) if torch_prepare else None
+        for _ in range(10):  # warm-up
+            model.decoder.run(names, feed)
+            if torch_run:
+                torch_run()
+        a: list[float] = []
+        b: list[float] = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model.decoder.run(names, feed)
+            a.append((time.perf_counter() - t) * 1000)
+            if torch_run:
+                t = time.perf_counter()
+                torch_run()
+                b.append((time.perf_counter() - t) * 1000)
+        ort_ms[str(ctx)] = _pct(a)
+        if torch_ms is not None:
+            torch_ms[str(ctx)] = _pct(b)
+
+    # bar generation on the bundled example prompt (4/4), sampling and grammar included
+    from model.generate import read_prompt
+
+    example = Path(__file__).resolve().parent / "examples" / "prompt.mid"
+    _, prompt_ids = read_prompt(example, model)
+    gen = Generator(model)
+    bar_ms: list[float] = []
+    notes = 0
+    total_s = 0.0
+    for i in range(bars):
+        t = time.perf_counter()
+        cont = gen.continue_ids(prompt_ids, bars=1, seed=i)
+        dt = time.perf_counter() - t
+        total_s += dt
+        bar_ms.append(dt * 1000)
+        notes += len(cont.notes)
+    res: dict[str, Any] = {
+        "ort_int8_token_ms": ort_ms,
+        "torch_token_ms": torch_ms,
+        "bar_ms": _pct(bar_ms),
+        "note_events_per_s": round(notes / total_s, 1),
+    }
+    if torch_ms:
+        res["speedup_vs_torch_256"] = round(torch_ms["256"]["p50"] / ort_ms["256"]["p50"], 2)
+    res["notes_per_bar"] = round(notes / bars, 2)
+    return res
