@@ -161,6 +161,37 @@ def parity_report(
     }
 
 
+def write_divergence_banks(
+    model: Any, data: Path, out: Path, *, phrases: int = 4096, phrase_tokens: int = 128
+) -> None:
+    """The small files the divergence knob needs, from the training split.
+
+    - ``latents.npy``: posterior means of ``phrases`` random training phrases (the
+      length of a played phrase), where the training data puts the latent;
+    - ``reference_bigram.npy``: a smoothed bigram of the training tokens, the
+      "commonplace" reference that token steering moves away from.
+    """
+    import torch
+
+    from model.data import load_split
+    from model.divergence import BIGRAM_FILE, LATENTS_FILE, LatentBank, build_reference_bigram
+
+    train_ids, _ = load_split(data, "train")
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(train_ids) - phrase_tokens - 1, size=phrases)
+    x = torch.from_numpy(
+        np.stack([train_ids[s : s + phrase_tokens] for s in starts]).astype(np.int64)
+    )
+    mus = []
+    with torch.no_grad():
+        for i in range(0, len(x), 256):
+            xb = x[i : i + 256]
+            mu, _ = model.encode(xb, torch.ones(xb.shape, dtype=torch.float32))
+            mus.append(mu.numpy())
+    LatentBank(np.concatenate(mus)).save(out / LATENTS_FILE)
+    build_reference_bigram(train_ids, model.cfg.vocab_size).save(out / BIGRAM_FILE)
+
+
 def export_checkpoint(
     checkpoint: Path,
     out: Path,
@@ -212,6 +243,8 @@ def export_checkpoint(
     else:
         windows = rng.integers(0, model.cfg.vocab_size, size=(parity_windows, T + 1))
     report = parity_report(model, out, windows)
+    if data is not None and (Path(data) / "train.bin").exists():
+        write_divergence_banks(model, Path(data), out)
     sizes = {p.name: p.stat().st_size for p in sorted(out.glob("*.onnx"))}
     report_all = {"parity": report, "files": sizes}
     (out / "export_report.json").write_text(json.dumps(report_all, indent=1))

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from model.grammar import NoteEvent, RemiGrammar, Sampler
+from model.divergence import Steering
+from model.grammar import NoteEvent, RemiGrammar, Sampler, logsoftmax
 from model.runtime import IncrementalDecoder, OnnxModel
 from model.tokenizer import TokenizerError
 
@@ -38,15 +39,22 @@ class Continuation:
     compute_ms: float
     z: np.ndarray
     prompt_tokens: list[int] = field(default_factory=list)
+    divergence: float = 0.0
+    base_logprobs: list[float] = field(default_factory=list)  # under the base model (d = 0)
+    prompt_z: np.ndarray | None = None
+    beats_per_bar: float = 4.0
 
 
 class Generator:
     """Samples continuations from an :class:`OnnxModel`."""
 
-    def __init__(self, model: OnnxModel) -> None:
+    def __init__(self, model: OnnxModel, steering: Steering | None = None) -> None:
         self.model = model
         self.vocab = model.tokenizer.vocab
         self.decoder = IncrementalDecoder(model)
+        # the steered answer and the base model's view of it, in one batched ONNX call
+        self.pair_decoder = IncrementalDecoder(model, batch=2)
+        self.steering = steering or Steering.from_model_dir(model.files.root)
 
     def latent(self, prompt_ids: np.ndarray) -> np.ndarray:
         """Where the prompt puts the latent: its posterior mean."""
@@ -62,13 +70,20 @@ class Generator:
         temperature: float = 1.0,
         top_p: float = 0.95,
         z: np.ndarray | None = None,
+        divergence: float = 0.0,
         max_tokens: int | None = None,
     ) -> Continuation:
-        """Continue ``prompt_ids`` (REMI ids without BOS) by ``bars`` bars."""
+        """Continue ``prompt_ids`` (REMI ids without BOS) by ``bars`` bars.
+
+        ``divergence`` is the knob d in [0, 1] (see ``model.divergence``); d = 0 is plain
+        sampling. ``z`` overrides the prompt's latent (the steering then starts from it).
+        """
         if bars < 1 or bars > 64:
             raise GenerateError(f"bars must be in 1..64, got {bars}")
         if not np.isfinite(temperature) or temperature < 0:
             raise GenerateError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 <= divergence <= 1.0:
+            raise GenerateError(f"divergence must be in 0..1, got {divergence}")
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         t0 = time.perf_counter()
         v = self.vocab
@@ -78,23 +93,55 @@ class Generator:
             raise GenerateError("the prompt has no notes")
         start = max(n.onset_beats + n.duration_beats for n in prompt_notes)
         grammar.min_onset_beats = start
+        beats_per_bar = grammar.bar_length_beats
         context = self._context(prompt_ids)
-        if z is None:
-            z = self.latent(prompt_ids)
-        self.decoder.reset()
-        self.decoder.set_z(z)
-        logits = self.decoder.feed(context)
+        mu = self.latent(prompt_ids) if z is None else np.asarray(z, np.float32)
+        d = float(divergence)
+        steered = d > 0.0
+        z_answer = self.steering.latent(mu, d, seed) if steered else mu
+        bound = np.zeros(v.size, np.float32)
+        if steered:
+            grammar.allow_empty_bars = False
+            lo = min(n.pitch for n in prompt_notes) - self.steering.config.register_margin
+            hi = max(n.pitch for n in prompt_notes) + self.steering.config.register_margin
+            pv = v.value[v.pitch_ids]
+            bound[v.pitch_ids[(pv < lo) | (pv > hi)]] = -np.inf
+            dec = self.pair_decoder
+            dec.reset()
+            dec.set_z(np.stack([z_answer, mu]))
+        else:
+            dec = self.decoder
+            dec.reset()
+            dec.set_z(mu)
+        dec.feed(context)
         sampler = Sampler(v.size, seed=seed)
         out: list[int] = []
         notes: list[NoteEvent] = []
         logprobs: list[float] = []
+        base_lps: list[float] = []
         bars_left = bars
         limit = max_tokens or bars * 200
+        prev = context[-1]
+        repeat_pitch, repeats = -1, 0
+        max_repeats = self.steering.config.max_repeats
         while len(out) < limit:
-            mask = grammar.mask()
-            tok, lp = sampler.sample_with_logprob(
-                logits, mask, temperature=temperature, top_p=top_p
-            )
+            gmask = grammar.mask()
+            if steered:
+                mask = gmask + bound
+                if repeats >= max_repeats:
+                    mask[v.pitch_ids[0] + repeat_pitch - v.min_pitch] = -np.inf
+                if not np.isfinite(mask.max()):
+                    mask = gmask  # the bounds never make an answer impossible
+                logits = self.steering.adjust(dec.last_logits_all[0], mask, prev, d)
+                tok, lp = sampler.sample_with_logprob(
+                    logits, mask, temperature=temperature, top_p=top_p
+                )
+                base_lp = float(logsoftmax(dec.last_logits_all[1], gmask)[tok])
+            else:
+                tok, lp = sampler.sample_with_logprob(
+                    dec.last_logits, gmask, temperature=temperature, top_p=top_p
+                )
+                base_lp = lp
             if tok == v.bar:
                 # the first Bar ends the prompt's bar; then one per generated bar
                 if bars_left == 0:
@@ -103,9 +150,13 @@ class Generator:
             ev = grammar.feed(tok)
             if ev is not None:
                 notes.append(ev)
+                repeats = repeats + 1 if ev.pitch == repeat_pitch else 1
+                repeat_pitch = ev.pitch
             out.append(tok)
             logprobs.append(lp)
-            logits = self.decoder.feed([tok])
+            base_lps.append(base_lp)
+            prev = tok
+            dec.feed([tok])
         return Continuation(
             tokens=out,
             notes=notes,
@@ -113,8 +164,12 @@ class Generator:
             start_beats=start,
             bars=bars,
             compute_ms=(time.perf_counter() - t0) * 1000,
-            z=np.asarray(z, np.float32),
+            z=np.asarray(z_answer, np.float32),
             prompt_tokens=[int(t) for t in context],
+            divergence=d,
+            base_logprobs=base_lps,
+            prompt_z=np.asarray(mu, np.float32),
+            beats_per_bar=beats_per_bar,
         )
 
     def _last_timesig(self, ids: np.ndarray) -> int | None:
@@ -189,13 +244,16 @@ def generate_file(
     seed: int = 0,
     temperature: float = 1.0,
     top_p: float = 0.95,
+    divergence: float = 0.0,
     model_dir: Path | None = None,
 ) -> dict[str, Any]:
     """``divergent generate``: continue a MIDI file and write the result."""
     model = OnnxModel(model_dir)
     score, ids = read_prompt(prompt, model)
     gen = Generator(model)
-    cont = gen.continue_ids(ids, bars=bars, seed=seed, temperature=temperature, top_p=top_p)
+    cont = gen.continue_ids(
+        ids, bars=bars, seed=seed, temperature=temperature, top_p=top_p, divergence=divergence
+    )
     n = write_continuation(score, cont, output)
     return {
         "output": str(output),
@@ -204,5 +262,6 @@ def generate_file(
         "tokens": len(cont.tokens),
         "start_beats": cont.start_beats,
         "seed": seed,
+        "divergence": divergence,
         "compute_ms": round(cont.compute_ms, 2),
     }

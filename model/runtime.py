@@ -152,30 +152,40 @@ class OnnxModel:
 class IncrementalDecoder:
     """Feed tokens, read the next-token logits; the KV cache lives between calls.
 
+    With ``batch`` > 1 every row shares the same token history but has its own latent
+    (``set_z`` takes (batch, z_dim)): one ONNX call decodes, e.g., the steered answer and
+    the base model's view of it side by side, for an exact surprisal readout.
+
     When the context reaches the model's ``block_size``, the last ``keep`` tokens are
     re-fed as a fresh prefill (positions restart), so a live stream never stops.
     """
 
-    def __init__(self, model: OnnxModel, *, z: np.ndarray | None = None, keep: int = 384) -> None:
+    def __init__(
+        self, model: OnnxModel, *, z: np.ndarray | None = None, keep: int = 384, batch: int = 1
+    ) -> None:
         self.model = model
+        self.batch = batch
         self.keep = min(keep, model.block_size // 2)
-        self._z = np.zeros((1, model.z_dim), np.float32)
+        self._z = np.zeros((batch, model.z_dim), np.float32)
         if z is not None:
             self.set_z(z)
         self.reset()
 
     def reset(self) -> None:
-        self.cache = self.model.empty_cache()
+        shape = (self.batch, self.model.n_head, 0, self.model.head_size)
+        self.cache = {n: np.zeros(shape, np.float32) for n in self.model.past_names}
         self.tokens: list[int] = []
-        self.last_logits = np.zeros(self.model.vocab_size, np.float32)
+        self.last_logits_all = np.zeros((self.batch, self.model.vocab_size), np.float32)
+        self.last_logits = self.last_logits_all[0]
 
     @property
     def z(self) -> np.ndarray:
         return self._z[0]
 
     def set_z(self, z: np.ndarray) -> None:
-        """Change the latent; it acts from the next fed token on (the cache is kept)."""
-        z = np.asarray(z, dtype=np.float32).reshape(1, -1)
+        """Change the latent(s); acts from the next fed token on (the cache is kept)."""
+        z = np.asarray(z, dtype=np.float32)
+        z = np.broadcast_to(z.reshape(-1, z.shape[-1]), (self.batch, z.shape[-1])).copy()
         if z.shape[1] != self.model.z_dim:
             raise ValueError(f"z must have {self.model.z_dim} values, got {z.shape[1]}")
         self._z = z
@@ -186,19 +196,23 @@ class IncrementalDecoder:
         out = self.model.decoder.run(self.model.output_names, feed)
         for name, value in zip(self.model.past_names, out[1:], strict=True):
             self.cache[name] = value
-        return np.asarray(out[0][0])  # (T, V)
+        return np.asarray(out[0])  # (B, T, V)
 
     def feed(self, tokens: list[int] | np.ndarray, *, all_logits: bool = False) -> np.ndarray:
-        """Append tokens; returns the logits after the last one (V,), or (T, V) if asked."""
+        """Append tokens; returns row 0's logits after the last one (V,), or (T, V) if asked.
+
+        ``last_logits_all`` holds every row's (B, V) logits after the call.
+        """
         toks = [int(t) for t in tokens]
         if not toks:
             return self.last_logits
         if len(self.tokens) + len(toks) > self.model.block_size:
             history = (self.tokens + toks)[-self.keep :]
-            self.cache = self.model.empty_cache()
-            self.tokens = []
+            self.reset()
             toks = history
-        logits = self._run(np.asarray([toks], dtype=np.int64))
+        ids = np.broadcast_to(np.asarray(toks, dtype=np.int64), (self.batch, len(toks)))
+        logits = self._run(np.ascontiguousarray(ids))
         self.tokens.extend(toks)
-        self.last_logits = logits[-1]
-        return logits if all_logits else self.last_logits
+        self.last_logits_all = logits[:, -1]
+        self.last_logits = self.last_logits_all[0]
+        return logits[0] if all_logits else self.last_logits

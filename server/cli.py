@@ -68,6 +68,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             temperature=args.temperature,
             top_p=args.top_p,
+            divergence=args.divergence,
             model_dir=Path(args.model) if args.model else None,
         )
     except (GenerateError, ModelError) as e:
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument(
+        "--divergence",
+        type=float,
+        default=0.0,
+        help="the knob, 0..1: 0 = plain sampling, 1 = furthest from the training data",
+    )
     g.add_argument("-o", "--output", required=True, help="output MIDI file")
     g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     g.add_argument("--json", action="store_true", help="print a JSON summary")

@@ -1,0 +1,187 @@
+"""The divergence knob: a bounded, measured departure from what the model learned.
+
+d in [0, 1]. d = 0 is plain sampling from the model (the prompt's own latent, no token
+steering, no extra bounds). As d rises, three things happen together (see
+``docs/divergence.md`` for the design and the measured curves):
+
+1. **Latent steering.** The prompt's posterior mean mu is moved along a unit direction u
+   pointing *away from the nearest training latents* (mu minus the mean of its k nearest
+   neighbours in a bank of training-phrase latents shipped with the model), by
+   ``d * latent_scale * sqrt(z_dim)``. At d = 1 the latent lies beyond the prior's typical
+   shell (radius ~sqrt(z_dim)), where the decoder has seen few phrases.
+2. **Token steering** (contrastive): the next-token log-probabilities are lowered by
+   ``d * token_lambda * log p_ref(token | previous token)``, where p_ref is a bigram model
+   of the training tokens: commonplace transitions lose weight. A **support bound** keeps
+   only tokens the model itself finds plausible in context (p >= plausibility * p_max),
+   so the departure stays inside what the context supports.
+3. **Musical bounds** (d > 0 only): the grammar (every answer decodes, the prompt's metre),
+   no empty bars, a register within ``register_margin`` semitones of the prompt's range,
+   and no pitch repeated more than ``max_repeats`` times in a row.
+
+Nothing here imports torch; the banks are small ``.npy`` files in the model folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DivergenceConfig",
+    "LatentBank",
+    "ReferenceBigram",
+    "Steering",
+    "build_reference_bigram",
+]
+
+LATENTS_FILE = "latents.npy"
+BIGRAM_FILE = "reference_bigram.npy"
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    latent_scale: float = 1.5  # shift at d = 1, in units of sqrt(z_dim)
+    token_lambda: float = 0.6  # contrastive weight at d = 1
+    plausibility: float = 0.02  # support bound: p >= plausibility * p_max
+    register_margin: int = 7  # semitones beyond the prompt's pitch range
+    max_repeats: int = 4  # same pitch in a row, at most
+    k_nearest: int = 16
+
+    def __post_init__(self) -> None:
+        if self.latent_scale < 0 or self.token_lambda < 0:
+            raise ValueError("latent_scale and token_lambda must be >= 0")
+        if not 0.0 < self.plausibility < 1.0:
+            raise ValueError("plausibility must be in (0, 1)")
+        if self.register_margin < 0 or self.max_repeats < 1 or self.k_nearest < 1:
+            raise ValueError("register_margin >= 0, max_repeats >= 1, k_nearest >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DivergenceConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown divergence options: {sorted(unknown)}")
+        return cls(**d)
+
+
+class LatentBank:
+    """Posterior means of training phrases: where the training data puts the latent."""
+
+    def __init__(self, latents: np.ndarray) -> None:
+        lat = np.asarray(latents, dtype=np.float32)
+        if lat.ndim != 2 or len(lat) < 2:
+            raise ValueError("a latent bank needs an (N >= 2, z_dim) array")
+        self.latents = lat
+        self.sq = (lat**2).sum(1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentBank:
+        try:
+            return cls(np.load(Path(path), allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load latent bank {path}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        np.save(Path(path), self.latents.astype(np.float16))
+
+    def nearest_mean(self, z: np.ndarray, k: int) -> np.ndarray:
+        d2 = self.sq - 2.0 * (self.latents @ z) + float(z @ z)
+        k = min(k, len(d2))
+        idx = np.argpartition(d2, k - 1)[:k]
+        return np.asarray(self.latents[idx].mean(0))
+
+    def distance(self, z: np.ndarray, k: int = 16) -> float:
+        """Mean distance from z to its k nearest training latents."""
+        d2 = np.maximum(self.sq - 2.0 * (self.latents @ z) + float(z @ z), 0.0)
+        k = min(k, len(d2))
+        return float(np.sqrt(np.partition(d2, k - 1)[:k]).mean())
+
+
+class ReferenceBigram:
+    """log p_ref(next | previous) over the vocabulary, from the training tokens."""
+
+    def __init__(self, logp: np.ndarray) -> None:
+        lp = np.asarray(logp, dtype=np.float32)
+        if lp.ndim != 2 or lp.shape[0] != lp.shape[1]:
+            raise ValueError("a reference bigram is a (V, V) array")
+        self.logp = lp
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceBigram:
+        try:
+            return cls(np.load(Path(path), allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load reference bigram {path}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        np.save(Path(path), self.logp.astype(np.float16))
+
+
+def build_reference_bigram(ids: np.ndarray, vocab_size: int, alpha: float = 0.1) -> ReferenceBigram:
+    """Add-alpha smoothed bigram log-probabilities of a token stream."""
+    a = np.asarray(ids, dtype=np.int64)
+    counts = np.bincount(a[:-1] * vocab_size + a[1:], minlength=vocab_size * vocab_size)
+    c = counts.reshape(vocab_size, vocab_size).astype(np.float64) + alpha
+    return ReferenceBigram(np.log(c / c.sum(1, keepdims=True)))
+
+
+class Steering:
+    """Applies the knob: a latent for the answer, and per-token logit adjustments."""
+
+    def __init__(
+        self,
+        *,
+        bank: LatentBank | None,
+        bigram: ReferenceBigram | None,
+        config: DivergenceConfig | None = None,
+    ) -> None:
+        self.bank = bank
+        self.bigram = bigram
+        self.config = config or DivergenceConfig()
+
+    @classmethod
+    def from_model_dir(cls, root: str | Path, config: DivergenceConfig | None = None) -> Steering:
+        root = Path(root)
+        bank = LatentBank.load(root / LATENTS_FILE) if (root / LATENTS_FILE).exists() else None
+        bigram = ReferenceBigram.load(root / BIGRAM_FILE) if (root / BIGRAM_FILE).exists() else None
+        return cls(bank=bank, bigram=bigram, config=config)
+
+    def direction(self, mu: np.ndarray, seed: int) -> np.ndarray:
+        """Unit vector from the nearest training latents towards (and past) mu."""
+        mu = np.asarray(mu, dtype=np.float32)
+        rng = np.random.default_rng(seed)
+        noise = rng.standard_normal(mu.shape).astype(np.float32)
+        if self.bank is not None:
+            away = mu - self.bank.nearest_mean(mu, self.config.k_nearest)
+            n = float(np.linalg.norm(away))
+            if n > 1e-3:
+                # a little seeded noise so different seeds explore around the direction
+                u = away / n + 0.25 * noise / math.sqrt(len(mu))
+                return np.asarray(u / np.linalg.norm(u), dtype=np.float32)
+        return np.asarray(noise / np.linalg.norm(noise), dtype=np.float32)
+
+    def latent(self, mu: np.ndarray, d: float, seed: int = 0) -> np.ndarray:
+        """The answer's latent at knob position d (mu itself at d = 0)."""
+        d = float(np.clip(d, 0.0, 1.0))
+        mu = np.asarray(mu, dtype=np.float32)
+        if d == 0.0:
+            return mu
+        step = d * self.config.latent_scale * math.sqrt(len(mu))
+        return np.asarray(mu + step * self.direction(mu, seed), dtype=np.float32)
+
+    def adjust(self, logits: np.ndarray, mask: np.ndarray, prev: int, d: float) -> np.ndarray:
+        """Steered logits (masked tokens stay -inf); the identity at d = 0."""
+        if d <= 0.0 or self.bigram is None:
+            return logits
+        x = logits + mask
+        top = float(x.max())
+        # support bound: only tokens within log(plausibility) of the best survive
+        keep = x >= top + math.log(self.config.plausibility)
+        steered = x - (d * self.config.token_lambda) * self.bigram.logp[prev]
+        return np.where(keep, steered, -np.inf).astype(np.float32)

@@ -1,0 +1,141 @@
+"""The divergence knob on the tiny test model: d = 0 is plain sampling, bounds hold."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.divergence import (
+    DivergenceConfig,
+    LatentBank,
+    ReferenceBigram,
+    Steering,
+    build_reference_bigram,
+)
+from model.generate import GenerateError, Generator
+from model.grammar import notes_from_ids
+from model.runtime import OnnxModel
+from tests.conftest import chord_score
+
+LEVELS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model) -> OnnxModel:  # type: ignore[no-untyped-def]
+    return OnnxModel(tiny_model[0])
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny: OnnxModel) -> np.ndarray:
+    return tiny.tokenizer.encode_score(chord_score())
+
+
+def test_banks_are_exported(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    s = Steering.from_model_dir(tiny_model[0])
+    assert s.bank is not None and s.bigram is not None
+    assert s.bank.latents.shape[1] == 4  # the tiny model's z_dim
+
+
+def test_d0_is_plain_sampling(tiny: OnnxModel, prompt: np.ndarray) -> None:
+    gen = Generator(tiny)
+    for seed in (1, 2, 3):
+        plain = gen.continue_ids(prompt, bars=2, seed=seed)
+        d0 = gen.continue_ids(prompt, bars=2, seed=seed, divergence=0.0)
+        assert plain.tokens == d0.tokens
+        assert np.array_equal(d0.z, d0.prompt_z)
+        # at d = 0 the base model is the sampling model
+        assert d0.base_logprobs == pytest.approx(d0.logprobs)
+
+
+def test_latent_moves_with_d(tiny: OnnxModel, prompt: np.ndarray) -> None:
+    gen = Generator(tiny)
+    shifts, away = [], []
+    for d in LEVELS:
+        c = gen.continue_ids(prompt, bars=1, seed=4, divergence=d)
+        assert c.prompt_z is not None
+        shifts.append(float(np.linalg.norm(c.z - c.prompt_z)))
+        assert gen.steering.bank is not None
+        away.append(gen.steering.bank.distance(c.z))
+    scale = gen.steering.config.latent_scale * math.sqrt(tiny.z_dim)
+    assert shifts == pytest.approx([d * scale for d in LEVELS], rel=1e-4, abs=1e-5)
+    assert away[-1] > away[0]
+    assert all(b >= a - 1e-6 for a, b in zip(away, away[1:], strict=False))
+
+
+@pytest.mark.parametrize("d", LEVELS)
+def test_every_level_is_grammar_valid(tiny: OnnxModel, prompt: np.ndarray, d: float) -> None:
+    gen = Generator(tiny)
+    for seed in range(3):
+        c = gen.continue_ids(prompt, bars=2, seed=seed, divergence=d)
+        full = np.concatenate([prompt, c.tokens])
+        assert tiny.tokenizer.decode_ids(full).note_num() == len(
+            notes_from_ids(full, tiny.tokenizer.vocab)
+        )
+        assert len(c.base_logprobs) == len(c.tokens)
+        assert all(lp <= 0.0 and math.isfinite(lp) for lp in c.base_logprobs)
+
+
+def test_bounds_hold_at_d1(tiny: OnnxModel, prompt: np.ndarray) -> None:
+    gen = Generator(tiny)
+    prompt_pitches = [n.pitch for n in notes_from_ids(prompt, tiny.tokenizer.vocab)]
+    margin = gen.steering.config.register_margin
+    for seed in range(4):
+        c = gen.continue_ids(prompt, bars=3, seed=seed, divergence=1.0)
+        assert c.notes, "never an empty answer"
+        bars_with_notes = {n.bar_index for n in c.notes}
+        first = min(bars_with_notes)
+        assert set(range(first, first + 3)) <= bars_with_notes  # no empty bar
+        assert all(
+            min(prompt_pitches) - margin <= n.pitch <= max(prompt_pitches) + margin for n in c.notes
+        )
+        run = longest = 1
+        for a, b in zip(c.notes, c.notes[1:], strict=False):
+            run = run + 1 if a.pitch == b.pitch else 1
+            longest = max(longest, run)
+        assert longest <= gen.steering.config.max_repeats
+
+
+def test_divergence_out_of_range(tiny: OnnxModel, prompt: np.ndarray) -> None:
+    with pytest.raises(GenerateError, match="divergence"):
+        Generator(tiny).continue_ids(prompt, divergence=1.5)
+
+
+def test_token_steering_keeps_support_and_lowers_commonplace() -> None:
+    V = 6
+    ids = np.array([0, 1, 0, 1, 0, 1, 0, 2, 0, 1] * 20)
+    bigram = build_reference_bigram(ids, V)
+    s = Steering(bank=None, bigram=bigram, config=DivergenceConfig(plausibility=0.1))
+    logits = np.log(np.array([0.01, 0.5, 0.3, 0.19, 1e-6, 1e-6], np.float32))
+    mask = np.zeros(V, np.float32)
+    mask[0] = -np.inf
+    out = s.adjust(logits, mask, prev=0, d=1.0)
+    assert np.isneginf(out[0])  # masked stays masked
+    assert np.isneginf(out[4]) and np.isneginf(out[5])  # below the support bound
+    # after 0, "1" is commonplace and "2" rare: steering narrows the gap between them
+    assert (out[1] - out[2]) < (logits[1] - logits[2])
+    assert np.array_equal(s.adjust(logits, mask, prev=0, d=0.0), logits)
+
+
+@pytest.mark.parametrize("cls", [LatentBank, ReferenceBigram])
+def test_bank_round_trip_and_bad_files(cls, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arr = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    p = tmp_path / "x.npy"
+    cls(arr).save(p)
+    again = cls.load(p)
+    got = again.latents if cls is LatentBank else again.logp
+    assert np.allclose(got, arr, atol=1e-2)
+    p.write_bytes(b"garbage")
+    with pytest.raises(ValueError):
+        cls.load(p)
+
+
+def test_config_round_trip() -> None:
+    c = DivergenceConfig(latent_scale=2.0)
+    assert DivergenceConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError):
+        DivergenceConfig.from_dict({"warp": 9})
+    with pytest.raises(ValueError):
+        DivergenceConfig(plausibility=0.0)
