@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_latent_moves_with_d(tiny: OnnxModel, prompt: np.ndarray) -> None:
     scale = gen.steering.config.latent_scale * math.sqrt(tiny.z_dim)
     assert shifts == pytest.approx([d * scale for d in LEVELS], rel=1e-4, abs=1e-5)
     assert away[-1] > away[0]
-    assert all(b >= a - 1e-6 for a, b in zip(away, away[1:], strict=False))
+    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(away))
 
 
 @pytest.mark.parametrize("d", LEVELS)
