@@ -245,6 +245,11 @@ def export_checkpoint(
     report = parity_report(model, out, windows)
     if data is not None and (Path(data) / "train.bin").exists():
         write_divergence_banks(model, Path(data), out)
+        from model.data import COPY_INDEX_FILE, FEATURE_REFERENCE_FILE
+
+        for name in (COPY_INDEX_FILE, FEATURE_REFERENCE_FILE):
+            if (Path(data) / name).exists():
+                shutil.copyfile(Path(data) / name, out / name)
     sizes = {p.name: p.stat().st_size for p in sorted(out.glob("*.onnx"))}
     report_all = {"parity": report, "files": sizes}
     (out / "export_report.json").write_text(json.dumps(report_all, indent=1))

@@ -20,6 +20,7 @@ so the dataset on disk stays one copy of each work.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -376,7 +377,52 @@ def build_dataset(
         "works": manifest_works,
     }
     files.manifest.write_text(json.dumps(manifest, indent=1))
+    if summary.tokens.get("train"):
+        build_readout_banks(files.root)
     return summary
+
+
+COPY_INDEX_FILE = "copy_index.npz"
+FEATURE_REFERENCE_FILE = "feature_reference.npz"
+
+
+def build_readout_banks(root: str | Path) -> dict[str, Any]:
+    """The copy-rate index and feature reference of a built dataset's training split.
+
+    Written next to the dataset (``copy_index.npz``: a Bloom filter of every 8-note
+    pitch-interval n-gram of the training works; ``feature_reference.npz``: the
+    training distribution in the readout's feature space); ``divergent export``
+    copies both into the model folder, where the live readout uses them.
+    """
+    from model.grammar import notes_from_ids
+    from model.readout import build_reference_and_index
+    from model.tokenizer import load_tokenizer
+
+    files = DatasetFiles(Path(root))
+    tok = load_tokenizer(files.tokenizer)
+    v = tok.vocab
+    ids, offsets = load_split(root, "train")
+
+    def works() -> Iterator[np.ndarray]:
+        for a, b in itertools.pairwise(offsets):
+            yield ids[a:b].astype(np.int64)
+
+    def decode(work: np.ndarray) -> tuple[list[Any], float]:
+        ts = [v.timesig[int(t)] for t in work[:8] if int(t) in v.timesig]
+        num, den = ts[0] if ts else (4, 4)
+        return list(notes_from_ids(work, v)), num * 4.0 / den
+
+    t0 = time.perf_counter()
+    # 2**25 bits (4 MiB): about 0.2% false positives for ~2M n-grams, a low copy-rate floor
+    reference, index = build_reference_and_index(works(), decode, bits=2**25)
+    index.save(files.root / COPY_INDEX_FILE)
+    reference.save(files.root / FEATURE_REFERENCE_FILE)
+    return {
+        "copy_index_bytes": (files.root / COPY_INDEX_FILE).stat().st_size,
+        "feature_reference_bytes": (files.root / FEATURE_REFERENCE_FILE).stat().st_size,
+        "index_false_positive_rate": index.expected_false_positive_rate,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def load_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:

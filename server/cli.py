@@ -38,6 +38,13 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_index(args: argparse.Namespace) -> int:
+    from model.data import build_readout_banks
+
+    print(json.dumps(build_readout_banks(args.out), indent=1))
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from model.train import TrainConfig, train
 
@@ -100,6 +107,27 @@ def _cmd_evaluate_nll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_divergence(args: argparse.Namespace) -> int:
+    from model.divergence_eval import EvalProtocol, evaluate_divergence
+
+    res = evaluate_divergence(
+        data=Path(args.data),
+        model_dir=Path(args.model) if args.model else None,
+        report=Path(args.report) if args.report else None,
+        protocol=EvalProtocol(prompts=args.prompts, samples=args.samples, seed=args.seed),
+    )
+    print(json.dumps(res, indent=None if args.json else 1))
+    return 0
+
+
+def _cmd_evaluate_latent(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate_latent
+
+    res = evaluate_latent(data=Path(args.data), model_dir=Path(args.model) if args.model else None)
+    print(json.dumps(res, indent=None if args.json else 1))
+    return 0
+
+
 def _cmd_bench_model(args: argparse.Namespace) -> int:
     from model.bench import bench_model
 
@@ -129,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_data_build)
+    ix = dsub.add_parser("index", help="(re)build the readout's copy index and feature reference")
+    ix.add_argument("--out", default="data/dataset", help="dataset folder (default: %(default)s)")
+    ix.set_defaults(func=_cmd_data_index)
 
     t = sub.add_parser("train", help="train the transformer (needs the train extra)")
     from model.train_config import add_train_arguments
@@ -169,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     nll.add_argument("--order", type=int, default=None, help="n-gram order (default: best 3..6)")
     nll.add_argument("--json", action="store_true")
     nll.set_defaults(func=_cmd_evaluate_nll)
+    dv = evsub.add_parser("divergence", help="the knob's effect: metrics vs d, and vs temperature")
+    dv.add_argument("--data", default="data/dataset")
+    dv.add_argument("--model", default=None)
+    dv.add_argument("--report", default=None, metavar="DIR", help="write plots and README.md")
+    dv.add_argument("--prompts", type=int, default=16)
+    dv.add_argument("--samples", type=int, default=4)
+    dv.add_argument("--seed", type=int, default=0)
+    dv.add_argument("--json", action="store_true")
+    dv.set_defaults(func=_cmd_evaluate_divergence)
+    lt = evsub.add_parser("latent", help="is the latent used? KL and output statistics vs z")
+    lt.add_argument("--data", default="data/dataset")
+    lt.add_argument("--model", default=None)
+    lt.add_argument("--json", action="store_true")
+    lt.set_defaults(func=_cmd_evaluate_latent)
 
     be = sub.add_parser("bench", help="benchmarks that print JSON")
     besub = be.add_subparsers(dest="bench_command", required=True)

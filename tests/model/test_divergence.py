@@ -140,3 +140,36 @@ def test_config_round_trip() -> None:
         DivergenceConfig.from_dict({"warp": 9})
     with pytest.raises(ValueError):
         DivergenceConfig(plausibility=0.0)
+
+
+def test_evaluate_divergence_protocol_and_report(tiny_model, tiny_dataset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from model.divergence_eval import EvalProtocol, evaluate_divergence
+
+    p = EvalProtocol(
+        prompts=2, samples=2, bars=2, prompt_bars=2, levels=(0.0, 0.5, 1.0), temperatures=(1.0, 2.0)
+    )
+    res = evaluate_divergence(
+        data=tiny_dataset, model_dir=tiny_model[0], report=tmp_path / "rep", protocol=p
+    )
+    for k in (
+        "levels",
+        "surprisal",
+        "feature_distance",
+        "precision",
+        "recall",
+        "copy_rate",
+        "in_scale",
+        "valid_rate",
+    ):
+        assert len(res[k]) == 3, k
+    assert res["valid_rate"] == [1.0, 1.0, 1.0]
+    assert res["protocol"]["prompts"] == 2
+    for name in ("README.md", "metrics_vs_divergence.png", "knob_vs_temperature.png"):
+        assert (tmp_path / "rep" / name).exists()
+    assert json.loads((tmp_path / "rep" / "divergence_eval.json").read_text())["levels"] == [
+        0.0,
+        0.5,
+        1.0,
+    ]
