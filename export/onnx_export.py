@@ -162,7 +162,7 @@ def parity_report(
 
 
 def write_divergence_banks(
-    model: Any, data: Path, out: Path, *, phrases: int = 4096, phrase_tokens: int = 128
+    model: Any, data: Path, out: Path, *, phrases: int = 4096, phrase_tokens: int = 256
 ) -> None:
     """The small files the divergence knob needs, from the training split.
 

@@ -23,6 +23,8 @@ __all__ = ["Continuation", "GenerateError", "Generator", "generate_file", "read_
 
 #: The longest prompt (in tokens) the decoder sees; older bars are dropped.
 PROMPT_TOKENS = 384
+#: The prompt's last phrase (tokens) that sets the latent: half a training window.
+LATENT_TOKENS = 256
 
 
 class GenerateError(ValueError):
@@ -57,8 +59,8 @@ class Generator:
         self.steering = steering or Steering.from_model_dir(model.files.root)
 
     def latent(self, prompt_ids: np.ndarray) -> np.ndarray:
-        """Where the prompt puts the latent: its posterior mean."""
-        mu, _ = self.model.encode(prompt_ids[-PROMPT_TOKENS:])
+        """Where the prompt puts the latent: the posterior mean of its last phrase."""
+        mu, _ = self.model.encode(prompt_ids[-LATENT_TOKENS:])
         return mu
 
     def continue_ids(

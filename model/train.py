@@ -20,7 +20,7 @@ import torch
 from model.data import load_split, transpose_ids
 from model.tokenizer import Vocab, load_tokenizer
 from model.train_config import TrainConfig
-from model.transformer import DivergentModel, ModelConfig
+from model.transformer import DivergentModel, ModelConfig, encoder_mask
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def evaluate(
     gen = torch.Generator().manual_seed(0)
     for i in range(0, len(x), batch):
         xb, yb = x[i : i + batch], y[i : i + batch]
-        mask = torch.ones_like(xb, dtype=torch.float32)
+        mask = encoder_mask(xb)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             mu, logvar = model.encode(xb, mask)
             eps = torch.randn(mu.shape, generator=gen)

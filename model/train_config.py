@@ -33,9 +33,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # latent
-    kl_beta: float = 1.0
+    kl_beta: float = 0.5
     kl_warmup_steps: int = 1000
-    free_bits: float = 0.25  # nats per latent dimension
+    free_bits: float = 0.5  # nats per latent dimension
     # augmentation: random transposition in [-transpose, +transpose] semitones
     transpose: int = 5
     # bookkeeping

@@ -5,8 +5,11 @@ the exported ONNX graphs and never imports this module.
 
 The latent path (CVAE-style):
 
-- :class:`LatentEncoder` reads a window of tokens (a phrase) as a bag of learned token
-  embeddings and maps it to a diagonal Gaussian q(z | phrase), z in R^z_dim. A bag of
+- :class:`LatentEncoder` reads a phrase as a bag of learned token embeddings and maps it
+  to a diagonal Gaussian q(z | phrase), z in R^z_dim. In training the phrase is the
+  second half of the window, so z describes the material the decoder is about to
+  produce; at run time z = E[z | the prompt's last phrase] ("more of the same"), and the
+  divergence knob moves it. A bag of
   tokens is deliberately cheap (no attention): it sees what a phrase *is* (which pitches,
   durations, positions, how dense), which is exactly what the divergence knob moves.
 - The decoder adds ``W_z z`` to every input embedding, so z conditions every step, and a
@@ -225,8 +228,13 @@ class DivergentModel(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor, *, sample: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training pass: (logits, mean CE over targets != -1, KL per latent dim (z_dim,))."""
-        mask = (targets != -1).float()
+        """Training pass: (logits, mean CE over targets != -1, KL per latent dim (z_dim,)).
+
+        The encoder reads only the second half of the window (``encoder_mask``): z then
+        carries what the *coming* material is like (register, key colour, rhythm,
+        density), which the decoder cannot read off its past, so it learns to use z.
+        """
+        mask = encoder_mask(idx) * (targets != -1).float()
         mu, logvar = self.encode(idx, mask)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         logits = self.decode(idx, z)
@@ -235,6 +243,14 @@ class DivergentModel(nn.Module):
         )
         kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())  # (B, Z)
         return logits, ce, kl.mean(0)
+
+
+def encoder_mask(idx: torch.Tensor) -> torch.Tensor:
+    """(B, T) float mask selecting the second half of each window for the encoder."""
+    T = idx.shape[1]
+    m = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
+    m[:, T // 2 :] = 1.0
+    return m
 
 
 class StepModel(nn.Module):
