@@ -128,11 +128,20 @@ def bench_model(
         cont = gen.continue_ids(prompt_ids, bars=16, seed=1000 + i)
         total_s += time.perf_counter() - t
         notes += len(cont.notes)
+    # the readout of one 4-bar answer (surprisal, copy rate, feature distance, in-scale)
+    four = gen.continue_ids(prompt_ids, bars=4, seed=7, divergence=0.5)
+    readout_ms: list[float] = []
+    for _ in range(100):
+        t = time.perf_counter()
+        gen.readout(four)
+        readout_ms.append((time.perf_counter() - t) * 1000)
     res: dict[str, Any] = {
         "ort_int8_token_ms": ort_ms,
         "torch_token_ms": torch_ms,
         "bar_ms": _pct(bar_ms),
         "note_events_per_s": round(notes / total_s, 1),
+        "readout_ms": _pct(readout_ms),
+        "readout_notes": len(four.notes),
     }
     if torch_ms:
         res["speedup_vs_torch_256"] = round(torch_ms["256"]["p50"] / ort_ms["256"]["p50"], 2)

@@ -28,10 +28,9 @@ import numpy as np
 
 from model.data import load_split
 from model.generate import Continuation, Generator
+from model.grammar import NoteEvent
 from model.readout import (
     FeatureReference,
-    NgramIndex,
-    compute_readout,
     features,
     groove_consistency,
     knn_precision_recall,
@@ -107,9 +106,10 @@ def evaluate_divergence(
     t0 = time.perf_counter()
     model = OnnxModel(model_dir)
     root = model.files.root
-    index = NgramIndex.load(root / "copy_index.npz")
-    reference = FeatureReference.load(root / "feature_reference.npz")
     gen = Generator(model)
+    if gen.index is None or gen.reference is None:
+        raise FileNotFoundError(f"{root} has no copy_index.npz / feature_reference.npz")
+    reference: FeatureReference = gen.reference
     val, offsets = load_split(data, "val")
     prompts = _prompts(val, offsets, model.tokenizer.vocab.bar, p)
 
@@ -117,20 +117,17 @@ def evaluate_divergence(
         c = gen.continue_ids(
             prompt, bars=p.bars, seed=seed, divergence=d, temperature=temperature, top_p=1.0
         )
-        r = compute_readout(
-            c.notes,
-            token_logprobs_nats=c.base_logprobs,
-            index=index,
-            reference=reference,
-            beats_per_bar=c.beats_per_bar,
-            compute_ms=c.compute_ms,
-        )
-        f = features(c.notes, beats_per_bar=c.beats_per_bar) if c.notes else None
+        r = gen.readout(c)
+        notes = [
+            NoteEvent(n.onset_beats - c.bar_start_beats, n.pitch, n.duration_beats, n.bar_index)
+            for n in c.notes
+        ]
+        f = features(notes, beats_per_bar=c.beats_per_bar) if notes else None
         return {
             "readout": r,
             "feat": f,
             "valid": _valid(model, prompt, c),
-            "groove": groove_consistency(c.notes, beats_per_bar=c.beats_per_bar),
+            "groove": groove_consistency(notes, beats_per_bar=c.beats_per_bar),
         }
 
     # d = 0 reference set, other seeds than the level-0 answers

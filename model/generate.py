@@ -16,6 +16,7 @@ import numpy as np
 
 from model.divergence import Steering
 from model.grammar import NoteEvent, RemiGrammar, Sampler, logsoftmax
+from model.readout import FeatureReference, NgramIndex, Readout, compute_readout
 from model.runtime import IncrementalDecoder, OnnxModel
 from model.tokenizer import TokenizerError
 
@@ -45,6 +46,7 @@ class Continuation:
     base_logprobs: list[float] = field(default_factory=list)  # under the base model (d = 0)
     prompt_z: np.ndarray | None = None
     beats_per_bar: float = 4.0
+    bar_start_beats: float = 0.0  # the bar line at or before start_beats
 
 
 class Generator:
@@ -57,6 +59,33 @@ class Generator:
         # the steered answer and the base model's view of it, in one batched ONNX call
         self.pair_decoder = IncrementalDecoder(model, batch=2)
         self.steering = steering or Steering.from_model_dir(model.files.root)
+        root = model.files.root
+        # the readout's banks are optional: without them copy rate / distance are empty
+        self.index = (
+            NgramIndex.load(root / "copy_index.npz") if (root / "copy_index.npz").exists() else None
+        )
+        self.reference = (
+            FeatureReference.load(root / "feature_reference.npz")
+            if (root / "feature_reference.npz").exists()
+            else None
+        )
+
+    def readout(self, cont: Continuation) -> Readout:
+        """How novel an answer is (see ``model.readout``); a few milliseconds at most."""
+        # onsets from the answer's first bar line: the readout's bar grid starts at 0
+        shift = cont.bar_start_beats
+        notes = [
+            NoteEvent(n.onset_beats - shift, n.pitch, n.duration_beats, n.bar_index)
+            for n in cont.notes
+        ]
+        return compute_readout(
+            notes,
+            token_logprobs_nats=cont.base_logprobs,
+            index=self.index,
+            reference=self.reference,
+            beats_per_bar=cont.beats_per_bar,
+            compute_ms=cont.compute_ms,
+        )
 
     def latent(self, prompt_ids: np.ndarray) -> np.ndarray:
         """Where the prompt puts the latent: the posterior mean of its last phrase."""
@@ -96,6 +125,7 @@ class Generator:
         start = max(n.onset_beats + n.duration_beats for n in prompt_notes)
         grammar.min_onset_beats = start
         beats_per_bar = grammar.bar_length_beats
+        bar_start = grammar.bar_start_beats
         context = self._context(prompt_ids)
         mu = self.latent(prompt_ids) if z is None else np.asarray(z, np.float32)
         d = float(divergence)
@@ -172,6 +202,7 @@ class Generator:
             base_logprobs=base_lps,
             prompt_z=np.asarray(mu, np.float32),
             beats_per_bar=beats_per_bar,
+            bar_start_beats=bar_start,
         )
 
     def _last_timesig(self, ids: np.ndarray) -> int | None:
@@ -258,6 +289,7 @@ def generate_file(
     )
     n = write_continuation(score, cont, output)
     return {
+        "readout": gen.readout(cont).to_dict(),
         "output": str(output),
         "notes": n,
         "bars": bars,

@@ -110,6 +110,10 @@ def test_generate_file_writes_prompt_and_answer(tiny_model, tmp_path: Path) -> N
     s = symusic.Score(str(out))
     assert [t.name for t in s.tracks] == ["prompt", "divergent"]
     assert s.tracks[1].note_num() == res["notes"]
+    r = res["readout"]
+    assert r["notes"] == res["notes"]
+    assert 0.0 <= r["in_scale"] <= 1.0 and r["surprisal_bits_per_note"] > 0
+    json.dumps(res)  # the readout is plain JSON
     assert s.tempos[0].qpm == pytest.approx(92.0, abs=0.01)
     assert (s.time_signatures[0].numerator, s.time_signatures[0].denominator) == (3, 4)
 
