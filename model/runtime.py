@@ -98,13 +98,18 @@ class OnnxModel:
         self,
         model_dir: str | Path | None = None,
         *,
-        precision: str = "int8",
+        precision: str = "auto",
         threads: int = 1,
         device: str = "auto",
     ) -> None:
         import onnxruntime as ort
 
         self.files = ModelFiles(Path(model_dir) if model_dir else default_model_dir())
+        prov = ["CPUExecutionProvider"] if device == "cpu" else providers()
+        if precision == "auto":
+            # int8 (dynamic quantisation) is the fast path on CPU; CUDA runs fp32
+            on_gpu = prov[0] == "CUDAExecutionProvider"
+            precision = "fp32" if on_gpu and self.files.decoder("fp32").exists() else "int8"
         cfg = self.files.check(precision)
         self.config = cfg
         m = cfg["model"]
@@ -125,7 +130,6 @@ class OnnxModel:
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        prov = ["CPUExecutionProvider"] if device == "cpu" else providers()
         try:
             self.decoder = ort.InferenceSession(
                 str(self.files.decoder(precision)), so, providers=prov

@@ -41,8 +41,10 @@ class Batcher:
         self.transpose = transpose
         self.rng = np.random.default_rng(seed)
 
-    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.seq_len
+    def batch(
+        self, batch_size: int, seq_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        T = seq_len or self.seq_len
         starts = self.rng.integers(0, len(self.ids) - T - 1, size=batch_size)
         rows = []
         for s in starts:
@@ -62,6 +64,26 @@ def val_windows(ids: np.ndarray, seq_len: int, n: int) -> tuple[torch.Tensor, to
     starts = np.linspace(0, len(ids) - seq_len - 1, n).astype(np.int64)
     arr = torch.from_numpy(np.stack([ids[s : s + seq_len + 1].astype(np.int64) for s in starts]))
     return arr[:, :-1].contiguous(), arr[:, 1:].contiguous()
+
+
+@torch.no_grad()
+def evaluate_short(
+    model: DivergentModel, x: torch.Tensor, y: torch.Tensor, *, bf16: bool
+) -> dict[str, float]:
+    """Short phrases, z from the whole phrase vs z = 0: how much the decoder follows z."""
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        mu, _ = model.encode(x, torch.ones(x.shape))
+        logits = model.decode(x, mu.float())
+        logits0 = model.decode(x, torch.zeros_like(mu.float()))
+    ce = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
+    )
+    ce0 = torch.nn.functional.cross_entropy(
+        logits0.float().reshape(-1, logits0.size(-1)), y.reshape(-1)
+    )
+    model.train()
+    return {"val_short_ce_mu": float(ce), "val_short_ce_z0": float(ce0)}
 
 
 @torch.no_grad()
@@ -164,8 +186,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     ckpt_path = out / "ckpt.pt"
     if cfg.resume and ckpt_path.exists():
         blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["optimizer"])
+        missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint has parameters this model lacks: {unexpected}")
+        if missing:
+            # a training-only head added since the checkpoint: fresh optimizer moments
+            log.warning("resuming without optimizer state; new parameters: %s", missing)
+        else:
+            opt.load_state_dict(blob["optimizer"])
         step = int(blob["step"])
         best = float(blob.get("best_val", best))
         elapsed_before = float(blob.get("train_seconds", 0.0))
@@ -177,6 +205,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         train_ids, cfg.seq_len, tok.vocab, transpose=cfg.transpose, seed=cfg.seed + step
     )
     vx, vy = val_windows(val_ids, cfg.seq_len, cfg.eval_windows)
+    sx, sy = val_windows(val_ids, cfg.aux_seq_len or 64, 4 * cfg.eval_windows)
     log.info(
         "model %.2fM params, %d train / %d val tokens",
         model.num_params() / 1e6,
@@ -218,12 +247,18 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             g["lr"] = lr
         x, y = batcher.batch(cfg.batch_size)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            _, ce, kl_dims = model(x, y)
+            _, ce, kl_dims, bow = model(x, y)
         beta = cfg.kl_beta * min(1.0, step / max(1, cfg.kl_warmup_steps))
         # free bits: below the floor a dimension's KL has no gradient, so the encoder can
         # carry that much information for free and the decoder learns to use it
         kl_term = torch.clamp(kl_dims.float(), min=cfg.free_bits).sum() / cfg.seq_len
-        loss = ce + beta * kl_term
+        loss = ce + beta * kl_term + cfg.bow_weight * bow
+        if cfg.aux_batch_size and cfg.aux_seq_len:
+            ax, ay = batcher.batch(cfg.aux_batch_size, cfg.aux_seq_len)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                _, ce_aux, kl_aux, bow_aux = model(ax, ay, whole_window=True)
+            kl_aux_term = torch.clamp(kl_aux.float(), min=cfg.free_bits).sum() / cfg.aux_seq_len
+            loss = loss + ce_aux + beta * kl_aux_term + cfg.bow_weight * bow_aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -237,6 +272,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         out_of_time = cfg.max_minutes > 0 and elapsed_before / 60 + minutes >= cfg.max_minutes
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
             metrics = evaluate(model, vx, vy, bf16=cfg.bf16)
+            metrics.update(evaluate_short(model, sx, sy, bf16=cfg.bf16))
             metrics.update(
                 step=step,
                 lr=lr,

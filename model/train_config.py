@@ -36,6 +36,11 @@ class TrainConfig:
     kl_beta: float = 0.5
     kl_warmup_steps: int = 1000
     free_bits: float = 0.5  # nats per latent dimension
+    # auxiliary short-phrase objective: windows this long, z from the whole window
+    # (0 disables); it is what makes the decoder follow z (see DivergentModel.forward)
+    aux_seq_len: int = 64
+    bow_weight: float = 1.0  # bag-of-tokens loss from z alone (keeps z informative)
+    aux_batch_size: int = 16
     # augmentation: random transposition in [-transpose, +transpose] semitones
     transpose: int = 5
     # bookkeeping

@@ -192,6 +192,10 @@ class DivergentModel(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied
         self.encoder = LatentEncoder(cfg)
+        # training only (not exported): predicts the phrase's bag of tokens from z alone,
+        # the "bag-of-words loss" (Zhao et al., 2017) that keeps z informative even when
+        # the autoregressive decoder could do without it (posterior collapse)
+        self.bow_head = nn.Linear(cfg.z_dim, cfg.vocab_size)
         self.apply(self._init_weights)
         # GPT-2: scaled init of the residual projections
         for pn, p in self.named_parameters():
@@ -226,15 +230,23 @@ class DivergentModel(nn.Module):
         return self.lm_head(tr.ln_f(x))
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor, *, sample: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training pass: (logits, mean CE over targets != -1, KL per latent dim (z_dim,)).
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        sample: bool = True,
+        whole_window: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: (logits, CE, KL per latent dim (z_dim,), bag-of-tokens CE).
 
         The encoder reads only the second half of the window (``encoder_mask``): z then
         carries what the *coming* material is like (register, key colour, rhythm,
-        density), which the decoder cannot read off its past, so it learns to use z.
+        density), which the decoder cannot read off its past. ``whole_window`` encodes
+        the whole (short) window instead: the auxiliary short-phrase objective, where z
+        is the decoder's main source of what the phrase is, so it learns to follow z.
         """
-        mask = encoder_mask(idx) * (targets != -1).float()
+        enc = torch.ones(idx.shape, device=idx.device) if whole_window else encoder_mask(idx)
+        mask = enc * (targets != -1).float()
         mu, logvar = self.encode(idx, mask)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         logits = self.decode(idx, z)
@@ -242,7 +254,9 @@ class DivergentModel(nn.Module):
             logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
         )
         kl = 0.5 * (mu.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())  # (B, Z)
-        return logits, ce, kl.mean(0)
+        bow_logp = F.log_softmax(self.bow_head(z).float(), dim=-1)  # (B, V)
+        bow = -(bow_logp.gather(1, idx) * mask).sum() / mask.sum().clamp_min(1.0)
+        return logits, ce, kl.mean(0), bow
 
 
 def encoder_mask(idx: torch.Tensor) -> torch.Tensor:
