@@ -84,12 +84,23 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
             opset_version=17,
             dynamo=False,
         )
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    graph = onnx.load(str(out / "decoder.fp32.onnx")).graph
+    # Keep fp32 where int8 costs top-1 agreement: the vocabulary head, the attention
+    # projections and the tiny latent projection (measured on a mid-training model:
+    # 97.5% agreement with everything quantized, 98.3% with these kept, +0.02 ms/token).
+    keep = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and any(k in n.name for k in ("lm_head", "attn", "/wz/"))
+    ]
     quantize_dynamic(
         str(out / "decoder.fp32.onnx"),
         str(out / "decoder.int8.onnx"),
         weight_type=QuantType.QInt8,
+        nodes_to_exclude=keep,
     )
     return {"past_names": past_names, "present_names": present_names, "head_size": hs}
 
@@ -197,7 +208,7 @@ def export_checkpoint(
     out: Path,
     *,
     data: str | Path | None = "data/dataset",
-    parity_windows: int = 16,
+    parity_windows: int = 32,
     seq_len: int = 256,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` into the model folder ``out``; returns the parity report."""

@@ -44,11 +44,16 @@ BIGRAM_FILE = "reference_bigram.npy"
 
 @dataclass(frozen=True)
 class DivergenceConfig:
-    latent_scale: float = 1.5  # shift at d = 1, in units of sqrt(z_dim)
-    token_lambda: float = 0.6  # contrastive weight at d = 1
-    plausibility: float = 0.02  # support bound: p >= plausibility * p_max
-    register_margin: int = 7  # semitones beyond the prompt's pitch range
-    max_repeats: int = 4  # same pitch in a row, at most
+    latent_scale: float = 2.5  # shift at d = 1, in units of sqrt(z_dim)
+    token_lambda: float = 1.0  # contrastive weight at d = 1
+    plausibility: float = 0.02  # support bound at d = 1: p >= d * plausibility * p_max
+    register_margin: int = 7  # semitones beyond the prompt's pitch range, at d = 1
+    max_repeats: int = 4  # same pitch in a row, at most, at d = 1
+    #: the bounds tighten as the knob opens (so d -> 0 joins plain sampling smoothly):
+    #: margin + (1 - d) * loose_margin semitones, max_repeats + (1 - d) * loose_repeats
+    loose_margin: int = 12
+    loose_repeats: int = 8
+    empty_bars_from: float = 0.5  # no empty bars from this d on
     k_nearest: int = 16
 
     def __post_init__(self) -> None:
@@ -175,13 +180,22 @@ class Steering:
         step = d * self.config.latent_scale * math.sqrt(len(mu))
         return np.asarray(mu + step * self.direction(mu, seed), dtype=np.float32)
 
+    def register_margin(self, d: float) -> int:
+        c = self.config
+        return c.register_margin + round((1.0 - d) * c.loose_margin)
+
+    def max_repeats(self, d: float) -> int:
+        c = self.config
+        return c.max_repeats + round((1.0 - d) * c.loose_repeats)
+
     def adjust(self, logits: np.ndarray, mask: np.ndarray, prev: int, d: float) -> np.ndarray:
         """Steered logits (masked tokens stay -inf); the identity at d = 0."""
         if d <= 0.0 or self.bigram is None:
             return logits
         x = logits + mask
         top = float(x.max())
-        # support bound: only tokens within log(plausibility) of the best survive
-        keep = x >= top + math.log(self.config.plausibility)
+        # support bound: only tokens within log(d * plausibility) of the best survive;
+        # it tightens with d, so small d is close to plain sampling
+        keep = x >= top + math.log(d * self.config.plausibility)
         steered = x - (d * self.config.token_lambda) * self.bigram.logp[prev]
         return np.where(keep, steered, -np.inf).astype(np.float32)

@@ -133,9 +133,10 @@ class Generator:
         z_answer = self.steering.latent(mu, d, seed) if steered else mu
         bound = np.zeros(v.size, np.float32)
         if steered:
-            grammar.allow_empty_bars = False
-            lo = min(n.pitch for n in prompt_notes) - self.steering.config.register_margin
-            hi = max(n.pitch for n in prompt_notes) + self.steering.config.register_margin
+            grammar.allow_empty_bars = d < self.steering.config.empty_bars_from
+            margin = self.steering.register_margin(d)
+            lo = min(n.pitch for n in prompt_notes) - margin
+            hi = max(n.pitch for n in prompt_notes) + margin
             pv = v.value[v.pitch_ids]
             bound[v.pitch_ids[(pv < lo) | (pv > hi)]] = -np.inf
             dec = self.pair_decoder
@@ -155,7 +156,7 @@ class Generator:
         limit = max_tokens or bars * 200
         prev = context[-1]
         repeat_pitch, repeats = -1, 0
-        max_repeats = self.steering.config.max_repeats
+        max_repeats = self.steering.max_repeats(d) if steered else limit
         while len(out) < limit:
             gmask = grammar.mask()
             if steered:

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint written by `divergent train`")
     e.add_argument("--out", default="model/bundled", help="output folder (default: %(default)s)")
     e.add_argument("--data", default="data/dataset", help="dataset for the parity check")
-    e.add_argument("--parity-windows", type=int, default=16)
+    e.add_argument("--parity-windows", type=int, default=32)
     e.set_defaults(func=_cmd_export)
 
     g = sub.add_parser("generate", help="continue a MIDI prompt with the model")
@@ -229,10 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``divergent`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # our own loggers at INFO; libraries (ONNX Runtime's quantizer logs on the root
+    # logger) only from WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("divergent", "model", "server", "bridges", "export"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
     except (CLIError, FileNotFoundError) as e:
