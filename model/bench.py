@@ -33,6 +33,17 @@ def _pct(xs: list[float]) -> dict[str, float]:
     }
 
 
+def _time(fn: Any, repeats: int) -> dict[str, float]:
+    for _ in range(10):  # warm-up
+        fn()
+    ms = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ms.append((time.perf_counter() - t) * 1000)
+    return _pct(ms)
+
+
 def _torch_step(model_dir: Path) -> Any:
     """A callable (ctx) -> per-call timer for torch eager, or None without torch."""
     try:
@@ -75,37 +86,23 @@ def bench_model(
     model_dir = model_dir or default_model_dir()
     model = OnnxModel(model_dir, precision="int8", threads=1, device="cpu")
     rng = np.random.default_rng(0)
-    torch_prepare = _torch_step(model_dir)
     ort_ms: dict[str, dict[str, float]] = {}
-    torch_ms: dict[str, dict[str, float]] | None = {} if torch_prepare else None
+    steps: dict[int, Any] = {}
     for ctx in CONTEXTS:
         if ctx >= model.block_size:
             continue
         ids = rng.integers(0, model.vocab_size, (1, ctx)).astype(np.int64)
         z = np.zeros((1, model.z_dim), np.float32)
         out = model.decoder.run(None, {"input_ids": ids, "z": z, **model.empty_cache()})
-        feed = {"input_ids": ids[:, :1], "z": z}
+        feed: dict[str, np.ndarray] = {"input_ids": ids[:, :1], "z": z}
         feed.update(dict(zip(model.past_names, out[1:], strict=True)))
         names = model.output_names
-        torch_run = torch_prepare(ctx) if torch_prepare else None
-        for _ in range(10):  # warm-up
-            model.decoder.run(names, feed)
-            if torch_run:
-                torch_run()
-        a: list[float] = []
-        b: list[float] = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.decoder.run(names, feed)
-            a.append((time.perf_counter() - t) * 1000)
-            if torch_run:
-                t = time.perf_counter()
-                torch_run()
-                b.append((time.perf_counter() - t) * 1000)
-        ort_ms[str(ctx)] = _pct(a)
-        if torch_ms is not None:
-            torch_ms[str(ctx)] = _pct(b)
 
+        def ort_run(feed: dict[str, np.ndarray] = feed, names: list[str] = names) -> None:
+            model.decoder.run(names, feed)
+
+        steps[ctx] = ort_run
+        ort_ms[str(ctx)] = _time(ort_run, repeats)
     # bar generation on the bundled example prompt (4/4), sampling and grammar included
     from model.generate import read_prompt
 
@@ -135,6 +132,13 @@ def bench_model(
         t = time.perf_counter()
         gen.readout(four)
         readout_ms.append((time.perf_counter() - t) * 1000)
+    # torch eager last, in the same run: once torch has run, its OpenMP threads slow
+    # every other library in the process (measured: ORT 0.27 -> 0.46 ms/token), so
+    # interleaving the two would charge torch's overhead to ONNX Runtime
+    torch_prepare = _torch_step(model_dir)
+    torch_ms: dict[str, dict[str, float]] | None = None
+    if torch_prepare is not None:
+        torch_ms = {str(ctx): _time(torch_prepare(ctx), repeats) for ctx in steps}
     res: dict[str, Any] = {
         "ort_int8_token_ms": ort_ms,
         "torch_token_ms": torch_ms,

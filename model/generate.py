@@ -161,7 +161,9 @@ class Generator:
             gmask = grammar.mask()
             if steered:
                 mask = gmask + bound
-                if repeats >= max_repeats:
+                # no long runs of one pitch, and never an answer of one repeated pitch:
+                # once its first notes all share a pitch, the next note must leave it
+                if repeats >= max_repeats or repeats == len(notes) >= 2:
                     mask[v.pitch_ids[0] + repeat_pitch - v.min_pitch] = -np.inf
                 if not np.isfinite(mask.max()):
                     mask = gmask  # the bounds never make an answer impossible

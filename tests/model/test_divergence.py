@@ -173,3 +173,19 @@ def test_evaluate_divergence_protocol_and_report(tiny_model, tiny_dataset, tmp_p
         0.5,
         1.0,
     ]
+
+
+def test_no_single_repeated_pitch_answer_even_after_a_drone(tiny: OnnxModel) -> None:
+    import symusic
+
+    s = symusic.Score(480)
+    s.time_signatures.append(symusic.TimeSignature(0, 4, 4))
+    t = symusic.Track(program=0)
+    for bar in range(4):
+        t.notes.append(symusic.Note(bar * 1920 + 960, 1920, 67, 80))  # one held pitch
+    s.tracks.append(t)
+    ids = tiny.tokenizer.encode_score(s)
+    gen = Generator(tiny)
+    for seed in range(6):
+        c = gen.continue_ids(ids, bars=4, seed=seed, divergence=1.0)
+        assert len({n.pitch for n in c.notes}) > 1
