@@ -75,6 +75,14 @@ class DivergenceConfig:
         return cls(**d)
 
 
+def _load_array(path: str | Path, what: str) -> np.ndarray:
+    """A saved .npy array (never pickles), with one clear error for a bad file."""
+    try:
+        return np.asarray(np.load(Path(path), allow_pickle=False))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load {what} {path}: {e}") from e
+
+
 class LatentBank:
     """Posterior means of training phrases: where the training data puts the latent."""
 
@@ -87,10 +95,7 @@ class LatentBank:
 
     @classmethod
     def load(cls, path: str | Path) -> LatentBank:
-        try:
-            return cls(np.load(Path(path), allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load latent bank {path}: {e}") from e
+        return cls(_load_array(path, "latent bank"))
 
     def save(self, path: str | Path) -> None:
         np.save(Path(path), self.latents.astype(np.float16))
@@ -119,10 +124,7 @@ class ReferenceBigram:
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceBigram:
-        try:
-            return cls(np.load(Path(path), allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load reference bigram {path}: {e}") from e
+        return cls(_load_array(path, "reference bigram"))
 
     def save(self, path: str | Path) -> None:
         np.save(Path(path), self.logp.astype(np.float16))
