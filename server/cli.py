@@ -93,6 +93,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_evaluate_nll(args: argparse.Namespace) -> int:
     from model.evaluate import evaluate_nll
 
+    _ensure_dataset(args.data)
     res = evaluate_nll(
         data=Path(args.data),
         model_dir=Path(args.model) if args.model else None,
@@ -107,9 +108,19 @@ def _cmd_evaluate_nll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensure_dataset(data: str) -> None:
+    """Build the dataset first when it is missing, so one command reproduces a report."""
+    if not (Path(data) / "manifest.json").exists():
+        from model.data import build_dataset
+
+        log.info("no dataset at %s: building it from music21's corpus first (~11 min)", data)
+        build_dataset(data)
+
+
 def _cmd_evaluate_divergence(args: argparse.Namespace) -> int:
     from model.divergence_eval import EvalProtocol, evaluate_divergence
 
+    _ensure_dataset(args.data)
     res = evaluate_divergence(
         data=Path(args.data),
         model_dir=Path(args.model) if args.model else None,
@@ -123,6 +134,7 @@ def _cmd_evaluate_divergence(args: argparse.Namespace) -> int:
 def _cmd_evaluate_latent(args: argparse.Namespace) -> int:
     from model.evaluate import evaluate_latent
 
+    _ensure_dataset(args.data)
     res = evaluate_latent(data=Path(args.data), model_dir=Path(args.model) if args.model else None)
     print(json.dumps(res, indent=None if args.json else 1))
     return 0
