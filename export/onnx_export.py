@@ -6,7 +6,8 @@ Writes into one model folder:
   ``input_ids (B,T) int64, z (B,Z) float, past_k_i/past_v_i (B,H,P,D)`` ->
   ``logits (B,T,V), present_k_i/present_v_i (B,H,P+T,D)``, one cache tensor per layer
   and per K/V, every axis but the model's own sizes dynamic;
-- ``decoder.int8.onnx``: the same graph with dynamic int8 weights (``quantize_dynamic``);
+- ``decoder.int8.onnx``: the same graph with 8-bit weights and int8 compute
+  (activations quantized dynamically per block of 16);
 - ``encoder.onnx``: the latent encoder ``input_ids (B,T), mask (B,T) -> mu, logvar``;
 - ``tokenizer.json`` and ``config.json`` (model sizes, I/O names, tokenizer hash);
 
@@ -85,23 +86,27 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
             dynamo=False,
         )
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    graph = onnx.load(str(out / "decoder.fp32.onnx")).graph
-    # Keep fp32 where int8 costs top-1 agreement: the vocabulary head, the attention
-    # projections and the tiny latent projection (measured on a mid-training model:
-    # 97.5% agreement with everything quantized, 98.3% with these kept, +0.02 ms/token).
-    keep = [
-        n.name
-        for n in graph.node
-        if n.op_type == "MatMul" and any(k in n.name for k in ("lm_head", "attn", "/wz/"))
-    ]
-    quantize_dynamic(
-        str(out / "decoder.fp32.onnx"),
-        str(out / "decoder.int8.onnx"),
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=keep,
+    # 8-bit weights in blocks of 16 (MatMulNBits), computed in int8 with activations
+    # quantized dynamically per block (accuracy_level 4). Measured on the bundled model:
+    # top-1 agreement 98.6% and 0.24 ms/token at context 256, vs 97.6% and 0.26 ms for
+    # quantize_dynamic (per-tensor activations) even with head and attention kept fp32.
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(out / "decoder.fp32.onnx")),
+        bits=8,
+        block_size=16,
+        is_symmetric=True,
+        accuracy_level=4,
     )
+    level = logging.getLogger().level
+    logging.disable(logging.INFO)  # the quantizer logs every node on the root logger
+    try:
+        quantizer.process()
+    finally:
+        logging.disable(logging.NOTSET)
+        logging.getLogger().setLevel(level)
+    quantizer.model.save_model_to_file(str(out / "decoder.int8.onnx"), False)
     return {"past_names": past_names, "present_names": present_names, "head_size": hs}
 
 
