@@ -13,12 +13,11 @@ import pytest
 
 from model.generate import GenerateError, Generator, generate_file, read_prompt
 from model.grammar import notes_from_ids
-from model.runtime import ModelError, OnnxModel, default_model_dir
+from model.runtime import ModelError, OnnxModel
 from tests.conftest import chord_score
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "model" / "examples" / "prompt.mid"
-BUNDLED = default_model_dir()
 
 
 def played_phrase(path: Path, *, tempo: float = 92.0, num: int = 3, den: int = 4) -> Path:
@@ -146,14 +145,6 @@ def _cli_without_torch(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-# The bundled model is committed; a checkout without it may skip, CI must not.
-needs_bundled = pytest.mark.skipif(
-    not (BUNDLED / "config.json").exists() and os.environ.get("CI") != "true",
-    reason="no bundled model in this checkout",
-)
-
-
-@needs_bundled
 def test_bundled_generate_end_to_end_without_torch(tmp_path: Path) -> None:
     import symusic
 
@@ -176,7 +167,6 @@ def test_bundled_generate_end_to_end_without_torch(tmp_path: Path) -> None:
     assert outs[0] == outs[1]  # deterministic per seed
 
 
-@needs_bundled
 def test_bundled_generate_on_an_unseen_played_phrase(tmp_path: Path) -> None:
     out = tmp_path / "o.mid"
     r = _cli_without_torch(
