@@ -3,6 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Real peers for the live tests (JACK dummy server, MIDI clock, liblo, mosquitto, Pd, Link's
+# libatomic): installed as root when missing, so CI on a fresh machine has them.
+PEERS="jackd2 jack-midi-clock liblo-tools mosquitto mosquitto-clients puredata-core libasound2 libatomic1"
+if ! command -v jackd >/dev/null || ! command -v jack_midi_clock >/dev/null || ! command -v oscsend >/dev/null \
+   || ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null || ! command -v pd >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PEERS >/dev/null
+  else
+    echo "scripts/test.sh: missing real peers; as root: apt-get install $PEERS" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

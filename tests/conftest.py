@@ -120,3 +120,36 @@ def tiny_model(tiny_run: Path, tiny_dataset: Path, tmp_path_factory: pytest.Temp
         tiny_run / "model.pt", out, data=tiny_dataset, parity_windows=4, seq_len=64
     )
     return out, report
+
+
+# --- real peers: JACK, liblo, mosquitto, Pd ----------------------------------------------
+
+
+def require_tool(*names: str) -> None:
+    """Skip a test whose outside program is missing, except in CI, where it must fail.
+
+    CI installs every peer (scripts/test.sh), so a missing one there is a broken set-up,
+    never a reason to skip.
+    """
+    import os
+    import shutil
+
+    missing = [n for n in names if shutil.which(n) is None]
+    if not missing:
+        return
+    msg = f"needs {', '.join(missing)} (scripts/test.sh installs them as root)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def jack_server():  # type: ignore[no-untyped-def]
+    """A JACK dummy server (64 frames at 48 kHz) for the session, or the one running."""
+    require_tool("jackd", "jack_lsp")
+    from bridges.jack import JackServer
+
+    server = JackServer(rate=48000, period=64)
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,110 @@
+"""A JACK server for machines without a sound card: the dummy driver, started and stopped.
+
+``divergent bench live`` and the tests use it; so can a performer on a headless box.
+Real-time MIDI between processes on Linux goes through JACK here, because ALSA needs a
+sound card (``/dev/snd``) that these machines do not have.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+from types import TracebackType
+
+from bridges.exceptions import BridgeError
+
+__all__ = ["JackServer", "jack_running"]
+
+log = logging.getLogger(__name__)
+
+
+def jack_running(timeout: float = 2.0) -> bool:
+    """Whether a JACK server answers (``jack_lsp`` exits 0)."""
+    if shutil.which("jack_lsp") is None:
+        return False
+    try:
+        r = subprocess.run(
+            ["jack_lsp"], capture_output=True, timeout=timeout, check=False, env=_env()
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return r.returncode == 0
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    # never let a client auto-start a server with the wrong driver behind our back
+    env["JACK_NO_START_SERVER"] = "1"
+    return env
+
+
+class JackServer:
+    """``jackd -d dummy`` as a context manager; a no-op when a server already runs.
+
+    ``period`` frames at ``rate`` Hz: 64 at 48 kHz is a 1.33 ms period (JACK delivers
+    MIDI once per period, so this is the timing floor).
+    """
+
+    def __init__(self, *, rate: int = 48000, period: int = 64, ready_timeout: float = 5.0) -> None:
+        self.rate = rate
+        self.period = period
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
+
+    def start(self) -> JackServer:
+        if jack_running():
+            log.info("using the running JACK server")
+            return self
+        jackd = shutil.which("jackd")
+        if jackd is None:
+            raise BridgeError(
+                "jackd not found: install JACK (Debian: apt-get install jackd2) "
+                "or use the OSC note transport"
+            )
+        cmd = [jackd, "-d", "dummy", "-r", str(self.rate), "-p", str(self.period)]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env()
+        )
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise BridgeError(f"jackd exited at start: {err.strip()[-300:]}")
+            if jack_running():
+                self.started = True
+                log.info("started jackd (dummy driver, %d frames at %d Hz)", self.period, self.rate)
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise BridgeError(f"jackd did not become ready in {self.ready_timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            # wait for the PID to exit, or the next server fails with "already active"
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.proc = None
+        self.started = False
+
+    def __enter__(self) -> JackServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
