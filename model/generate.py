@@ -7,7 +7,9 @@ and a seeded :class:`~model.grammar.Sampler`, and produces a :class:`Continuatio
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,14 @@ from model.readout import FeatureReference, NgramIndex, Readout, compute_readout
 from model.runtime import IncrementalDecoder, OnnxModel
 from model.tokenizer import TokenizerError
 
-__all__ = ["Continuation", "GenerateError", "Generator", "generate_file", "read_prompt"]
+__all__ = [
+    "Continuation",
+    "GenerateError",
+    "Generator",
+    "generate_file",
+    "ids_from_notes",
+    "read_prompt",
+]
 
 #: The longest prompt (in tokens) the decoder sees; older bars are dropped.
 PROMPT_TOKENS = 384
@@ -103,11 +112,21 @@ class Generator:
         z: np.ndarray | None = None,
         divergence: float = 0.0,
         max_tokens: int | None = None,
+        min_onset_beats: float | None = None,
+        on_notes: Callable[[list[NoteEvent]], object] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Continuation:
         """Continue ``prompt_ids`` (REMI ids without BOS) by ``bars`` bars.
 
         ``divergence`` is the knob d in [0, 1] (see ``model.divergence``); d = 0 is plain
         sampling. ``z`` overrides the prompt's latent (the steering then starts from it).
+
+        For live use: ``min_onset_beats`` moves the earliest answer onset (default: where
+        the prompt's last note ends), e.g. to the next bar line in jam mode; ``on_notes`` is
+        called (in the calling thread) with each note as soon as its Duration token is
+        sampled (onsets only grow), so the first note can sound while the rest is
+        generated; setting
+        ``cancel`` stops generation at the next token (the notes so far are returned).
         """
         if bars < 1 or bars > 64:
             raise GenerateError(f"bars must be in 1..64, got {bars}")
@@ -123,6 +142,8 @@ class Generator:
         if not prompt_notes:
             raise GenerateError("the prompt has no notes")
         start = max(n.onset_beats + n.duration_beats for n in prompt_notes)
+        if min_onset_beats is not None:
+            start = float(min_onset_beats)
         grammar.min_onset_beats = start
         beats_per_bar = grammar.bar_length_beats
         bar_start = grammar.bar_start_beats
@@ -158,6 +179,8 @@ class Generator:
         repeat_pitch, repeats = -1, 0
         max_repeats = self.steering.max_repeats(d) if steered else limit
         while len(out) < limit:
+            if cancel is not None and cancel.is_set():
+                break
             gmask = grammar.mask()
             if steered:
                 mask = gmask + bound
@@ -185,6 +208,8 @@ class Generator:
             ev = grammar.feed(tok)
             if ev is not None:
                 notes.append(ev)
+                if on_notes is not None:
+                    on_notes([ev])
                 repeats = repeats + 1 if ev.pitch == repeat_pitch else 1
                 repeat_pitch = ev.pitch
             out.append(tok)
@@ -219,6 +244,37 @@ class Generator:
         tail = ids[-PROMPT_TOKENS:]
         bars = np.flatnonzero(tail == self.vocab.bar)
         return [int(t) for t in (tail[bars[0] :] if len(bars) else tail)]
+
+
+def ids_from_notes(
+    model: OnnxModel,
+    notes: Sequence[tuple[float, int, float, int]],
+    *,
+    beats_per_bar: int = 4,
+) -> np.ndarray:
+    """REMI ids of live notes: (onset_beats, pitch, duration_beats, velocity) tuples.
+
+    Beat 0 must be a bar line: leading empty bars are kept as Bar tokens, so the ids'
+    beat grid is the caller's (the live clock's) grid, and answer onsets map straight back.
+    """
+    import symusic
+
+    if not notes:
+        raise GenerateError("nothing to continue: no notes yet")
+    tpq = 480
+    score = symusic.Score(tpq)
+    score.time_signatures.append(symusic.TimeSignature(0, beats_per_bar, 4))
+    track = symusic.Track(program=0, name="live")
+    for onset, pitch, dur, vel in notes:
+        if onset < 0 or not 0 <= pitch <= 127:
+            continue
+        ticks = max(1, round(dur * tpq))
+        track.notes.append(symusic.Note(round(onset * tpq), ticks, int(pitch), int(vel) or 1))
+    score.tracks.append(track)
+    try:
+        return model.tokenizer.encode_score(score)
+    except TokenizerError as e:
+        raise GenerateError(f"cannot tokenize the live notes: {e}") from e
 
 
 def read_prompt(path: Path, model: OnnxModel) -> tuple[Any, np.ndarray]:

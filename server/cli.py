@@ -90,6 +90,79 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from server.config import ConfigError, config_from_args
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        raise CLIError(str(e)) from e
+    if args.print_config:
+        print(config.to_toml(), end="")
+        return 0
+    from bridges.exceptions import BridgeError
+    from model.runtime import ModelError
+    from server.app import Server
+
+    try:
+        asyncio.run(Server(config).serve())
+    except (BridgeError, ModelError, OSError) as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
+def _cmd_ports(args: argparse.Namespace) -> int:
+    from bridges.exceptions import BridgeError
+    from bridges.midi import choose_backend, list_ports
+
+    try:
+        backend = choose_backend(args.midi_backend)
+        ports = list_ports(backend)
+    except BridgeError as e:
+        raise CLIError(str(e)) from e
+    if args.json:
+        print(json.dumps({"backend": backend, **ports}, indent=1))
+        return 0
+    print(f"MIDI backend: {backend}")
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}:")
+        for name in ports[kind] or ["(none)"]:
+            print(f"  {name}")
+    return 0
+
+
+def _cmd_sessions(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from server.recorder import default_sessions_dir, list_takes
+
+    folder = Path(args.sessions) if args.sessions else default_sessions_dir()
+    takes = list_takes(folder)
+    if args.json:
+        print(json.dumps([asdict(t) | {"path": str(t.path)} for t in takes], indent=1))
+        return 0
+    if not takes:
+        print(f"no takes in {folder}")
+        return 0
+    print(f"takes in {folder}:")
+    for t in takes:
+        print(f"  {t.path.name}  {t.duration_s:7.1f} s  performer {t.performer_notes:4d} notes"
+              f"  machine {t.machine_notes:4d} notes  {t.answers:3d} answers"
+              f"{'  (recovered)' if t.recovered else ''}"
+              f"{f'  UNREADABLE: {t.error}' if t.error else ''}")
+    return 0
+
+
+def _cmd_bench_live(args: argparse.Namespace) -> int:
+    from server.bench_live import run_bench_live
+
+    res = run_bench_live(answers=args.answers, flood_s=args.flood_seconds)
+    print(json.dumps(res, indent=None if args.json else 1))
+    return 0
+
+
 def _cmd_evaluate_nll(args: argparse.Namespace) -> int:
     from model.evaluate import evaluate_nll
 
@@ -227,6 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--json", action="store_true")
     lt.set_defaults(func=_cmd_evaluate_latent)
 
+    sv = sub.add_parser("serve", help="the live server: MIDI/OSC in, answers out, recorded")
+    from server.config import add_serve_arguments
+
+    add_serve_arguments(sv)
+    sv.set_defaults(func=_cmd_serve)
+
+    po = sub.add_parser("ports", help="list MIDI ports")
+    po.add_argument("--midi-backend", default=None, choices=("jack", "alsa", "coremidi", "winmm"))
+    po.add_argument("--json", action="store_true")
+    po.set_defaults(func=_cmd_ports)
+
+    se = sub.add_parser("sessions", help="list recorded takes (recovering crashed ones)")
+    se.add_argument("--sessions", default=None, metavar="DIR", help="sessions folder")
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=_cmd_sessions)
+
     be = sub.add_parser("bench", help="benchmarks that print JSON")
     besub = be.add_subparsers(dest="bench_command", required=True)
     bm = besub.add_parser("model", help="per-token latency, bar latency, note events/s")
@@ -234,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--repeats", type=int, default=200)
     bm.add_argument("--json", action="store_true")
     bm.set_defaults(func=_cmd_bench_model)
+    bl = besub.add_parser("live", help="the live path with real JACK and OSC peers")
+    bl.add_argument("--answers", type=int, default=30, help="phrases to answer")
+    bl.add_argument("--flood-seconds", type=float, default=10.0)
+    bl.add_argument("--json", action="store_true")
+    bl.set_defaults(func=_cmd_bench_live)
     return p
 
 

@@ -1,0 +1,300 @@
+"""Outside peers for the live server: a MIDI player/listener process and an OSC client.
+
+``divergent bench live`` and the tests drive a real ``divergent serve`` process with
+these, the way a performer's DAW or patch would: through JACK MIDI ports owned by a
+separate process, and OSC over UDP to the server's address with replies on a fixed port.
+They deliberately use python-rtmidi and python-osc directly, not ``bridges/``, so a bug
+in the server's own bridges cannot hide itself in a test.
+
+The MIDI peer runs as ``python -m server.livepeer MODE ...`` and prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["OscClient", "ServeProcess", "free_udp_port", "run_peer"]
+
+
+def free_udp_port() -> int:
+    """A UDP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OscClient:
+    """Sends OSC to the server and collects every reply arriving on a fixed port."""
+
+    def __init__(self, server_port: int, *, reply_port: int | None = None) -> None:
+        self.server = ("127.0.0.1", server_port)
+        self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", reply_port or 0))
+        self.sock.settimeout(0.05)
+        self.reply_port = int(self.sock.getsockname()[1])
+        self.messages: list[tuple[float, str, list[Any]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._recv, name="osc-peer", daemon=True)
+        self._thread.start()
+
+    def _recv(self) -> None:
+        from pythonosc.osc_message import OscMessage, ParseError
+
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = time.monotonic()
+            try:
+                msg = OscMessage(data)
+            except ParseError:
+                continue  # the server only sends messages; anything else is not ours
+            with self._lock:
+                self.messages.append((t, msg.address, list(msg.params)))
+
+    def send(self, address: str, *args: Any) -> None:
+        from pythonosc.osc_message_builder import OscMessageBuilder
+
+        b = OscMessageBuilder(address=address)
+        for a in args:
+            b.add_arg(a)
+        # sent from another (ephemeral) port: replies must still come to the fixed one
+        self.out.sendto(b.build().dgram, self.server)
+
+    def since(self, t0: float, address: str | None = None) -> list[tuple[float, str, list[Any]]]:
+        with self._lock:
+            return [m for m in self.messages if m[0] >= t0 and (address is None or m[1] == address)]
+
+    def wait_for(
+        self, address: str, *, after: float, timeout: float = 5.0
+    ) -> tuple[float, str, list[Any]] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.since(after, address)
+            if got:
+                return got[0]
+            time.sleep(0.005)
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+        self.sock.close()
+        self.out.close()
+
+
+class ServeProcess:
+    """``divergent serve`` in its own process, with its OSC and reply ports chosen free."""
+
+    def __init__(self, extra: Sequence[str], *, workdir: Path, name: str = "divergent") -> None:
+        self.workdir = workdir
+        self.osc_port = free_udp_port()
+        self.osc = OscClient(self.osc_port)
+        self.trace = workdir / "trace.jsonl"
+        self.sessions = workdir / "sessions"
+        self.log_path = workdir / "serve.log"
+        self.args = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--osc-port",
+            str(self.osc_port),
+            "--osc-reply",
+            f"127.0.0.1:{self.osc.reply_port}",
+            "--sessions",
+            str(self.sessions),
+            "--trace",
+            str(self.trace),
+            "--midi-client",
+            name,
+            *extra,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cold_start_s = float("nan")
+
+    def start(self, timeout: float = 20.0) -> ServeProcess:
+        self._log = self.log_path.open("wb")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
+        )
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited at start:\n{self.log()}")
+            t = time.monotonic()
+            self.osc.send("/divergent/ping")
+            if self.osc.wait_for("/divergent/pong", after=t, timeout=0.02):
+                self.cold_start_s = time.monotonic() - t0
+                return self
+        raise RuntimeError(f"serve not ready in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def trace_events(self) -> list[dict[str, Any]]:
+        if not self.trace.exists():
+            return []
+        out = []
+        for line in self.trace.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._log.close()
+        self.osc.close()
+        return rc
+
+
+# --------------------------------------------------------------------- the MIDI peer process
+
+
+def _jack_ports(client: str) -> tuple[Any, Any]:
+    import rtmidi
+
+    out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=client)
+    inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client)
+    inp.ignore_types(sysex=True, timing=True, active_sense=True)
+    return out, inp
+
+
+def _open_named(port: Any, client: str, suffix: str, what: str) -> None:
+    # JACK names a second client with the same name "<name>-01": match the prefix
+    names = port.get_ports()
+    match = [i for i, n in enumerate(names) if n.startswith(client) and n.endswith(suffix)]
+    name = f"{client}*{suffix}"
+    if not match:
+        raise SystemExit(f"peer: no {what} port matching {name!r} in {names}")
+    port.open_port(match[0], f"peer {what}")
+
+
+def run_peer(argv: Sequence[str] | None = None) -> int:
+    """The MIDI peer: ``phrases`` (play phrases, record the answers) or ``flood``."""
+    p = argparse.ArgumentParser(prog="python -m server.livepeer")
+    p.add_argument("mode", choices=("phrases", "flood", "listen"))
+    p.add_argument("--server", default="divergent", help="the server's JACK client name")
+    p.add_argument("--phrases", type=int, default=10)
+    p.add_argument("--answer-wait", type=float, default=4.0)
+    p.add_argument("--quiet-gap", type=float, default=0.4)
+    p.add_argument("--rate", type=float, default=2000.0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--no-send", action="store_true", help="listen only")
+    a = p.parse_args(argv)
+    client = f"peer{os.getpid()}"
+    out, inp = _jack_ports(client)
+    received: list[tuple[float, int, int, int]] = []  # (t, status, note, velocity)
+
+    def on_msg(event: tuple[list[int], float], data: object = None) -> None:
+        t = time.monotonic()  # CLOCK_MONOTONIC, the clock JACK itself uses
+        msg = event[0]
+        if len(msg) >= 3:
+            received.append((t, msg[0], msg[1], msg[2]))
+
+    inp.set_callback(on_msg)
+    _open_named(inp, a.server, ":divergent out", "input")
+    if not a.no_send:
+        _open_named(out, a.server, ":divergent in", "output")
+    time.sleep(0.2)  # JACK connections settle within a few periods
+    result: dict[str, Any] = {}
+    if a.mode == "phrases":
+        phrases = []
+        motifs = ([60, 62, 64, 67], [64, 65, 67, 72], [57, 60, 64, 62], [67, 65, 64, 60])
+        for i in range(a.phrases):
+            start_n = len(received)
+            for pitch in motifs[i % len(motifs)]:
+                out.send_message([0x90, pitch, 90])
+                time.sleep(0.09)
+                out.send_message([0x80, pitch, 0])
+                time.sleep(0.03)
+            t_end = time.monotonic()
+            deadline = t_end + a.answer_wait
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+                got = received[start_n:]
+                if got and time.monotonic() - got[-1][0] > a.quiet_gap and _balanced(got):
+                    break
+            phrases.append({"end": t_end, "first_index": start_n, "count": len(received) - start_n})
+        result["phrases"] = phrases
+    elif a.mode == "flood":
+        n = int(a.rate * a.seconds)
+        period = 1.0 / a.rate
+        t0 = time.monotonic() + 0.05
+        for i in range(n):
+            target = t0 + i * period
+            while True:
+                d = target - time.monotonic()
+                if d <= 0:
+                    break
+                if d > 0.0015:
+                    time.sleep(d - 0.001)
+            pitch = 36 + (i // 2) % 48
+            out.send_message([0x90 if i % 2 == 0 else 0x80, pitch, 64 if i % 2 == 0 else 0])
+        result["sent"] = n
+        result["seconds"] = time.monotonic() - t0
+        time.sleep(0.3)
+    else:
+        time.sleep(a.seconds)
+    result["received"] = received
+    result["stuck"] = _stuck(received)
+    out.close_port()
+    inp.close_port()
+    print(json.dumps(result))
+    return 0
+
+
+def _balanced(events: Sequence[tuple[float, int, int, int]]) -> bool:
+    return not _stuck(events)
+
+
+def _stuck(events: Sequence[tuple[float, int, int, int]]) -> list[int]:
+    """Notes left sounding: note-ons without a matching note-off (per channel and pitch)."""
+    on: dict[tuple[int, int], int] = {}
+    for _, status, note, vel in events:
+        kind, ch = status & 0xF0, status & 0x0F
+        if kind == 0x90 and vel > 0:
+            on[(ch, note)] = on.get((ch, note), 0) + 1
+        elif (kind == 0x80 or (kind == 0x90 and vel == 0)) and on.get((ch, note), 0) > 0:
+            on[(ch, note)] -= 1
+        # CC 123 (all notes off) is not counted: every note-on needs its own note-off
+    return [n for (_, n), c in on.items() if c > 0]
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(run_peer())

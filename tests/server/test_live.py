@@ -1,0 +1,310 @@
+"""The live server end to end: a real ``divergent serve`` process, real JACK MIDI peers in
+other processes, liblo's oscsend, real UDP, real files.
+
+Bounds here are looser than the issue's targets (CI machines are shared and noisy);
+``divergent bench live --json`` measures the targets themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mido
+import pytest
+
+from server.bench_live import onset_errors, response_times, run_peer_process
+from server.livepeer import ServeProcess
+from tests.conftest import require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _name() -> str:
+    return f"dv{os.getpid() % 10000}x{random.randrange(10**6)}"
+
+
+@pytest.fixture
+def serve_factory(tmp_path: Path, jack_server: Any):  # type: ignore[no-untyped-def]
+    started: list[ServeProcess] = []
+
+    def start(*extra: str, name: str | None = None) -> ServeProcess:
+        sp = ServeProcess(
+            ["--midi-backend", "jack", *extra],
+            workdir=tmp_path / f"s{len(started)}",
+            name=name or _name(),
+        )
+        sp.workdir.mkdir(parents=True, exist_ok=True)
+        started.append(sp)
+        return sp.start()
+
+    yield start
+    for sp in started:
+        sp.stop(signal.SIGKILL if sp.proc and sp.proc.poll() is None else signal.SIGTERM)
+
+
+def _osc_notes(sp: ServeProcess, pitches: list[int], gap: float = 0.08) -> None:
+    for p in pitches:
+        sp.osc.send("/divergent/note", p, 90, 1)
+        time.sleep(gap)
+        sp.osc.send("/divergent/note", p, 0, 1)
+        time.sleep(0.02)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def test_call_mode_answers_each_phrase_through_jack(serve_factory: Any) -> None:
+    name = _name()
+    sp = serve_factory(
+        "--mode", "call", "--quantize", "off", "--bpm", "240", "--bars", "1",
+        "--phrase-silence", "0.25", name=name,
+    )
+    peer = run_peer_process(["phrases", "--server", name, "--phrases", "4"], timeout=60)
+    time.sleep(0.3)
+    trace = sp.trace_events()
+    assert all(p["count"] > 0 for p in peer["phrases"]), peer["phrases"]
+    assert peer["stuck"] == [], "notes left sounding at the peer"
+    resp = response_times(trace, peer["received"])
+    errs = onset_errors(trace, peer["received"])
+    assert len(resp) == 4
+    assert max(resp) <= 60.0, resp  # target (bench): p99 <= 20 ms
+    assert len(errs) >= 8
+    assert _pct(errs, 0.9) <= 4.0, errs  # target (bench): p99 <= 1.8 ms
+    assert len(sp.osc.since(0, "/divergent/answer")) == 4
+
+
+def test_divergence_from_oscsend_reaches_readout_and_take(serve_factory: Any) -> None:
+    require_tool("oscsend")
+    sp = serve_factory("--mode", "off", "--bars", "2", "--bpm", "240")
+    subprocess.run(
+        ["oscsend", "localhost", str(sp.osc_port), "/divergent/divergence", "f", "0.7"],
+        check=True,
+    )
+    _osc_notes(sp, [60, 64, 67, 72, 71, 67])
+    t = time.monotonic()
+    sp.osc.send("/divergent/generate")
+    ans = sp.osc.wait_for("/divergent/answer", after=t, timeout=10)
+    assert ans is not None, sp.log()
+    assert ans[2][7] == pytest.approx(0.7, abs=1e-6)
+    assert ans[2][5] > 0  # notes
+    assert ans[2][1] > 0  # surprisal, bits per note
+    outs = sp.osc.since(t, "/divergent/out/note")
+    assert outs, "the answer's notes also travel over OSC"
+    sp.osc.send("/divergent/record/stop")
+    time.sleep(0.5)
+    takes = list(sp.sessions.glob("*.mid"))
+    assert len(takes) == 1
+    mid = mido.MidiFile(takes[0], charset="utf-8")
+    texts = [m.text for tr in mid.tracks for m in tr if m.type in ("text", "marker")]
+    assert any(s.startswith("divergence=0.7") for s in texts), texts
+    assert any("d=0.70" in s for s in texts), "a marker at the answer"
+    ccs = [m.value for tr in mid.tracks for m in tr if m.type == "control_change" and m.control == 20]
+    assert round(0.7 * 127) in ccs
+    names = [tr.name for tr in mid.tracks]
+    assert "performer" in names and "machine" in names
+    perf = next(tr for tr in mid.tracks if tr.name == "performer")
+    assert sum(1 for m in perf if m.type == "note_on" and m.velocity > 0) == 6
+
+
+def test_ten_thousand_bad_packets_and_every_wrong_message_answered(serve_factory: Any) -> None:
+    sp = serve_factory("--mode", "off")
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    rng = random.Random(1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    addr = ("127.0.0.1", sp.osc_port)
+    t0 = time.monotonic()
+    for i in range(10_000):
+        if i % 3 == 0:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+        elif i % 3 == 1:
+            data = b"/divergent/divergence\x00\x00\x00,f\x00\x00" + bytes(rng.randrange(256)
+                                                                      for _ in range(3))
+        else:
+            data = b"#bundle\x00" + bytes(rng.randrange(256) for _ in range(rng.randrange(30)))
+        sock.sendto(data, addr)
+        if i % 500 == 0:
+            time.sleep(0.01)  # a burst, not a kernel-buffer overflow test
+    # well-formed but wrong: unknown address, wrong type, wrong count, out of range
+    wrong: list[tuple[str, list[Any]]] = [
+        ("/divergent/nope", [1]),
+        ("/divergent/divergence", ["high"]),
+        ("/divergent/divergence", []),
+        ("/divergent/mode", ["dance"]),
+        ("/divergent/note", [200, 90]),
+        ("/divergent/bars", [2.5]),
+        ("/divergent/clock", [3]),
+        ("/divergent/divergence", [0.1, 0.2]),
+    ] * 25
+    for address, args in wrong:
+        b = OscMessageBuilder(address=address)
+        for a in args:
+            b.add_arg(a)
+        sock.sendto(b.build().dgram, addr)
+        time.sleep(0.001)
+    sock.close()
+    t = time.monotonic()
+    sp.osc.send("/divergent/ping")
+    assert sp.osc.wait_for("/divergent/pong", after=t, timeout=5) is not None
+    time.sleep(0.3)
+    errors = sp.osc.since(t0, "/divergent/error")
+    rejected = [e for e in errors if "(rejected)" in e[2][0]]
+    assert len(rejected) >= len(wrong), (len(rejected), len(wrong))
+    assert sp.proc is not None and sp.proc.poll() is None
+
+
+def test_flood_of_input_events_loses_nothing(serve_factory: Any) -> None:
+    name = _name()
+    sp = serve_factory("--mode", "off", name=name)
+    t = time.monotonic()
+    sp.osc.send("/divergent/stats")
+    before = sp.osc.wait_for("/divergent/stats", after=t)
+    flood = run_peer_process(
+        ["flood", "--server", name, "--rate", "2000", "--seconds", "3"], timeout=30
+    )
+    time.sleep(0.3)
+    t = time.monotonic()
+    sp.osc.send("/divergent/stats")
+    after = sp.osc.wait_for("/divergent/stats", after=t)
+    assert before is not None and after is not None
+    assert after[2][0] - before[2][0] == flood["sent"] == 6000
+    assert after[2][1] == 0  # nothing dropped
+    assert after[2][2] <= 6.0  # loop lag p99 in ms; target (bench): <= 2 ms
+
+
+def test_sigterm_mid_answer_leaves_no_stuck_notes_and_a_complete_take(serve_factory: Any) -> None:
+    name = _name()
+    sp = serve_factory("--mode", "off", "--bars", "8", "--bpm", "120", name=name)
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "server.livepeer", "listen", "--server", name, "--no-send",
+         "--seconds", "4"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    time.sleep(0.5)
+    _osc_notes(sp, [62, 65, 69, 72, 74, 72, 69, 65], gap=0.1)
+    t = time.monotonic()
+    sp.osc.send("/divergent/generate")
+    assert sp.osc.wait_for("/divergent/out/note", after=t, timeout=5) is not None
+    time.sleep(0.6)
+    assert sp.stop(signal.SIGTERM) == 0
+    out, _ = listener.communicate(timeout=20)
+    res = json.loads(out.strip().splitlines()[-1])
+    ons = [r for r in res["received"] if (r[1] & 0xF0) == 0x90 and r[3] > 0]
+    assert ons, "the answer was playing"
+    assert res["stuck"] == []
+    takes = list(sp.sessions.glob("*.mid"))
+    assert len(takes) == 1 and not list(sp.sessions.glob("*.journal*"))
+    mid = mido.MidiFile(takes[0])
+    machine = next(tr for tr in mid.tracks if tr.name == "machine")
+    n_on = sum(1 for m in machine if m.type == "note_on" and m.velocity > 0)
+    n_off = sum(1 for m in machine if m.type == "note_off" or (m.type == "note_on" and m.velocity == 0))
+    assert n_on == n_off == len(ons)
+
+
+def test_sigkill_leaves_a_take_with_everything_older_than_a_second(serve_factory: Any) -> None:
+    sp = serve_factory("--mode", "off")
+    sent: list[float] = []
+    t_end = time.monotonic() + 2.5
+    while time.monotonic() < t_end:
+        sp.osc.send("/divergent/note", 60 + len(sent) % 12, 80, 1)
+        sent.append(time.monotonic())
+        time.sleep(0.05)
+    assert sp.proc is not None
+    os.kill(sp.proc.pid, signal.SIGKILL)
+    sp.proc.wait()
+    t_kill = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "sessions", "--sessions", str(sp.sessions), "--json"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    takes = json.loads(r.stdout)
+    assert len(takes) == 1 and takes[0]["recovered"]
+    older = sum(1 for t in sent if t < t_kill - 1.0)
+    assert takes[0]["performer_notes"] >= older
+    mido.MidiFile(takes[0]["path"])  # reloads
+
+
+def test_link_peer_sets_the_tempo(serve_factory: Any) -> None:
+    sp = serve_factory("--clock", "link", "--bpm", "120", "--mode", "off")
+    peer = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import asyncio, aalink\n"
+            "async def main():\n"
+            "    link = aalink.Link(120)\n"
+            "    link.enabled = True\n"
+            "    await asyncio.sleep(1.0)\n"
+            "    link.tempo = 133.0\n"
+            "    await asyncio.sleep(4.0)\n"
+            "asyncio.run(main())\n"
+        )],
+    )
+    try:
+        deadline = time.monotonic() + 4.5
+        tempo = 0.0
+        while time.monotonic() < deadline:
+            t = time.monotonic()
+            sp.osc.send("/divergent/status")
+            st = sp.osc.wait_for("/divergent/status", after=t, timeout=1)
+            if st is not None:
+                tempo = float(st[2][1])
+                if abs(tempo - 133.0) < 0.5:
+                    break
+            time.sleep(0.1)
+        assert abs(tempo - 133.0) < 0.5, tempo
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+def test_without_midi_the_osc_note_transport_still_plays(tmp_path: Path) -> None:
+    # ALSA cannot work on a machine without a sound card; elsewhere it opens real ports:
+    # either way the OSC note transport must answer
+    sp = ServeProcess(["--midi-backend", "alsa", "--mode", "off", "--bpm", "240"],
+                      workdir=tmp_path, name=_name())
+    sp.start()
+    try:
+        _osc_notes(sp, [60, 62, 64, 65, 67])
+        t = time.monotonic()
+        sp.osc.send("/divergent/generate")
+        assert sp.osc.wait_for("/divergent/out/note", after=t, timeout=10) is not None
+        assert "divergent is listening" in sp.log()
+    finally:
+        sp.stop()
+
+
+def test_jam_mode_plays_along(serve_factory: Any) -> None:
+    sp = serve_factory("--mode", "jam", "--bpm", "240", "--bars", "1")
+    t = time.monotonic()
+    for _ in range(2):
+        _osc_notes(sp, [60, 64, 67, 64], gap=0.1)
+    assert sp.osc.wait_for("/divergent/out/note", after=t, timeout=6) is not None, sp.log()
+
+
+def test_print_config_round_trips(tmp_path: Path) -> None:
+    from server.config import ServeConfig
+
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--print-config", "--bpm", "100",
+         "--mode", "jam"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    path = tmp_path / "divergent.toml"
+    path.write_text(r.stdout)
+    cfg = ServeConfig.from_toml(path)
+    assert cfg.bpm == 100.0 and cfg.mode == "jam"
+    bad = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--bpm", "1000"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "bpm" in bad.stderr
