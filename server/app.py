@@ -199,6 +199,7 @@ class Server:
         self.osc: OscBridge | None = None
         self.sender: Sender | None = None
         self.clock: Clock = InternalClock(bpm=config.bpm)
+        self._free = InternalClock(bpm=config.bpm)
         self.generator: Any = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="divergent-infer")
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -212,6 +213,9 @@ class Server:
         self.sessions = Path(config.sessions) if config.sessions else default_sessions_dir()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jam_next_bar: float | None = None
+        self._speculative: _AnswerJob | None = None
+        self._spec_timer: asyncio.TimerHandle | None = None
+        self._playing: int | None = None  # the answer now allowed to sound
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -343,6 +347,17 @@ class Server:
         ids = ids_from_notes(self.generator.model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
         self.generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)
 
+    @property
+    def grid(self) -> Clock:
+        """The clock answers are placed on: the leading one, or free time at its tempo
+        while a MIDI clock master is stopped or silent (its position is frozen then)."""
+        clock = self.clock
+        if isinstance(clock, MidiClockFollower) and not clock.running():
+            if abs(self._free.bpm() - clock.bpm()) > 1e-6:
+                self._free.set_bpm(clock.bpm())
+            return self._free
+        return clock
+
     def _make_clock(self, source: str) -> Clock:
         bpm = self.clock.bpm() if hasattr(self, "clock") else self.config.bpm
         if source == "link":
@@ -428,6 +443,7 @@ class Server:
             if self._phrase_timer is not None:
                 self._phrase_timer.cancel()
                 self._phrase_timer = None
+            self._drop_speculation()
         else:
             note_off = self.held.pop(key, None)
             if note_off is None:
@@ -441,11 +457,18 @@ class Server:
         if self._phrase_timer is not None:
             self._phrase_timer.cancel()
         end = t_off + self.config.phrase_silence_s
+        self._drop_speculation()
+        # speculate after a third of the silence (at most 100 ms): not on every short gap
+        # inside a phrase, but early enough to have the answer ready when the phrase ends
+        spec_delay = min(0.1, self.config.phrase_silence_s / 3)
+        self._spec_timer = self._loop.call_later(
+            max(0.0, t_off + spec_delay - time.monotonic()), self._speculate
+        )
         if self.config.bar_ends_phrase:
             # or at the first bar line after at least one silent beat, if that is sooner
             bpb = 4.0
-            beat = self.clock.beat_at(t_off) + 1.0
-            end = min(end, self.clock.time_at(math.ceil(beat / bpb) * bpb))
+            beat = self.grid.beat_at(t_off) + 1.0
+            end = min(end, self.grid.time_at(math.ceil(beat / bpb) * bpb))
         # the loop's clock is time.monotonic() on Linux, the clock every stamp uses
         delay = max(0.0, end - time.monotonic())
         self._phrase_timer = self._loop.call_later(delay, self._phrase_end)
@@ -459,44 +482,83 @@ class Server:
         t = time.monotonic()
         self.trace.write("phrase_end", t=t)
         self.answered_notes = self.performer_notes
-        self._answer(t, reason="phrase")
+        job = self._speculative
+        self._speculative = None
+        if job is not None and job.performer_notes == self.performer_notes and job.usable():
+            self._release(job, t)
+        else:
+            self._answer(t, reason="phrase")
 
-    # ------------------------------------------------------------------ answers
+    def _speculate(self) -> None:
+        """Start the answer during the silence, before the phrase is known to be over.
+
+        When the silence lasts, the phrase end only has to release notes that already
+        exist (a response of a few milliseconds); when the performer plays on, the
+        speculative answer is cancelled and nothing of it sounds.
+        """
+        self._spec_timer = None
+        if self.held or self.mode != "call" or self.generator is None:
+            return
+        if self.performer_notes <= self.answered_notes:
+            return
+        self._speculative = self._answer(time.monotonic(), reason="phrase", speculative=True)
+
+    def _drop_speculation(self) -> None:
+        if self._spec_timer is not None:
+            self._spec_timer.cancel()
+            self._spec_timer = None
+        if self._speculative is not None:
+            self._speculative.cancel.set()
+            self._speculative = None
+
+    def _release(self, job: _AnswerJob, t: float) -> None:
+        """Let an answer sound: the previous answer stops, this one starts now (or on grid)."""
+        if self.sender is not None and self._playing is not None:
+            self.sender.cancel(tag=self._playing)
+        self._playing = job.answer_id
+        job.release(t)
+        if job.readout is not None:
+            self._finish_answer(job)
 
     def _context_notes(
         self, t_end: float, bars_back: int = 8
     ) -> tuple[list[tuple[float, int, float, int]], float]:
         """Recent notes (both parts) in beats from a bar line, and that bar line's beat."""
         bpb = 4.0
-        end_beat = self.clock.beat_at(t_end)
+        end_beat = self.grid.beat_at(t_end)
         notes = [n for n in self.history if n.on <= t_end]
         if not notes:
             return [], 0.0
-        first = max(self.clock.beat_at(notes[0].on), end_beat - bars_back * bpb)
+        first = max(self.grid.beat_at(notes[0].on), end_beat - bars_back * bpb)
         origin = math.floor(first / bpb) * bpb
         out = []
         for n in notes:
-            b = self.clock.beat_at(n.on)
+            b = self.grid.beat_at(n.on)
             if b < origin:
                 continue
             off = n.off if n.off is not None else t_end
-            dur = max(self.clock.beat_at(off) - b, 1 / 12)
+            dur = max(self.grid.beat_at(off) - b, 1 / 12)
             out.append((b - origin, n.pitch, dur, n.velocity))
         return out, origin
 
-    def _answer(self, t: float, *, reason: str, jam_bar: float | None = None) -> None:
-        """Start an answer in the worker (cancelling one still playing or generating)."""
+    def _answer(
+        self, t: float, *, reason: str, jam_bar: float | None = None, speculative: bool = False
+    ) -> _AnswerJob | None:
+        """Start an answer in the worker (cancelling one still generating).
+
+        A speculative answer is generated but held back until :meth:`_release`.
+        """
         if self.generator is None:
-            self._error("/divergent/generate: the model is still loading (rejected)")
-            return
+            if not speculative:
+                self._error(f"{reason}: the model is still loading (rejected)")
+            return None
         notes, origin = self._context_notes(t)
         if not notes:
-            self._error(f"{reason}: nothing to continue yet - play something first (rejected)")
-            return
+            if not speculative:
+                self._error(f"{reason}: nothing to continue yet - play something first (rejected)")
+            return None
         if self._generation is not None and not self._generation.done():
             self._cancel.set()  # the old answer stops at its next token
-        if self.sender is not None and jam_bar is None:
-            self.sender.cancel(tag=self.answer_id)
         self._cancel = threading.Event()
         self.answer_id += 1
         job = _AnswerJob(
@@ -512,19 +574,30 @@ class Server:
             seed=self.seed if self.seed is not None else self.answer_id,
             quantize=self.quantize,
             cancel=self._cancel,
+            performer_notes=self.performer_notes,
         )
         assert self._loop is not None
         fut = self._loop.run_in_executor(self.executor, job.run)
         self._generation = fut
         fut.add_done_callback(lambda f: self._answer_done(job, f))
+        if not speculative:
+            if jam_bar is None:
+                self._release(job, t)
+            else:
+                job.release(t)  # jam bars overlap nothing: no cancel of the previous one
+        return job
 
     def _answer_done(self, job: _AnswerJob, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
+            job.failed = True
             return
         exc = fut.exception()
         if exc is not None:
             from model.generate import GenerateError
 
+            job.failed = True
+            if not job.released:
+                return  # a speculative answer: the phrase end starts a fresh one
             if isinstance(exc, GenerateError):
                 self._error(f"answer {job.answer_id}: {exc} (rejected)")
             else:
@@ -533,9 +606,16 @@ class Server:
             return
         readout = fut.result()
         if readout is None:
+            job.failed = not job.released
             return
+        job.readout = readout
+        if job.released:
+            self._finish_answer(job)
+
+    def _finish_answer(self, job: _AnswerJob) -> None:
+        """The answer's readout: /divergent/answer, a marker in the take, the trace."""
         self.stats.answers += 1
-        r = readout.to_dict()
+        r = job.readout.to_dict()
 
         def num(key: str) -> float:
             v = r.get(key)
@@ -575,19 +655,19 @@ class Server:
                 continue
             now = time.monotonic()
             bpb = 4.0
-            beat = self.clock.beat_at(now)
+            beat = self.grid.beat_at(now)
             next_bar = math.floor(beat / bpb) * bpb + bpb
             if self._jam_next_bar is not None and next_bar <= self._jam_next_bar:
                 next_bar = self._jam_next_bar + bpb
             # ahead by half a beat (at least 150 ms): late enough to hear the performer's
             # bar, early enough for a bar's worth of tokens on a slow machine
             lead = max(0.15, 30.0 / max(self.clock.bpm(), 1.0))
-            when = self.clock.time_at(next_bar) - lead
+            when = self.grid.time_at(next_bar) - lead
             await asyncio.sleep(max(0.0, when - time.monotonic()))
             if self.mode != "jam":
                 continue
             self._jam_next_bar = next_bar
-            if any(n.on >= self.clock.time_at(next_bar - 4 * bpb) for n in self.history):
+            if any(n.on >= self.grid.time_at(next_bar - 4 * bpb) for n in self.history):
                 self._answer(time.monotonic(), reason="jam", jam_bar=next_bar)
 
     # ------------------------------------------------------------------ output
@@ -619,6 +699,7 @@ class Server:
                              type=s.message.type, note=getattr(s.message, "note", -1))
 
     def _panic(self, why: str) -> None:
+        self._drop_speculation()
         self._cancel.set()
         if self.sender is not None:
             self.sender.panic()
@@ -895,9 +976,26 @@ class _AnswerJob:
     seed: int
     quantize: str
     cancel: threading.Event
-    shift: float | None = None  # beats added to the model's onsets (None until bar 1)
+    performer_notes: int = 0  # how many performer notes the answer has heard
+    shift: float | None = None  # beats added to the model's onsets (None until the first)
     first_on: float | None = None
     scheduled: list[float] = field(default_factory=list)
+    released: bool = False
+    failed: bool = False
+    readout: Any = None
+    pending: list[Any] = field(default_factory=list)  # notes made before the release
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def usable(self) -> bool:
+        return not self.failed and not self.cancel.is_set()
+
+    def release(self, t: float) -> None:
+        """Let the notes sound: those already made now, the rest as they come."""
+        with self.lock:
+            self.released = True
+            pending, self.pending = self.pending, []
+            if pending:
+                self._schedule(pending)
 
     def run(self) -> Any:
         from model.generate import ids_from_notes
@@ -928,11 +1026,19 @@ class _AnswerJob:
         return gen.readout(cont)
 
     def _play(self, notes: list[Any]) -> None:
+        # the worker thread: held back until released, then scheduled at once
+        with self.lock:
+            if not self.released:
+                self.pending.extend(notes)
+                return
+            self._schedule(notes)
+
+    def _schedule(self, notes: list[Any]) -> None:
         srv = self.server
         sender = srv.sender
         if sender is None or self.cancel.is_set() or not notes:
             return
-        clock = srv.clock
+        clock = srv.grid
         cfg = srv.config
         lead = 0.002  # time for the sender to wake and spin
         if self.shift is None:

@@ -185,12 +185,12 @@ class ServeProcess:
 # --------------------------------------------------------------------- the MIDI peer process
 
 
-def _jack_ports(client: str) -> tuple[Any, Any]:
+def _jack_ports(client: str, *, timing: bool) -> tuple[Any, Any]:
     import rtmidi
 
     out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=client)
-    inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client)
-    inp.ignore_types(sysex=True, timing=True, active_sense=True)
+    inp = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client + "in")
+    inp.ignore_types(sysex=True, timing=not timing, active_sense=True)
     return out, inp
 
 
@@ -215,21 +215,27 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=2000.0)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--no-send", action="store_true", help="listen only")
+    p.add_argument("--clock-port", default=None, help="also listen to this MIDI clock port")
     a = p.parse_args(argv)
     client = f"peer{os.getpid()}"
-    out, inp = _jack_ports(client)
+    out, inp = _jack_ports(client, timing=a.clock_port is not None)
     received: list[tuple[float, int, int, int]] = []  # (t, status, note, velocity)
+    ticks: list[float] = []  # arrival of each MIDI clock tick (0xF8)
 
     def on_msg(event: tuple[list[int], float], data: object = None) -> None:
         t = time.monotonic()  # CLOCK_MONOTONIC, the clock JACK itself uses
         msg = event[0]
         if len(msg) >= 3:
             received.append((t, msg[0], msg[1], msg[2]))
+        elif msg and msg[0] == 0xF8:
+            ticks.append(t)
 
     inp.set_callback(on_msg)
     _open_named(inp, a.server, ":divergent out", "input")
     if not a.no_send:
         _open_named(out, a.server, ":divergent in", "output")
+    if a.clock_port:
+        subprocess.run(["jack_connect", a.clock_port, f"{client}in:peer input"], check=True)
     time.sleep(0.2)  # JACK connections settle within a few periods
     result: dict[str, Any] = {}
     if a.mode == "phrases":
@@ -271,10 +277,14 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
     else:
         time.sleep(a.seconds)
     result["received"] = received
+    result["ticks"] = ticks
     result["stuck"] = _stuck(received)
-    out.close_port()
+    # stop JACK's callbacks before the ports go, or teardown races them (a segfault)
+    inp.cancel_callback()
     inp.close_port()
-    print(json.dumps(result))
+    out.close_port()
+    del inp, out
+    print(json.dumps(result), flush=True)
     return 0
 
 

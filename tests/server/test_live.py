@@ -308,3 +308,46 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=ROOT,
     )
     assert bad.returncode == 2 and "bpm" in bad.stderr
+
+
+def test_midi_clock_master_drives_the_grid(serve_factory: Any) -> None:
+    """jack_midi_clock at 137 BPM leads: answer onsets land on its ticks (<= 3 ms)."""
+    require_tool("jack_midi_clock", "jack_transport", "jack_connect")
+    name = _name()
+    sp = serve_factory("--clock", "midi", "--quantize", "beat", "--mode", "call", "--bars", "2",
+                       "--phrase-silence", "0.3", name=name)
+    in_port = f"{name}:divergent in"
+    clock = subprocess.Popen(["jack_midi_clock", "-b", "137", in_port],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        # jack_midi_clock ticks only while JACK's transport rolls (commands on stdin)
+        subprocess.run(["jack_transport"], input="stop\nlocate 0\nplay\nquit\n", text=True,
+                       capture_output=True, timeout=10, check=False)
+        time.sleep(1.0)
+        t = time.monotonic()
+        sp.osc.send("/divergent/status")
+        st = sp.osc.wait_for("/divergent/status", after=t)
+        assert st is not None and abs(float(st[2][1]) - 137.0) < 1.0, st
+        peer = run_peer_process(
+            ["phrases", "--server", name, "--phrases", "2", "--answer-wait", "5",
+             "--clock-port", "jack_midi_clock:mclk_out"],
+            timeout=60,
+        )
+    finally:
+        subprocess.run(["jack_transport"], input="stop\nquit\n", text=True, capture_output=True,
+                       timeout=10, check=False)
+        clock.terminate()
+        clock.wait(timeout=5)
+    ticks = peer["ticks"]
+    assert len(ticks) > 100
+    ons = [r[0] for r in peer["received"] if (r[1] & 0xF0) == 0x90 and r[3] > 0]
+    assert len(ons) >= 4, peer["phrases"]
+    import bisect
+
+    def dist(x: float) -> float:
+        i = bisect.bisect_left(ticks, x)
+        return min(abs(x - ticks[j]) for j in (i - 1, i) if 0 <= j < len(ticks)) * 1000
+
+    errs = sorted(dist(x) for x in ons)
+    assert errs[-1] <= 3.0, errs
