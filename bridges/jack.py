@@ -15,7 +15,7 @@ from types import TracebackType
 
 from bridges.exceptions import BridgeError
 
-__all__ = ["JackServer", "jack_running"]
+__all__ = ["JackServer", "jack_period_s", "jack_running"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,24 @@ def jack_running(timeout: float = 2.0) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return r.returncode == 0
+
+
+def jack_period_s(timeout: float = 2.0) -> float | None:
+    """The running JACK server's period in seconds (frames / rate), or None if unknown.
+
+    JACK delivers MIDI once per period, so output timing is quantised to it; the sender
+    sends half a period early to centre that error on zero.
+    """
+    try:
+        frames = subprocess.run(
+            ["jack_bufsize"], capture_output=True, text=True, timeout=timeout, env=_env()
+        )
+        rate = subprocess.run(
+            ["jack_samplerate"], capture_output=True, text=True, timeout=timeout, env=_env()
+        )
+        return int(frames.stdout.split()[0]) / int(rate.stdout.split()[0])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, ZeroDivisionError):
+        return None
 
 
 def _env() -> dict[str, str]:

@@ -36,6 +36,7 @@ import mido
 
 from bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, make_clock
 from bridges.exceptions import BridgeError
+from bridges.jack import jack_period_s
 from bridges.midi import MidiEvent, MidiIO, choose_backend
 from bridges.osc import OscBridge
 from server.config import ServeConfig
@@ -256,8 +257,19 @@ class Server:
         if self.midi is not None:
             sinks.append(self.midi.send)
         sinks.append(self._send_osc_note)
+        lead = 0.0
+        if self.midi is not None and self.midi.backend == "jack":
+            # JACK plays MIDI at the next period boundary: half a period early centres
+            # the onset error on zero (measured: p99 1.5 ms -> 0.8-1.6 ms at 64 frames)
+            lead = (jack_period_s() or 0.0) / 2
         self.sender = Sender(
-            sinks=sinks, on_sent=self._sent.append, max_note_s=self.config.max_note_s
+            sinks=sinks,
+            on_sent=self._sent.append,
+            max_note_s=self.config.max_note_s,
+            lead_s=lead,
+            # below JACK's client threads (priority 5 under jackd's 10); refused quietly
+            # without the right to real-time scheduling
+            realtime_priority=3 if sys.platform.startswith("linux") else None,
         )
         self.sender.start()
         await model_future
