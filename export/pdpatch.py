@@ -1,0 +1,810 @@
+"""Pure Data patch files: a reader for any ``.pd`` and the writer of ``max_patches/divergent.pd``.
+
+The reader (:func:`parse_pd`, :func:`osc_usage`) lets tests check a patch as data: every
+record well formed, every wire between existing boxes, vanilla classes only, and the OSC
+addresses it sends and routes. The writer (:func:`build_divergent_pd`) produces the
+control surface, so the committed patch is reproducible and reviewable as code:
+``python -m export.pdpatch`` rewrites it, ``python -m export.pdpatch --check`` fails when
+the file and the writer disagree.
+
+The surface is vanilla Pd (0.51+): GUIs on the main canvas talk to four subpatches through
+``$0``-local send/receive names, so the window shows controls only. Every control is also
+reachable by a global receiver ``divergent-<name>`` (scripts, ``-send``, the FUDI control
+port), and every reply is printed (``divergent-status: ...``) so a headless Pd is testable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "VANILLA_CLASSES",
+    "PdConnection",
+    "PdObject",
+    "build_divergent_pd",
+    "osc_usage",
+    "parse_pd",
+    "parse_pd_text",
+]
+
+PATCH_PATH = Path(__file__).resolve().parent.parent / "max_patches" / "divergent.pd"
+
+# Control-rate classes shipped with Pd vanilla 0.51 (no externals, no signal objects: a
+# control surface needs none). Aliases are listed too, since a patch may use either.
+_VANILLA_NAMES = """
+    bang b float f symbol int i send s receive r select sel route spigot moses until print
+    makefilename pack unpack trigger t value v list loadbang netsend netreceive oscformat
+    oscparse fudiformat fudiparse delay del metro line timer realtime pipe change swap
+    + - * / max min == != > < >= <= & && | || % << >> mod div abs sqrt pow exp log wrap
+    clip random sin cos tan atan atan2 mtof ftom dbtorms rmstodb powtodb dbtopow expr
+    notein noteout ctlin ctlout pgmin pgmout bendin bendout touchin touchout polytouchin
+    polytouchout midiin midiout sysexin midirealtimein makenote stripnote poly bag text
+    qlist textfile array table tabread tabwrite declare inlet outlet pd graph namecanvas
+    pdcontrol savestate clone value key keyup keyname openpanel savepanel
+    hsl vsl nbx tgl bng hradio vradio cnv vu hslider vslider toggle my_numbox my_canvas
+"""
+VANILLA_CLASSES = frozenset(_VANILLA_NAMES.split())
+
+# Boxes that count as objects in a canvas (their order gives the indices wires use).
+_BOX_KINDS = ("obj", "msg", "text", "floatatom", "symbolatom", "listbox", "array", "scalar")
+
+
+@dataclass(frozen=True)
+class PdObject:
+    """One box of a canvas: ``cls`` is the class for ``obj`` boxes, else the box kind."""
+
+    canvas: int  # 0 = the top-level canvas, then subpatches in file order
+    index: int  # position in its canvas, as ``#X connect`` counts
+    kind: str  # obj, msg, text, floatatom, symbolatom, listbox, array, scalar
+    cls: str
+    args: tuple[str, ...]  # unescaped atoms after the class (or after x y for others)
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class PdConnection:
+    """A wire ``#X connect src outlet dst inlet`` inside one canvas."""
+
+    canvas: int
+    src: int
+    outlet: int
+    dst: int
+    inlet: int
+
+
+@dataclass
+class _Canvas:
+    ident: int
+    objects: list[PdObject] = field(default_factory=list)
+
+
+def _records(text: str) -> list[str]:
+    """Split a .pd text into records at unescaped semicolons; refuse a trailing fragment."""
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i : i + 2])  # an escaped character never ends a record
+            i += 2
+            continue
+        if c == ";":
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    rest = "".join(cur).strip()
+    if rest:
+        raise ValueError(f"text after the last ';': {rest[:60]!r}")
+    return out
+
+
+def _atoms(record: str) -> list[str]:
+    """Split a record into atoms at unescaped whitespace, undoing Pd's escapes.
+
+    A bare comma (Pd's ``A_COMMA``) becomes the atom ``","``; an escaped one (``\\,``, a
+    comma inside a message) becomes ``"\\,"`` so the two stay distinguishable.
+    """
+    atoms: list[str] = []
+    cur: list[str] = []
+    started = False
+    i = 0
+    while i < len(record):
+        c = record[i]
+        if c == "\\" and i + 1 < len(record):
+            nxt = record[i + 1]
+            cur.append("\\" + nxt if nxt in ",;" else nxt)
+            started = True
+            i += 2
+            continue
+        if c.isspace():
+            if started:
+                atoms.append("".join(cur))
+                cur, started = [], False
+        elif c == ",":
+            if started:
+                atoms.append("".join(cur))
+                cur, started = [], False
+            atoms.append(",")
+        else:
+            cur.append(c)
+            started = True
+        i += 1
+    if started:
+        atoms.append("".join(cur))
+    return atoms
+
+
+def _strip_width(atoms: list[str]) -> list[str]:
+    """Drop the box width suffix ``, f N`` that Pd 0.47+ appends to obj/msg/text boxes."""
+    if len(atoms) >= 3 and atoms[-3] == "," and atoms[-2] == "f":
+        return atoms[:-3]
+    return atoms
+
+
+def _int(tok: str, what: str) -> int:
+    try:
+        return int(float(tok))
+    except ValueError as e:
+        raise ValueError(f"{what}: not a number: {tok!r}") from e
+
+
+def parse_pd_text(text: str) -> tuple[list[PdObject], list[PdConnection]]:
+    """Parse .pd text into its boxes and wires (subpatches included, each its own canvas).
+
+    Raises ValueError for anything Pd would misread: no leading ``#N canvas``, text after
+    the last ``;``, an unbalanced ``#X restore``, or a wire to a box or an outlet index
+    that does not exist in its canvas (negative outlets/inlets included).
+    """
+    records = _records(text)
+    if not records or not records[0].startswith("#N canvas"):
+        raise ValueError("a .pd file starts with '#N canvas'")
+    stack: list[_Canvas] = []
+    canvases = 0
+    objects: list[PdObject] = []
+    wires: list[PdConnection] = []
+
+    def add(c: _Canvas, kind: str, cls: str, args: list[str], x: str, y: str) -> None:
+        o = PdObject(c.ident, len(c.objects), kind, cls, tuple(args), _int(x, kind), _int(y, kind))
+        c.objects.append(o)
+        objects.append(o)
+
+    for rec in records:
+        atoms = _atoms(rec)
+        if len(atoms) < 2:
+            raise ValueError(f"record too short: {rec[:60]!r}")
+        head, kind = atoms[0], atoms[1]
+        if head == "#N" and kind == "canvas":
+            stack.append(_Canvas(canvases))
+            canvases += 1
+        elif head == "#X" and kind == "restore":
+            if len(stack) < 2:
+                raise ValueError("'#X restore' without an open subpatch")
+            stack.pop()
+            a = _strip_width(atoms[2:])
+            if len(a) < 2:
+                raise ValueError(f"bad restore record: {rec[:60]!r}")
+            add(stack[-1], "obj", a[2] if len(a) > 2 else "", a[3:], a[0], a[1])
+        elif head == "#X" and kind == "connect":
+            if not stack:
+                raise ValueError("'#X connect' outside a canvas")
+            if len(atoms) != 6:
+                raise ValueError(f"bad connect record: {rec!r}")
+            src, outlet, dst, inlet = (_int(t, "connect") for t in atoms[2:])
+            n = len(stack[-1].objects)
+            if not (0 <= src < n and 0 <= dst < n) or outlet < 0 or inlet < 0:
+                raise ValueError(f"wire to a missing box ({n} in canvas): {rec!r}")
+            wires.append(PdConnection(stack[-1].ident, src, outlet, dst, inlet))
+        elif head == "#X" and kind in _BOX_KINDS:
+            if not stack:
+                raise ValueError(f"'#X {kind}' outside a canvas")
+            a = _strip_width(atoms[2:]) if kind in ("obj", "msg", "text") else atoms[2:]
+            if kind == "array":  # '#X array name size float flags': no coordinates
+                add(stack[-1], kind, kind, a, "0", "0")
+                continue
+            if len(a) < 2:
+                raise ValueError(f"box without coordinates: {rec[:60]!r}")
+            if kind == "obj":
+                add(stack[-1], kind, a[2] if len(a) > 2 else "", a[3:], a[0], a[1])
+            else:
+                add(stack[-1], kind, kind, a[2:], a[0], a[1])
+        elif head in ("#X", "#A", "#N"):
+            continue  # coords, declare, array data, struct: not boxes
+        else:
+            raise ValueError(f"unknown record: {rec[:60]!r}")
+    if len(stack) != 1:
+        raise ValueError(f"{len(stack) - 1} subpatch(es) never restored")
+    return objects, wires
+
+
+def parse_pd(path: str | Path) -> tuple[list[PdObject], list[PdConnection]]:
+    """Parse a .pd file: its boxes (every canvas) and its wires. See :func:`parse_pd_text`."""
+    return parse_pd_text(Path(path).read_text(encoding="utf-8"))
+
+
+def _oscformat_address(args: Sequence[str]) -> tuple[str, str]:
+    """``[oscformat -f iii divergent note]`` -> ("/divergent/note", "iii")."""
+    a = list(args)
+    kinds = ""
+    if len(a) >= 2 and a[0] == "-f":
+        kinds, a = a[1], a[2:]
+    return "/" + "/".join(a), kinds
+
+
+def _passes(o: PdObject) -> bool:
+    """Whether a box passes a parsed OSC message on unchanged (routing continues through)."""
+    if o.cls == "list" and o.args[:1] == ("trim",):
+        return True
+    # a trigger of only anything/list outlets forwards the message on every outlet
+    return o.cls in ("t", "trigger") and bool(o.args) and all(x in ("a", "l") for x in o.args)
+
+
+def osc_usage(path: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """The OSC a patch sends and the reply addresses it routes.
+
+    ``sent``: one ``(address, kinds)`` per ``[oscformat]``, kinds being its ``-f`` type
+    string (``""`` when it has none: Pd then sends floats and strings as it sees them).
+    ``routed``: every address whose ``[route]`` chain after an ``[oscparse]`` reaches a
+    consumer (``/divergent/status`` for ``[route divergent] -> [route status] -> [print]``);
+    the reject outlets of routes are not addresses and are not followed.
+    """
+    objects, wires = parse_pd(path)
+    by_key = {(o.canvas, o.index): o for o in objects}
+    out_wires: dict[tuple[int, int, int], list[PdObject]] = {}
+    for w in wires:
+        out_wires.setdefault((w.canvas, w.src, w.outlet), []).append(by_key[(w.canvas, w.dst)])
+
+    sent = [_oscformat_address(o.args) for o in objects if o.cls == "oscformat"]
+    routed: list[str] = []
+
+    def visit(o: PdObject, prefix: tuple[str, ...], seen: frozenset[tuple[int, int]]) -> None:
+        key = (o.canvas, o.index)
+        if key in seen:
+            return
+        seen = seen | {key}
+        if o.cls == "route":
+            for k, name in enumerate(o.args):
+                for nxt in out_wires.get((o.canvas, o.index, k), []):
+                    visit(nxt, (*prefix, name), seen)
+        elif _passes(o):
+            outlets = 1 if o.cls == "list" else len(o.args)
+            for k in range(outlets):
+                for nxt in out_wires.get((o.canvas, o.index, k), []):
+                    visit(nxt, prefix, seen)
+        elif prefix:
+            address = "/" + "/".join(prefix)
+            if address not in routed:
+                routed.append(address)
+
+    for o in objects:
+        if o.cls == "oscparse":
+            for nxt in out_wires.get((o.canvas, o.index, 0), []):
+                visit(nxt, (), frozenset({(o.canvas, o.index)}))
+    return sent, routed
+
+
+# ------------------------------------------------------------------------------ the writer
+
+_FG, _BG, _LBL = "#000000", "#fcfcfc", "#000000"
+
+
+def _esc(atom: str | float) -> str:
+    """One atom as Pd writes it: ``$`` ``,`` ``;`` and spaces escaped with a backslash."""
+    if isinstance(atom, float) and atom.is_integer():
+        atom = int(atom)
+    s = str(atom)
+    for ch in ("\\", "$", ",", ";", " "):
+        s = s.replace(ch, "\\" + ch)
+    return s
+
+
+class _Patch:
+    """One canvas being written: boxes get indices in creation order, as Pd counts them."""
+
+    def __init__(self, name: str, rect: tuple[int, int, int, int], font: int = 10) -> None:
+        self.name = name
+        self.rect = rect
+        self.font = font
+        self.lines: list[str] = []
+        self.count = 0
+        self.wires: list[tuple[int, int, int, int]] = []
+
+    def _box(self, line: str) -> int:
+        self.lines.append(line)
+        self.count += 1
+        return self.count - 1
+
+    def obj(self, x: int, y: int, *atoms: str | float) -> int:
+        return self._box(f"#X obj {x} {y} " + " ".join(_esc(a) for a in atoms) + ";")
+
+    def msg(self, x: int, y: int, *atoms: str | float) -> int:
+        return self._box(f"#X msg {x} {y} " + " ".join(_esc(a) for a in atoms) + ";")
+
+    def text(self, x: int, y: int, words: str, width: int | None = None) -> int:
+        body = " ".join(_esc(w) for w in words.split())
+        suffix = f", f {width}" if width else ""
+        return self._box(f"#X text {x} {y} {body}{suffix};")
+
+    def floatatom(
+        self, x: int, y: int, width: int, label: str, rcv: str, pos: int = 1, snd: str = "-"
+    ) -> int:
+        # label position 0 left, 1 right, 2 top, 3 bottom; the last field is the font size
+        return self._box(
+            f"#X floatatom {x} {y} {width} 0 0 {pos} {_esc(label)} {_esc(rcv)} {_esc(snd)} 0;"
+        )
+
+    def symbolatom(self, x: int, y: int, width: int, label: str, rcv: str, pos: int = 1) -> int:
+        return self._box(f"#X symbolatom {x} {y} {width} 0 0 {pos} {_esc(label)} {_esc(rcv)} - 0;")
+
+    def sub(self, x: int, y: int, child: _Patch) -> int:
+        """Embed a subpatch: its records, then ``#X restore`` makes it a box here."""
+        x0, y0, w, h = child.rect
+        self.lines.append(f"#N canvas {x0} {y0} {w} {h} {child.name} 0;")
+        self.lines.extend(child.body())
+        return self._box(f"#X restore {x} {y} pd {child.name};")
+
+    def wire(self, src: int, outlet: int, dst: int, inlet: int = 0) -> None:
+        self.wires.append((src, outlet, dst, inlet))
+
+    def chain(self, *boxes: int) -> None:
+        """Wire outlet 0 of each box to inlet 0 of the next."""
+        for a, b in itertools.pairwise(boxes):
+            self.wire(a, 0, b, 0)
+
+    def body(self) -> list[str]:
+        return self.lines + [f"#X connect {a} {o} {b} {i};" for a, o, b, i in self.wires]
+
+    def render(self) -> str:
+        x, y, w, h = self.rect
+        return "\n".join([f"#N canvas {x} {y} {w} {h} {self.font};", *self.body()]) + "\n"
+
+
+def _iem_colors() -> str:
+    return f"{_BG} {_FG} {_LBL}"
+
+
+def _hsl(p: _Patch, x: int, y: int, lo: float, hi: float, name: str) -> int:
+    # hsl W H min max log init snd rcv label ldx ldy font fontsize colors value steady
+    return p._box(
+        f"#X obj {x} {y} hsl 180 16 {_esc(lo)} {_esc(hi)} 0 0 \\$0-{name}-ui \\$0-{name}-set "
+        f"{name} 0 -9 0 10 {_iem_colors()} 0 1;"
+    )
+
+
+def _nbx(p: _Patch, x: int, y: int, digits: int, lo: int, hi: int, name: str) -> int:
+    # nbx digits H min max log init snd rcv label ldx ldy font fontsize colors value log_h
+    return p._box(
+        f"#X obj {x} {y} nbx {digits} 16 {lo} {hi} 0 0 \\$0-{name}-ui \\$0-{name}-set "
+        f"{name} 0 -9 0 10 {_iem_colors()} {lo} 256;"
+    )
+
+
+def _hradio(p: _Patch, x: int, y: int, name: str) -> int:
+    # hradio size new_old init number snd rcv label ldx ldy font fontsize colors value
+    return p._box(
+        f"#X obj {x} {y} hradio 18 1 0 3 \\$0-{name}-ui \\$0-{name}-set {name} 0 -9 0 10 "
+        f"{_iem_colors()} 0;"
+    )
+
+
+def _tgl(
+    p: _Patch, x: int, y: int, label: str, snd: str, rcv: str, init: int = 0, size: int = 18
+) -> int:
+    # tgl size init snd rcv label ldx ldy font fontsize colors init_value nonzero_value
+    return p._box(
+        f"#X obj {x} {y} tgl {size} {init} {_esc(snd)} {_esc(rcv)} {label} {size + 5} "
+        f"{size // 2} 0 10 {_iem_colors()} {init} 1;"
+    )
+
+
+def _bng(p: _Patch, x: int, y: int, label: str, snd: str, rcv: str, size: int = 25) -> int:
+    # bng size hold interrupt init snd rcv label ldx ldy font fontsize colors
+    return p._box(
+        f"#X obj {x} {y} bng {size} 250 50 0 {_esc(snd)} {_esc(rcv)} {label} {size + 5} "
+        f"{size // 2} 0 10 {_iem_colors()};"
+    )
+
+
+# name, OSC type, the Pd GUI kind, (lo, hi)
+_NUMERIC = (
+    ("divergence", "f", "hsl", (0.0, 1.0)),
+    ("temperature", "f", "hsl", (0.05, 2.0)),
+    ("bars", "i", "nbx", (1, 16)),
+    ("tempo", "f", "nbx", (20, 300)),
+)
+_CHOICES = (
+    ("mode", ("call", "jam", "off")),
+    ("clock", ("internal", "midi", "link")),
+    ("quantize", ("off", "beat", "bar")),
+)
+# the heartbeat's fields in order: /divergent/status s f s f i f i s i
+_STATUS = ("mode", "tempo", "clock", "divergence", "recording", "temperature", "bars",
+           "quantize", "answers")  # fmt: skip
+_STATUS_TYPES = "s f s f f f f s f"  # oscparse gives every number as a float
+_ANSWER = ("id", "surprisal", "copy_rate", "feature_distance", "in_scale", "notes",
+           "compute_ms", "divergence")  # fmt: skip
+
+
+def _controls_out() -> _Patch:
+    """Controls -> OSC: each GUI's send name, and its public ``divergent-<name>`` receiver."""
+    p = _Patch("controls-out", (60, 60, 1240, 660))
+    p.text(10, 6, "GUI values -> OSC. [r divergent-*] are the scripting entry points: they "
+           "drive the GUI, so a scripted change shows and takes the same path.", 100)
+    x = 10
+    for name, kind, _gui, _rng in _NUMERIC:
+        r_pub = p.obj(x, 50, "r", f"divergent-{name}")
+        s_set = p.obj(x, 75, "s", f"$0-{name}-set")
+        p.chain(r_pub, s_set)
+        r_ui = p.obj(x, 110, "r", f"$0-{name}-ui")
+        fmt = p.obj(x, 135, "oscformat", "-f", kind, "divergent", name)
+        s_osc = p.obj(x, 160, "s", "$0-osc")
+        p.chain(r_ui, fmt, s_osc)
+        x += 230
+    # three-way choices: a name (or an index) in, the radio's index -> a symbol out
+    x = 10
+    for name, choices in _CHOICES:
+        y = 210
+        r_pub = p.obj(x, y, "r", f"divergent-{name}")
+        trim = p.obj(x, y + 25, "list", "trim")  # "jam" arrives as a selector: make it routable
+        route = p.obj(x, y + 50, "route", *choices)
+        p.chain(r_pub, trim, route)
+        s_set = p.obj(x, y + 110, "s", f"$0-{name}-set")
+        for k in range(3):
+            m = p.msg(x + 45 * k, y + 80, k)
+            p.wire(route, k, m)
+            p.wire(m, 0, s_set)
+        p.wire(route, 3, s_set)  # a number 0..2 goes straight to the radio
+        r_ui = p.obj(x, y + 145, "r", f"$0-{name}-ui")
+        sel = p.obj(x, y + 170, "sel", 0, 1, 2)
+        p.chain(r_ui, sel)
+        fmt = p.obj(x, y + 230, "oscformat", "-f", "s", "divergent", name)
+        step = 6 * max(len(c) for c in choices) + 60  # "symbol " + the longest name
+        for k, c in enumerate(choices):
+            m = p.msg(x + step * k, y + 200, "symbol", c)
+            p.wire(sel, k, m)
+            p.wire(m, 0, fmt)
+        p.chain(fmt, p.obj(x, y + 255, "s", "$0-osc"))
+        x += 320
+    # record toggle: on -> record/start, off -> record/stop
+    x, y = 970, 210
+    r_pub = p.obj(x, y, "r", "divergent-record")
+    p.chain(r_pub, p.obj(x, y + 25, "s", "$0-record-set"))
+    r_ui = p.obj(x, y + 60, "r", "$0-record-ui")
+    sel = p.obj(x, y + 85, "sel", 0)
+    p.chain(r_ui, sel)
+    stop = p.obj(x, y + 140, "oscformat", "divergent", "record", "stop")
+    p.wire(sel, 0, stop)
+    bang = p.obj(x + 60, y + 110, "t", "b")  # a bang: a float would become an OSC argument
+    p.wire(sel, 1, bang)
+    start = p.obj(x + 60, y + 165, "oscformat", "divergent", "record", "start")
+    p.wire(bang, 0, start)
+    s_osc = p.obj(x, y + 200, "s", "$0-osc")
+    p.wire(stop, 0, s_osc)
+    p.wire(start, 0, s_osc)
+    # bottom row: the performer's notes, the two bangs, a named take
+    y = 500
+    r_note = p.obj(10, y, "r", "divergent-note")  # pitch velocity [channel], from scripts
+    r_midi = p.obj(130, y, "r", "$0-note")  # from [notein] (subpatch midi)
+    fmt = p.obj(10, y + 55, "oscformat", "-f", "iii", "divergent", "note")
+    p.wire(r_note, 0, fmt)
+    p.wire(r_midi, 0, fmt)
+    p.chain(fmt, p.obj(10, y + 80, "s", "$0-osc"))
+    x = 260
+    for name in ("generate", "stop"):
+        r_pub = p.obj(x, y, "r", f"divergent-{name}")
+        p.chain(r_pub, p.obj(x, y + 25, "s", f"$0-{name}-set"))
+        r_ui = p.obj(x, y + 55, "r", f"$0-{name}-ui")
+        fmt = p.obj(x, y + 80, "oscformat", "divergent", name)
+        p.chain(r_ui, fmt, p.obj(x, y + 105, "s", "$0-osc"))
+        x += 250
+    r_take = p.obj(760, y, "r", "divergent-take")
+    # "divergent-take name" arrives as the selector "name"; [symbol] turns it into a symbol
+    sym = p.obj(760, y + 25, "symbol")
+    named = p.obj(760, y + 55, "oscformat", "-f", "s", "divergent", "record", "start")
+    p.chain(r_take, sym, named, p.obj(760, y + 80, "s", "$0-osc"))
+    return p
+
+
+def _network() -> _Patch:
+    """The OSC sender (connect/disconnect by receiver) and the FUDI control port."""
+    p = _Patch("network", (80, 80, 760, 440))
+    p.text(10, 6, "[netsend -u -b] sends the OSC packets of every [s $0-osc]. "
+           "divergent-connect HOST PORT reconnects (default 127.0.0.1 9000) and asks for "
+           "the status at once.", 90)
+    # The default waits one tick: Pd handles -send messages after loadbang but before the
+    # first tick, so an address given at start closes the gate and the default never runs.
+    lb = p.obj(10, 50, "loadbang")
+    tick = p.obj(10, 75, "delay", 0)
+    gate = p.obj(10, 100, "spigot", 1)
+    default = p.msg(10, 125, "127.0.0.1", 9000)
+    p.chain(lb, tick, gate, default)
+    r_conn = p.obj(150, 50, "r", "divergent-connect")
+    given = p.obj(150, 75, "t", "a", "b")
+    close = p.msg(190, 100, 0)
+    p.chain(r_conn, given)
+    p.wire(given, 1, close)
+    p.wire(close, 0, gate, 1)
+    # "127.0.0.1 9000" arrives with the host as selector: [list] makes it a plain list
+    lst = p.obj(10, 155, "list")
+    p.wire(default, 0, lst)
+    p.wire(given, 0, lst)
+    trig = p.obj(10, 180, "t", "b", "l", "b")
+    p.chain(lst, trig)
+    # right to left: disconnect (netsend refuses a second connect), connect, ask for status
+    disc = p.msg(200, 210, "disconnect")
+    conn = p.msg(80, 210, "connect", "$1", "$2")
+    ask = p.obj(10, 240, "oscformat", "divergent", "status")
+    p.wire(trig, 2, disc)
+    p.wire(trig, 1, conn)
+    p.wire(trig, 0, ask)
+    r_osc = p.obj(200, 240, "r", "$0-osc")
+    send = p.obj(80, 275, "netsend", "-u", "-b")
+    for b in (disc, conn, ask, r_osc):
+        p.wire(b, 0, send)
+    p.text(10, 320, "FUDI control port, off until divergent-control PORT: one message "
+           "'receiver args;' per UDP packet, ending in a newline, "
+           "for example divergent-divergence 0.8; - listens on 127.0.0.1 only.", 90)
+    r_ctl = p.obj(420, 50, "r", "divergent-control")
+    listen = p.msg(420, 75, "listen", "$1", "127.0.0.1")
+    fudi = p.obj(420, 100, "netreceive", "-u")
+    as_list = p.obj(420, 125, "list")  # "name args" arrives with name as selector
+    t2 = p.obj(420, 150, "t", "l", "l")
+    p.chain(r_ctl, listen, fudi, as_list, t2)
+    # right first: the receiver's name to [send]'s right inlet, then the rest to its left
+    name_split = p.obj(520, 175, "list", "split", 1)
+    sym = p.obj(520, 200, "symbol")
+    rest_split = p.obj(420, 200, "list", "split", 1)
+    rest = p.obj(420, 225, "list", "trim")  # "set 0.5" / "quit" must arrive as messages
+    snd = p.obj(420, 250, "send")
+    p.wire(t2, 1, name_split)
+    p.chain(name_split, sym)
+    p.wire(sym, 0, snd, 1)
+    p.wire(t2, 0, rest_split)
+    p.wire(rest_split, 1, rest)
+    p.chain(rest, snd)
+    return p
+
+
+def _staircase(p: _Patch, src: int, x: int, y: int, names: Sequence[str], width: int) -> None:
+    """One ``[s name]`` per outlet of ``src``, each on its own row under its outlet."""
+    step = (width - 7) / max(1, len(names) - 1)  # Pd spreads outlets across the box
+    for k, name in enumerate(names):
+        p.wire(src, k, p.obj(x + round(step * k), y + 25 * k, "s", name))
+
+
+def _replies_in() -> _Patch:
+    """OSC replies -> printed lines, readout atoms, the GUIs' state and the online light."""
+    p = _Patch("replies-in", (100, 100, 1100, 620))
+    p.text(10, 6, "Replies from the server (its --osc-reply address). Every reply is "
+           "printed (the Pd console, or stderr with -stderr) and shown. "
+           "divergent-listen PORT changes the port (default 9001).", 110)
+    # the default port waits one tick, so a port given by -send at start is the only one
+    # ever bound (see the network subpatch)
+    lb = p.obj(10, 45, "loadbang")
+    tick = p.obj(10, 70, "delay", 0)
+    gate = p.obj(10, 95, "spigot", 1)
+    default = p.msg(10, 120, 9001)
+    p.chain(lb, tick, gate, default)
+    r_listen = p.obj(120, 45, "r", "divergent-listen")
+    given = p.obj(120, 70, "t", "f", "b")
+    close = p.msg(160, 95, 0)
+    p.chain(r_listen, given)
+    p.wire(given, 1, close)
+    p.wire(close, 0, gate, 1)
+    listen = p.msg(120, 120, "listen", "$1")
+    p.wire(default, 0, listen)
+    p.wire(given, 0, listen)
+    net = p.obj(120, 145, "netreceive", "-u", "-b")
+    parse = p.obj(120, 170, "oscparse")
+    trim = p.obj(120, 195, "list", "trim")  # without it [route] never matches
+    r_div = p.obj(120, 220, "route", "divergent")
+    r_kind = p.obj(10, 245, "route", "status", "answer", "error", "out", "pong", "stats")
+    p.chain(listen, net, parse, trim, r_div, r_kind)
+    # status: print, fan out to the "-now" receivers, keep the light on
+    t_st = p.obj(10, 290, "t", "a", "a", "a")
+    p.wire(r_kind, 0, t_st)
+    p.wire(t_st, 0, p.obj(10, 570, "print", "divergent-status"))
+    unpack_args = _STATUS_TYPES.split()
+    unpack = p.obj(40, 320, "unpack", *unpack_args)
+    p.wire(t_st, 1, unpack)
+    width = 6 * len(" ".join(["unpack", *unpack_args])) + 4  # font 10: 6 px a character
+    _staircase(p, unpack, 40, 350, [f"$0-{n}-now" for n in _STATUS], width)
+    # the light: right to left, blink, on, and (re)start the 2.5 s timeout that turns it off
+    x = 330
+    beat = p.obj(x, 290, "t", "b", "b", "b")
+    p.wire(t_st, 2, beat)
+    p.wire(beat, 2, p.obj(x + 120, 320, "s", "$0-beat"))
+    on = p.msg(x + 70, 345, 1)
+    p.wire(beat, 1, on)
+    delay = p.obj(x, 320, "delay", 2500)
+    p.wire(beat, 0, delay)
+    off = p.msg(x, 345, 0)
+    p.chain(delay, off)
+    p.chain(p.obj(x + 120, 290, "loadbang"), off)  # offline at load: a log shows the start
+    change = p.obj(x, 380, "change", -1)
+    p.wire(on, 0, change)
+    p.wire(off, 0, change)
+    t_on = p.obj(x, 405, "t", "f", "f", "f")
+    p.chain(change, t_on)
+    p.wire(t_on, 0, p.obj(x, 570, "print", "divergent-online"))
+    p.wire(t_on, 1, p.obj(x + 30, 440, "s", "$0-online"))
+    sel = p.obj(x + 110, 440, "sel", 0, 1)
+    p.wire(t_on, 2, sel)
+    off_txt = p.msg(x + 110, 470, "symbol", "offline")
+    on_txt = p.msg(x + 200, 470, "symbol", "online")
+    p.wire(sel, 0, off_txt)
+    p.wire(sel, 1, on_txt)
+    s_txt = p.obj(x + 110, 505, "s", "$0-online-text")
+    p.wire(off_txt, 0, s_txt)
+    p.wire(on_txt, 0, s_txt)
+    # the answer's readout
+    x = 620
+    t_ans = p.obj(x, 290, "t", "a", "a")
+    p.wire(r_kind, 1, t_ans)
+    p.wire(t_ans, 0, p.obj(x, 570, "print", "divergent-answer"))
+    unpack_args = ["f"] * len(_ANSWER)
+    un_ans = p.obj(x + 30, 320, "unpack", *unpack_args)
+    p.wire(t_ans, 1, un_ans)
+    width = 6 * len(" ".join(["unpack", *unpack_args])) + 4
+    _staircase(p, un_ans, x + 30, 350, [f"$0-answer-{n}" for n in _ANSWER], width)
+    # error text: the reply's string arrives as a selector; [symbol] makes it displayable
+    x = 900
+    t_err = p.obj(x, 290, "t", "a", "a")
+    p.wire(r_kind, 2, t_err)
+    p.wire(t_err, 0, p.obj(x, 380, "print", "divergent-error"))
+    sym = p.obj(x + 30, 320, "symbol")
+    p.wire(t_err, 1, sym)
+    p.chain(sym, p.obj(x + 30, 345, "s", "$0-error"))
+    # the machine's notes go to the midi subpatch; pong and stats are printed only
+    r_note = p.obj(x, 420, "route", "note")
+    p.wire(r_kind, 3, r_note)
+    t_note = p.obj(x, 445, "t", "a", "a")
+    p.chain(r_note, t_note)
+    p.wire(t_note, 0, p.obj(x, 505, "print", "divergent-out-note"))
+    p.wire(t_note, 1, p.obj(x + 30, 475, "s", "$0-out-note"))
+    p.wire(r_kind, 4, p.obj(x, 545, "print", "divergent-pong"))
+    p.wire(r_kind, 5, p.obj(x, 570, "print", "divergent-stats"))
+    return p
+
+
+def _sync() -> _Patch:
+    """The heartbeat's values set the GUIs (without output), so they show the server."""
+    p = _Patch("sync-gui", (120, 120, 860, 300))
+    p.text(10, 6, "Each heartbeat sets the controls to the server's values without sending "
+           "them back: another client (MQTT , a second patch) shows here too.", 100)
+    x = 10
+    for name, _kind, _gui, _rng in _NUMERIC:
+        r = p.obj(x, 50, "r", f"$0-{name}-now")
+        m = p.msg(x, 75, "set", "$1")
+        p.chain(r, m, p.obj(x, 100, "s", f"$0-{name}-set"))
+        x += 160
+    r = p.obj(x, 50, "r", "$0-recording-now")
+    m = p.msg(x, 75, "set", "$1")
+    p.chain(r, m, p.obj(x, 100, "s", "$0-record-set"))
+    x = 10
+    for name, choices in _CHOICES:
+        r = p.obj(x, 150, "r", f"$0-{name}-now")
+        sel = p.obj(x, 175, "sel", *choices)
+        p.chain(r, sel)
+        s = p.obj(x, 235, "s", f"$0-{name}-set")
+        for k in range(3):
+            m = p.msg(x + 50 * k, 205, "set", k)
+            p.wire(sel, k, m)
+            p.wire(m, 0, s)
+        x += 200
+    return p
+
+
+def _midi() -> _Patch:
+    """[notein] -> /divergent/note (gated by the GUI toggle); /divergent/out/note -> [noteout]."""
+    p = _Patch("midi", (140, 140, 620, 330))
+    p.text(10, 6, "Pd's MIDI input -> the server's OSC note transport (no JACK or virtual "
+           "port needed); the machine's notes from OSC -> Pd's MIDI output.", 80)
+    nin = p.obj(10, 50, "notein")
+    ch = p.obj(110, 75, "-", 1)  # Pd numbers the channels of a 2nd port 17..32: fold to 1..16
+    mod = p.obj(110, 100, "mod", 16)
+    plus = p.obj(110, 125, "+", 1)
+    pack = p.obj(10, 155, "pack", "f", "f", "f")
+    p.wire(nin, 2, ch)
+    p.chain(ch, mod, plus)
+    p.wire(plus, 0, pack, 2)
+    p.wire(nin, 1, pack, 1)
+    p.wire(nin, 0, pack, 0)
+    gate = p.obj(10, 185, "spigot", 1)
+    p.chain(pack, gate, p.obj(10, 215, "s", "$0-note"))
+    p.wire(p.obj(90, 155, "r", "$0-midi-thru"), 0, gate, 1)
+    r_out = p.obj(330, 50, "r", "$0-out-note")
+    un = p.obj(330, 75, "unpack", "f", "f", "f")
+    nout = p.obj(330, 105, "noteout")
+    p.chain(r_out, un)
+    for k in range(3):
+        p.wire(un, k, nout, k)
+    return p
+
+
+def build_divergent_pd() -> str:
+    """The text of ``max_patches/divergent.pd``."""
+    p = _Patch("divergent", (40, 40, 900, 640))
+    p.text(20, 10, "divergent - live control surface (Pd vanilla 0.51+). OSC to the "
+           "divergent server: see max_patches/README.md and docs/osc.md.", 110)
+    # left column: the knobs
+    p.text(20, 40, "CONTROLS", 20)
+    y = 80
+    for name, _kind, gui, (lo, hi) in _NUMERIC:
+        if gui == "hsl":
+            _hsl(p, 20, y, lo, hi, name)
+            p.floatatom(215, y, 6, "-", f"$0-{name}-now", pos=1)
+        else:
+            _nbx(p, 20, y, 3 if hi < 100 else 5, int(lo), int(hi), name)
+            p.floatatom(90, y, 6, "-", f"$0-{name}-now", pos=1)
+        y += 40
+    for name, choices in _CHOICES:
+        _hradio(p, 20, y, name)
+        p.text(80, y, " ".join(choices))
+        y += 40
+    _tgl(p, 20, y, "record", "$0-record-ui", "$0-record-set")
+    _bng(p, 100, y - 4, "generate", "$0-generate-ui", "$0-generate-set")
+    _bng(p, 200, y - 4, "stop", "$0-stop-ui", "$0-stop-set")
+    p.text(20, y + 30, "server values are shown beside each control and the controls follow "
+           "the server's heartbeat.", 45)
+    # middle column: server state and the last answer
+    x = 330
+    p.text(x, 40, "SERVER", 20)
+    _tgl(p, x, 70, "online", "empty", "$0-online", size=25)
+    p.symbolatom(x + 80, 73, 8, "-", "$0-online-text", pos=1)
+    _bng(p, x + 160, 73, "heartbeat", "empty", "$0-beat", size=15)
+    p.floatatom(x, 110, 5, "answers", "$0-answers-now", pos=1)
+    p.text(x, 150, "LAST ANSWER", 20)
+    for k, name in enumerate(_ANSWER):
+        p.floatatom(x, 175 + 22 * k, 8, name, f"$0-answer-{name}", pos=1)
+    p.symbolatom(x, 375, 70, "last-error", "$0-error", pos=2)
+    # right column: connection and MIDI
+    x = 640
+    p.text(x, 40, "CONNECTION (click to apply , edit to change)", 30)
+    p.msg(x, 80, ";", "divergent-connect", "127.0.0.1", 9000)
+    p.msg(x, 120, ";", "divergent-listen", 9001)
+    p.text(x, 155, "server address (its --osc-port) and this patch's port (the server's "
+           "--osc-reply).", 34)
+    p.text(x, 215, "MIDI", 20)
+    _tgl(p, x, 240, "notein-to-server", "$0-midi-thru", "empty", init=1)
+    p.text(x, 265, "Pd's MIDI in -> /divergent/note; /divergent/out/note -> Pd's MIDI "
+           "out (Pd's MIDI settings pick the devices).", 34)
+    # plumbing
+    p.text(20, 440, "PLUMBING", 20)
+    p.sub(20, 470, _controls_out())
+    p.sub(140, 470, _network())
+    p.sub(230, 470, _replies_in())
+    p.sub(340, 470, _sync())
+    p.sub(430, 470, _midi())
+    p.text(20, 505, "Scripting: every control has a receiver divergent-NAME (divergence "
+           "temperature bars tempo mode clock quantize record take generate stop note "
+           "connect listen control) , e.g. pd -send 'divergent-divergence 0.8'.", 110)
+    return p.render()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write max_patches/divergent.pd, or with --check report whether it is up to date."""
+    ap = argparse.ArgumentParser(prog="python -m export.pdpatch", description=main.__doc__)
+    ap.add_argument("--check", action="store_true", help="compare only; exit 1 if different")
+    ap.add_argument("--out", type=Path, default=PATCH_PATH)
+    a = ap.parse_args(argv)
+    text = build_divergent_pd()
+    if a.check:
+        same = a.out.exists() and a.out.read_text(encoding="utf-8") == text
+        print(f"{a.out}: {'up to date' if same else 'differs from export/pdpatch.py'}")
+        return 0 if same else 1
+    a.out.write_text(text, encoding="utf-8")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
