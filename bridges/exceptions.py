@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BridgeError", "MidiBackendError", "MidiPortError", "OscError"]
+__all__ = ["BridgeError", "MidiBackendError", "MidiPortError", "MqttError", "OscError"]
 
 
 class BridgeError(RuntimeError):
@@ -19,3 +19,10 @@ class MidiPortError(BridgeError):
 
 class OscError(BridgeError):
     """The OSC server cannot bind its address or the reply address is invalid."""
+
+
+class MqttError(BridgeError):
+    """The MQTT bridge is misconfigured (empty host, bad port, unreadable CA file) or misused.
+
+    Never raised for a broker that is down: the bridge keeps reconnecting in the background.
+    """

@@ -138,9 +138,9 @@ def _backend_error(backend: str, err: Exception) -> MidiBackendError:
     return MidiBackendError(f"{backend} MIDI unavailable: {err}")
 
 
-def _make(kind: Any, backend: str, client: str) -> Any:
+def _make(kind: Any, backend: str, client: str, **kwargs: Any) -> Any:
     try:
-        return kind(_api(backend), name=client)
+        return kind(_api(backend), name=client, **kwargs)
     except rtmidi.RtMidiError as e:
         raise _backend_error(backend, e) from e
 
@@ -190,13 +190,40 @@ def _match_port(wanted: str, available: list[str], direction: str) -> int:
     )
 
 
+class ArrivalClock:
+    """Arrival times of polled MIDI input on ``time.monotonic()``'s clock.
+
+    rtmidi stamps each input message with the time since the previous one, measured in
+    its own thread (with JACK: ``jack_get_time()``, CLOCK_MONOTONIC microseconds). Their
+    running sum is exact up to a constant; the constant is the smallest "poll time minus
+    sum" seen so far (a poll never happens before the arrival), allowed to creep up by
+    ``drift`` seconds per second so a backend clock that drifts is followed.
+    """
+
+    def __init__(self, *, drift: float = 2e-5) -> None:
+        self.drift = drift
+        self._sum = 0.0
+        self._offset: float | None = None
+        self._last_poll = 0.0
+
+    def stamp(self, delta: float, polled: float) -> float:
+        """The arrival time of a message with rtmidi delta ``delta``, polled at ``polled``."""
+        self._sum += max(0.0, delta)
+        candidate = polled - self._sum
+        if self._offset is None:
+            self._offset = candidate
+        else:
+            self._offset = min(self._offset + self.drift * (polled - self._last_poll), candidate)
+        self._last_poll = polled
+        return self._offset + self._sum
+
+
 @dataclass(frozen=True, slots=True)
 class MidiEvent:
     """One incoming MIDI message and its arrival time (``time.monotonic()`` seconds).
 
-    The time is taken in rtmidi's callback thread before anything else, so it is as
-    close to the arrival as Python gets (with JACK: the start of the period that carried
-    it, plus the wait for the GIL).
+    The time is rtmidi's own arrival stamp (see :class:`ArrivalClock`): with JACK, the
+    JACK period that carried the message, whenever Python got to read it.
     """
 
     time: float
@@ -207,9 +234,16 @@ class MidiIO:
     """One MIDI input and one MIDI output, virtual or connected to existing ports.
 
     The input passes MIDI clock, start/continue/stop and song position (the server can
-    follow a clock master); it drops sysex and active sensing. ``on_event`` runs on
-    rtmidi's thread (with JACK: the JACK process thread), so it must return quickly; the
-    server hands events on with ``loop.call_soon_threadsafe``.
+    follow a clock master); it drops sysex and active sensing. ``on_event`` runs on a
+    small polling thread of ours, so it must return quickly; the server hands events on
+    with ``loop.call_soon_threadsafe``.
+
+    Why poll instead of rtmidi's callback: with JACK the callback runs in JACK's
+    real-time process thread, which then has to take Python's GIL. Whenever another
+    thread holds it (the event loop, the inference worker, the sender's final spin) the
+    whole JACK graph misses its 1.33 ms deadline: an xrun, and MIDI events are lost
+    (measured: 11 of 20,000 in an input flood). Polled, the JACK thread only fills
+    rtmidi's queue and never waits for Python.
     """
 
     def __init__(
@@ -239,6 +273,9 @@ class MidiIO:
         self._input_name: str | None = None
         self._output_name: str | None = None
         self._send_lock = threading.Lock()
+        self._poll_stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.poll_interval = 0.0005
 
     # ------------------------------------------------------------------ properties
 
@@ -273,20 +310,27 @@ class MidiIO:
         try:
             # both clients first: each lists the other direction's ports, which is how we
             # learn the name the MIDI system gave our virtual port
-            self._in = _make(rtmidi.MidiIn, self.backend, self.client_name)
+            # a deep queue: the poller may lose the GIL for a while under a 2 kHz flood
+            self._in = _make(
+                rtmidi.MidiIn, self.backend, self.client_name, queue_size_limit=16384
+            )
             self._out = _make(rtmidi.MidiOut, self.backend, self.client_name)
             self._input_name = self._open_input(self._in, self._out)
             self._output_name = self._open_output(self._out, self._in)
         except BaseException:
             self.close()
             raise
+        self._poll_stop.clear()
+        self._poller = threading.Thread(
+            target=self._poll, args=(self._in,), name="divergent-midi-in", daemon=True
+        )
+        self._poller.start()
         log.info("MIDI (%s) in %r, out %r", self.backend, self._input_name, self._output_name)
         return self
 
     def _open_input(self, mi: Any, lister: Any) -> str:
         # sysex off (big, unused), timing on (we follow MIDI clock), active sensing off
         mi.ignore_types(sysex=True, timing=False, active_sense=True)
-        mi.set_callback(self._on_rtmidi)
         if self.in_name is not None:
             ports = list(mi.get_ports())
             idx = _match_port(self.in_name, ports, "input")
@@ -327,9 +371,12 @@ class MidiIO:
 
     def close(self) -> None:
         """Close both ports (idempotent). Notes still sounding are the sender's business."""
+        self._poll_stop.set()
+        if self._poller is not None:
+            # the poller must not read from a half-deleted port
+            self._poller.join(timeout=1.0)
+            self._poller = None
         if self._in is not None:
-            # no callback may run into a half-deleted object
-            self._in.cancel_callback()
             _delete(self._in)
             self._in = None
         with self._send_lock:
@@ -360,17 +407,27 @@ class MidiIO:
                 raise MidiPortError("MIDI output is not open")
             self._out.send_message(data)
 
-    def _on_rtmidi(self, event: tuple[list[int], float], data: object = None) -> None:
-        t = time.monotonic()  # first: every statement before it would delay the stamp
+    def _poll(self, port: Any) -> None:
+        """Read rtmidi's input queue until closed (the thread behind ``on_event``)."""
+        clock = ArrivalClock()
+        get = port.get_message
+        while not self._poll_stop.is_set():
+            event = get()
+            if event is None:
+                time.sleep(self.poll_interval)
+                continue
+            self._deliver(event[0], clock.stamp(event[1], time.monotonic()))
+
+    def _deliver(self, data: list[int], t: float) -> None:
         try:
-            msg = mido.Message.from_bytes(event[0])
+            msg = mido.Message.from_bytes(data)
         except (ValueError, TypeError):
             self.malformed += 1
-            log.debug("malformed MIDI input dropped: %r", event[0])
+            log.debug("malformed MIDI input dropped: %r", data)
             return
         try:
             self.on_event(MidiEvent(t, msg))
         except Exception:
-            # an exception must not escape into rtmidi's (JACK's) thread
+            # an exception must not end the input thread
             self.callback_errors += 1
             log.exception("MIDI input callback failed on %s", msg)

@@ -38,6 +38,7 @@ from bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, ma
 from bridges.exceptions import BridgeError
 from bridges.jack import jack_period_s
 from bridges.midi import MidiEvent, MidiIO, choose_backend
+from bridges.mqtt import MqttBridge, PayloadError, parse_payload
 from bridges.osc import OscBridge
 from server.config import ServeConfig
 from server.control import Arg, Control, ControlError, Reply, control, controls_of, dispatch
@@ -113,6 +114,8 @@ REPLIES: tuple[Reply, ...] = (
         "OSC messages, machine notes sent, notes sounding now.",
     ),
 )
+
+_STATUS = next(r for r in REPLIES if r.address == "/divergent/status")
 
 #: CCs and the like that pass from the performer to the take (not to the model).
 _NOTE_TYPES = frozenset({"note_on", "note_off"})
@@ -198,6 +201,7 @@ class Server:
         self.take: TakeRecorder | None = None
         self.midi: MidiIO | None = None
         self.osc: OscBridge | None = None
+        self.mqtt: MqttBridge | None = None
         self.sender: Sender | None = None
         self.clock: Clock = InternalClock(bpm=config.bpm)
         self._free = InternalClock(bpm=config.bpm)
@@ -283,6 +287,22 @@ class Server:
             on_message=self._on_osc,
         )
         await self.osc.__aenter__()
+        if self.config.mqtt_address is not None:
+            host, mport = self.config.mqtt_address
+            self.mqtt = MqttBridge(
+                host=host,
+                port=mport,
+                instance=self.config.instance,
+                username=self.config.mqtt_username,
+                password=self.config.mqtt_password,
+                tls=self.config.mqtt_tls,
+                cafile=self.config.mqtt_cafile,
+                on_control=self._on_mqtt,
+                # retry every <= 2 s: telemetry is back within seconds of the broker
+                backoff=(0.25, 2.0),
+            )
+            # returns at once even when the broker is down: it reconnects on its own
+            await self.mqtt.__aenter__()
         recovered = await loop.run_in_executor(None, recover, self.sessions)
         for path in recovered:
             log.info("recovered an unfinished take: %s", path)
@@ -321,6 +341,10 @@ class Server:
             self.sender.close(panic=True)
         self._drain_sent()
         self._close_take()
+        if self.mqtt is not None:
+            self.mqtt.publish_status(self.status_dict())
+            await self.mqtt.__aexit__(None, None, None)
+            self.mqtt = None
         if self.osc is not None:
             await self.osc.__aexit__(None, None, None)
             self.osc = None
@@ -653,6 +677,11 @@ class Server:
                 f"copy={num('copy_rate'):.3f} dist={num('feature_distance'):.2f} "
                 f"notes={r['notes']}",
             )
+        if self.mqtt is not None:
+            self.mqtt.publish_answer(
+                {"id": job.answer_id, "divergence": job.divergence,
+                 "temperature": job.temperature, **r}
+            )
         self.trace.write("answer", id=job.answer_id, readout=r, scheduled=job.scheduled)
         self.trace.flush()
 
@@ -679,7 +708,10 @@ class Server:
             if self.mode != "jam":
                 continue
             self._jam_next_bar = next_bar
-            if any(n.on >= self.grid.time_at(next_bar - 4 * bpb) for n in self.history):
+            # only while the performer plays (a note in the last two bars): the machine
+            # does not jam on its own echo
+            since = self.grid.time_at(next_bar - 3 * bpb)
+            if any(n.on >= since and not n.machine for n in self.history):
                 self._answer(time.monotonic(), reason="jam", jam_bar=next_bar)
 
     # ------------------------------------------------------------------ output
@@ -725,6 +757,13 @@ class Server:
         self.stats.osc_errors += 1
         log.info("error: %s", message)
         self._send("/divergent/error", message)
+        if self.mqtt is not None:
+            self.mqtt.publish_error(message)
+
+    def status_dict(self) -> dict[str, Any]:
+        """The status as JSON-ready fields (MQTT's retained status)."""
+        names = [a.name for a in _STATUS.args]
+        return dict(zip(names, self.status_args(), strict=True))
 
     def status_args(self) -> tuple[Any, ...]:
         return (
@@ -740,8 +779,12 @@ class Server:
         )
 
     async def _heartbeat(self) -> None:
+        if self.config.heartbeat_s <= 0:
+            return
         while True:
             self._send("/divergent/status", *self.status_args())
+            if self.mqtt is not None:
+                self.mqtt.publish_status(self.status_dict())
             await asyncio.sleep(self.config.heartbeat_s)
 
     async def _housekeeping(self) -> None:
@@ -809,12 +852,28 @@ class Server:
     def _controlled(self, name: str, value: Any) -> None:
         if self.take is not None:
             self.take.control(time.monotonic(), name, value)
+        if self.mqtt is not None:
+            self.mqtt.publish_status(self.status_dict())
 
     # ------------------------------------------------------------------ OSC control
 
     def _on_osc(self, address: str, args: tuple[Any, ...], sender: tuple[str, int]) -> None:
+        self._control(address, list(args))
+
+    def _on_mqtt(self, param: str, payload: bytes) -> None:
+        """``divergent/<instance>/control/<param>``: the OSC control of the same name."""
+        address = "/divergent/" + param
         try:
-            warning = dispatch(self, self.controls, address, list(args))
+            args = parse_payload(payload)
+        except PayloadError as e:
+            self._error(f"{address}: {e} (rejected)")
+            return
+        self._control(address, args)
+
+    def _control(self, address: str, args: list[Any]) -> None:
+        """Validate and apply one control message (OSC or MQTT: the same checks)."""
+        try:
+            warning = dispatch(self, self.controls, address, args)
         except ControlError as e:
             self._error(str(e))
             return

@@ -221,16 +221,28 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
     out, inp = _jack_ports(client, timing=a.clock_port is not None)
     received: list[tuple[float, int, int, int]] = []  # (t, status, note, velocity)
     ticks: list[float] = []  # arrival of each MIDI clock tick (0xF8)
+    stop = threading.Event()
 
-    def on_msg(event: tuple[list[int], float], data: object = None) -> None:
-        t = time.monotonic()  # CLOCK_MONOTONIC, the clock JACK itself uses
-        msg = event[0]
-        if len(msg) >= 3:
-            received.append((t, msg[0], msg[1], msg[2]))
-        elif msg and msg[0] == 0xF8:
-            ticks.append(t)
+    def poll() -> None:
+        # polled, not rtmidi's callback: a callback runs Python in JACK's real-time thread,
+        # where waiting for the GIL makes xruns for every client (see bridges.midi)
+        from bridges.midi import ArrivalClock
 
-    inp.set_callback(on_msg)
+        clock = ArrivalClock()  # arrival on CLOCK_MONOTONIC, the clock JACK itself uses
+        while not stop.is_set():
+            event = inp.get_message()
+            if event is None:
+                time.sleep(0.0005)
+                continue
+            msg, delta = event
+            t = clock.stamp(delta, time.monotonic())
+            if len(msg) >= 3:
+                received.append((t, msg[0], msg[1], msg[2]))
+            elif msg and msg[0] == 0xF8:
+                ticks.append(t)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     _open_named(inp, a.server, ":divergent out", "input")
     if not a.no_send:
         _open_named(out, a.server, ":divergent in", "output")
@@ -256,6 +268,10 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
                 if got and time.monotonic() - got[-1][0] > a.quiet_gap and _balanced(got):
                     break
             phrases.append({"end": t_end, "first_index": start_n, "count": len(received) - start_n})
+        # the last answer may still be sounding: give it the server's longest note
+        deadline = time.monotonic() + 9.0
+        while not _balanced(received) and time.monotonic() < deadline:
+            time.sleep(0.01)
         result["phrases"] = phrases
     elif a.mode == "flood":
         n = int(a.rate * a.seconds)
@@ -279,11 +295,10 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
     result["received"] = received
     result["ticks"] = ticks
     result["stuck"] = _stuck(received)
-    # stop JACK's callbacks before the ports go, or teardown races them (a segfault)
-    inp.cancel_callback()
+    stop.set()
+    poller.join(timeout=1)
     inp.close_port()
     out.close_port()
-    del inp, out
     print(json.dumps(result), flush=True)
     return 0
 
