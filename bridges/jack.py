@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from bridges.exceptions import BridgeError
 
@@ -72,6 +75,7 @@ class JackServer:
         self.period = period
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
         self.started = False
 
     def start(self) -> JackServer:
@@ -85,13 +89,17 @@ class JackServer:
                 "or use the OSC note transport"
             )
         cmd = [jackd, "-d", "dummy", "-r", str(self.rate), "-p", str(self.period)]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env()
+        # jackd logs every xrun: to a file, never a pipe nobody drains (a full pipe
+        # would block jackd itself, and every JACK client with it)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop())
+            prefix="jackd-", suffix=".log", delete=False
         )
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env())
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                err = Path(self.log.name).read_text(errors="replace")
+                self.stop()
                 raise BridgeError(f"jackd exited at start: {err.strip()[-300:]}")
             if jack_running():
                 self.started = True
@@ -103,6 +111,7 @@ class JackServer:
 
     def stop(self) -> None:
         if self.proc is None:
+            self._close_log()
             return
         self.proc.terminate()
         try:
@@ -111,10 +120,21 @@ class JackServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
         self.proc = None
+        self._close_log()
         self.started = False
+
+    def _close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
+            self.log = None
+
+    def xruns(self) -> int:
+        """xruns jackd reported so far (0 for a server we did not start)."""
+        if self.log is None:
+            return 0
+        return Path(self.log.name).read_text(errors="replace").count("XRun")
 
     def __enter__(self) -> JackServer:
         return self.start()

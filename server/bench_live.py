@@ -148,6 +148,7 @@ def run_bench_live(
                 "received": received,
                 "loop_lag_ms_p99": lag_p99,
                 "seconds": flood["seconds"],
+                "peer_max_behind_ms": flood["max_behind_ms"],
             },
             "cold_start_s": serve.cold_start_s,
             "rss_mb": rss,

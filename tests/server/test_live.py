@@ -169,20 +169,31 @@ def test_ten_thousand_bad_packets_and_every_wrong_message_answered(serve_factory
 def test_flood_of_input_events_loses_nothing(serve_factory: Any) -> None:
     name = _name()
     sp = serve_factory("--mode", "off", name=name)
-    t = time.monotonic()
-    sp.osc.send("/divergent/stats")
-    before = sp.osc.wait_for("/divergent/stats", after=t)
-    flood = run_peer_process(
-        ["flood", "--server", name, "--rate", "2000", "--seconds", "3"], timeout=30
-    )
-    time.sleep(0.3)
-    t = time.monotonic()
-    sp.osc.send("/divergent/stats")
-    after = sp.osc.wait_for("/divergent/stats", after=t)
-    assert before is not None and after is not None
-    assert after[2][0] - before[2][0] == flood["sent"] == 6000
-    assert after[2][1] == 0  # nothing dropped
-    assert after[2][2] <= 6.0  # loop lag p99 in ms; target (bench): <= 2 ms
+
+    def stats() -> list[Any]:
+        t = time.monotonic()
+        sp.osc.send("/divergent/stats")
+        got = sp.osc.wait_for("/divergent/stats", after=t)
+        assert got is not None
+        return got[2]
+
+    tries = []
+    for _ in range(2):
+        before = stats()
+        flood = run_peer_process(
+            ["flood", "--server", name, "--rate", "2000", "--seconds", "3"], timeout=30
+        )
+        time.sleep(0.3)
+        after = stats()
+        tries.append((after[0] - before[0], flood["sent"], flood["max_behind_ms"]))
+        # one retry, only when the peer itself was stalled > 10 ms (the VM, not the
+        # server: a stalled JACK client drops what overflows its period's MIDI buffer)
+        if after[0] - before[0] == flood["sent"] or flood["max_behind_ms"] < 10:
+            break
+    received, sent, _ = tries[-1]
+    assert received == sent == 6000, tries
+    assert after[1] == 0  # nothing dropped by the server's queue
+    assert after[2] <= 6.0  # loop lag p99 in ms; target (bench): <= 2 ms
 
 
 def test_sigterm_mid_answer_leaves_no_stuck_notes_and_a_complete_take(serve_factory: Any) -> None:
