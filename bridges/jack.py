@@ -70,8 +70,12 @@ class JackServer:
     MIDI once per period, so this is the timing floor).
     """
 
-    def __init__(self, *, rate: int = 48000, period: int = 64, ready_timeout: float = 5.0) -> None:
+    def __init__(
+        self, *, rate: int = 48000, period: int = 64, port_max: int = 256,
+        ready_timeout: float = 5.0,
+    ) -> None:
         self.rate = rate
+        self.port_max = port_max
         self.period = period
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -88,7 +92,10 @@ class JackServer:
                 "jackd not found: install JACK (Debian: apt-get install jackd2) "
                 "or use the OSC note transport"
             )
-        cmd = [jackd, "-d", "dummy", "-r", str(self.rate), "-p", str(self.period)]
+        # --port-max: each client maps the engine's port table; JACK's default of 2048
+        # ports costs every client ~100 MB of (shared) resident memory
+        cmd = [jackd, "--port-max", str(self.port_max), "-d", "dummy",
+               "-r", str(self.rate), "-p", str(self.period)]
         # jackd logs every xrun: to a file, never a pipe nobody drains (a full pipe
         # would block jackd itself, and every JACK client with it)
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop())

@@ -96,7 +96,7 @@ def run_bench_live(
     *, answers: int = 30, flood_s: float = 10.0, rate: float = 2000.0
 ) -> dict[str, Any]:
     """Run every live measurement once; the JSON shape the issue asks for, plus detail."""
-    with JackServer(rate=48000, period=64), tempfile.TemporaryDirectory() as tmp:
+    with JackServer(rate=48000, period=64) as jack, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         client = f"divbench{int(time.time()) % 100000}"
         serve = ServeProcess(
@@ -138,6 +138,7 @@ def run_bench_live(
             received = (after[2][0] - before[2][0]) if after and before else -1
             lag_p99 = float(after[2][2]) if after else float("nan")
             rss = max(rss_start, serve.rss_mb())
+            rss_shm = serve.rss_mb("RssShmem")
         finally:
             rc = serve.stop()
         return {
@@ -152,6 +153,8 @@ def run_bench_live(
             },
             "cold_start_s": serve.cold_start_s,
             "rss_mb": rss,
+            "rss_jack_shared_mb": rss_shm,
             "stuck_notes": len(peer["stuck"]),
+            "jack_xruns": jack.xruns(),
             "exit_code": rc,
         }
