@@ -251,35 +251,45 @@ def test_sigkill_leaves_a_take_with_everything_older_than_a_second(serve_factory
 
 
 def test_link_peer_sets_the_tempo(serve_factory: Any) -> None:
+    """An aalink peer in another process sets 133 BPM: the server follows within a beat."""
     sp = serve_factory("--clock", "link", "--bpm", "120", "--mode", "off")
     peer = subprocess.Popen(
         [sys.executable, "-c", (
-            "import asyncio, aalink\n"
+            "import asyncio, time, aalink\n"
             "async def main():\n"
             "    link = aalink.Link(120)\n"
             "    link.enabled = True\n"
-            "    await asyncio.sleep(1.0)\n"
+            "    while link.num_peers < 1:\n"
+            "        await asyncio.sleep(0.01)\n"
+            "    await asyncio.sleep(0.2)\n"
             "    link.tempo = 133.0\n"
-            "    await asyncio.sleep(4.0)\n"
+            "    print(time.monotonic(), flush=True)\n"
+            "    await asyncio.sleep(5.0)\n"
             "asyncio.run(main())\n"
         )],
+        stdout=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 4.5
-        tempo = 0.0
-        while time.monotonic() < deadline:
+        assert peer.stdout is not None
+        t_set = float(peer.stdout.readline())
+        tempo, followed = 0.0, None
+        while time.monotonic() < t_set + 3.0:
             t = time.monotonic()
             sp.osc.send("/divergent/status")
             st = sp.osc.wait_for("/divergent/status", after=t, timeout=1)
             if st is not None:
                 tempo = float(st[2][1])
                 if abs(tempo - 133.0) < 0.5:
+                    followed = st[0] - t_set
                     break
-            time.sleep(0.1)
-        assert abs(tempo - 133.0) < 0.5, tempo
+            time.sleep(0.02)
+        assert followed is not None, tempo
+        assert followed <= 60.0 / 133.0, f"followed after {followed:.3f} s"
     finally:
         peer.kill()
         peer.wait()
+        if peer.stdout is not None:
+            peer.stdout.close()
 
 
 def test_without_midi_the_osc_note_transport_still_plays(tmp_path: Path) -> None:
