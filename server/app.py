@@ -138,6 +138,7 @@ class Stats:
     midi_in: int = 0
     dropped: int = 0
     osc_errors: int = 0
+    echoes: int = 0
     answers: int = 0
     notes_out: int = 0
     lag_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
@@ -210,6 +211,8 @@ class Server:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._midi_q: asyncio.Queue[MidiEvent] | None = None
         self._sent: deque[Sent] = deque()  # filled by the sender thread, drained by the loop
+        # the machine's last notes (time, channel, pitch, on), to recognise echoes
+        self._recent_out: deque[tuple[float, int, int, bool]] = deque(maxlen=64)
         self._phrase_timer: asyncio.TimerHandle | None = None
         self._generation: asyncio.Future[Any] | None = None
         self._cancel = threading.Event()
@@ -462,9 +465,28 @@ class Server:
                     self.take.control(t, "transport", what)
             return
         if msg.type in _NOTE_TYPES:
+            if self._is_echo(t, msg):
+                return
             self._performer_note(t, msg.type, msg.note, msg.velocity, msg.channel)
         if self.take is not None and not msg.is_meta and hasattr(msg, "channel"):
             self.take.note(t, "performer", msg)
+
+    def _is_echo(self, t: float, msg: mido.Message) -> bool:
+        """A machine note coming back in (``divergent out`` routed into ``divergent in``,
+        as loopMIDI on Windows does): ignored, or the machine would answer itself."""
+        self._drain_sent()
+        on = msg.type == "note_on" and msg.velocity > 0
+        for i, (sent_t, ch, note, sent_on) in enumerate(self._recent_out):
+            if ch == msg.channel and note == msg.note and sent_on == on and 0 <= t - sent_t <= 0.03:
+                del self._recent_out[i]
+                self.stats.echoes += 1
+                if self.stats.echoes == 1:
+                    log.warning(
+                        "divergent's own notes are coming back on its input (is `divergent "
+                        "out` routed into `divergent in`?): ignoring the echoes"
+                    )
+                return True
+        return False
 
     def _performer_note(self, t: float, kind: str, pitch: int, velocity: int, channel: int) -> None:
         key = (channel, pitch)
@@ -726,6 +748,9 @@ class Server:
     def _drain_sent(self) -> None:
         while self._sent:
             s = self._sent.popleft()
+            if s.message.type in _NOTE_TYPES:
+                on = s.message.type == "note_on" and s.message.velocity > 0
+                self._recent_out.append((s.actual, s.message.channel, s.message.note, on))
             if s.message.type == "note_on":
                 self.stats.notes_out += 1
                 self.history.append(

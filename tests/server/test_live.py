@@ -377,3 +377,22 @@ def test_midi_clock_master_drives_the_grid(serve_factory: Any) -> None:
 
     errs = sorted(dist(x) for x in ons)
     assert errs[-1] <= 3.0, errs
+
+
+def test_output_routed_back_to_input_does_not_answer_itself(serve_factory: Any) -> None:
+    """loopMIDI-style echo: `divergent out` wired into `divergent in` (Windows users hit
+    this); the machine's own notes must not count as a phrase to answer."""
+    require_tool("jack_connect", "jack_lsp")
+    name = _name()
+    sp = serve_factory("--mode", "call", "--bpm", "240", "--bars", "1",
+                       "--phrase-silence", "0.25", name=name)
+    ports = subprocess.run(["jack_lsp"], capture_output=True, text=True, check=True).stdout
+    out_port = next(p for p in ports.splitlines() if p.startswith(name) and
+                    p.endswith(":divergent out"))
+    subprocess.run(["jack_connect", out_port, f"{name}:divergent in"], check=True)
+    t = time.monotonic()
+    _osc_notes(sp, [60, 62, 64, 65, 67])
+    assert sp.osc.wait_for("/divergent/answer", after=t, timeout=5) is not None
+    time.sleep(3.0)  # time enough for several self-answers, were echoes taken for phrases
+    assert len(sp.osc.since(t, "/divergent/answer")) == 1
+    assert "coming back on its input" in sp.log()
