@@ -25,7 +25,13 @@ from typing import Any
 from bridges.jack import JackServer
 from server.livepeer import ServeProcess
 
-__all__ = ["onset_errors", "response_times", "run_bench_live", "run_peer_process"]
+__all__ = [
+    "mqtt_outage",
+    "onset_errors",
+    "response_times",
+    "run_bench_live",
+    "run_peer_process",
+]
 
 
 def _pct(xs: list[float], q: int) -> float:
@@ -90,6 +96,132 @@ def onset_errors(trace: list[dict[str, Any]], received: list[list[float]]) -> li
         if best is not None:
             errs.append(best * 1000)
     return errs
+
+
+class Mosquitto:
+    """A mosquitto broker on a local port that can be killed and started again there."""
+
+    def __init__(self, workdir: Path) -> None:
+        import shutil
+        import socket
+
+        binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+        if binary is None:
+            raise RuntimeError("mosquitto not found (Debian: apt-get install mosquitto)")
+        self.binary = binary
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import socket
+
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.01)
+        raise RuntimeError("mosquitto did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def mqtt_outage(*, outage_s: float = 30.0) -> dict[str, Any]:
+    """Jam over JACK while the MQTT broker is killed for ``outage_s``: the onset error
+    of the machine's notes before, during and after, and how long telemetry takes to
+    come back once the broker does (a new subscriber sees a status message)."""
+    import threading
+
+    with JackServer(rate=48000, period=64), tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work)
+        broker.start()
+        client = f"divmq{int(time.time()) % 100000}"
+        serve = ServeProcess(
+            ["--midi-backend", "jack", "--mode", "jam", "--bpm", "240",
+             "--mqtt", f"127.0.0.1:{broker.port}", "--instance", "bench"],
+            workdir=work,
+            name=client,
+        )
+        serve.start()
+        stop = threading.Event()
+
+        def play() -> None:  # the performer keeps playing: the jam goes on
+            i = 0
+            while not stop.is_set():
+                pitch = (60, 62, 64, 67)[i % 4]
+                serve.osc.send("/divergent/note", pitch, 90, 1)
+                time.sleep(0.1)
+                serve.osc.send("/divergent/note", pitch, 0, 1)
+                time.sleep(0.15)
+                i += 1
+
+        total = outage_s + 14.0
+        t_listen = time.monotonic()
+        listener = subprocess.Popen(
+            [sys.executable, "-m", "server.livepeer", "listen", "--server", client,
+             "--no-send", "--seconds", str(total)],
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+        )
+        player = threading.Thread(target=play, daemon=True)
+        try:
+            time.sleep(0.5)
+            player.start()
+            time.sleep(4.0)
+            t_kill = time.monotonic()
+            broker.kill()
+            time.sleep(outage_s)
+            broker.start()
+            t_back = time.monotonic()
+            sub = subprocess.Popen(
+                ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-C", "1",
+                 "-t", "divergent/bench/answer", "-t", "divergent/bench/status"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )
+            # the retained status was lost with the broker: the first message a new
+            # subscriber gets is one the server published after reconnecting
+            sub.wait(timeout=8)
+            resumed = time.monotonic() - t_back
+            # the server stops (SIGTERM: panic) while the listener still listens, so a
+            # note left sounding would show
+            time.sleep(max(0.0, t_listen + total - 2.5 - time.monotonic()))
+            stop.set()
+            serve.stop()
+            out, _ = listener.communicate(timeout=30)
+        finally:
+            stop.set()
+            serve.stop()
+            broker.kill()
+        received = json.loads(out.strip().splitlines()[-1])["received"]
+        trace = serve.trace_events()
+
+        def window(lo: float, hi: float) -> dict[str, float]:
+            errs = onset_errors(trace, [r for r in received if lo <= r[0] < hi])
+            return {"p50": _pct(errs, 50), "p99": _pct(errs, 99), "n": len(errs)}
+
+        return {
+            "outage_s": outage_s,
+            "onset_error_ms_before": window(0, t_kill),
+            "onset_error_ms_during": window(t_kill, t_back),
+            "onset_error_ms_after": window(t_back, float("inf")),
+            "telemetry_resumed_s": resumed,
+            "stuck_notes": len(json.loads(out.strip().splitlines()[-1])["stuck"]),
+        }
 
 
 def run_bench_live(

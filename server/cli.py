@@ -156,9 +156,12 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_live(args: argparse.Namespace) -> int:
-    from server.bench_live import run_bench_live
+    from server.bench_live import mqtt_outage, run_bench_live
 
-    res = run_bench_live(answers=args.answers, flood_s=args.flood_seconds)
+    if args.mqtt_outage:
+        res = mqtt_outage(outage_s=args.mqtt_outage)
+    else:
+        res = run_bench_live(answers=args.answers, flood_s=args.flood_seconds)
     print(json.dumps(res, indent=None if args.json else 1))
     return 0
 
@@ -326,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     bl = besub.add_parser("live", help="the live path with real JACK and OSC peers")
     bl.add_argument("--answers", type=int, default=30, help="phrases to answer")
     bl.add_argument("--flood-seconds", type=float, default=10.0)
+    bl.add_argument(
+        "--mqtt-outage",
+        type=float,
+        default=None,
+        metavar="S",
+        help="instead: jam while the MQTT broker is down for S seconds (needs mosquitto)",
+    )
     bl.add_argument("--json", action="store_true")
     bl.set_defaults(func=_cmd_bench_live)
     return p
