@@ -161,16 +161,6 @@ def mqtt_outage(*, outage_s: float = 30.0) -> dict[str, Any]:
         serve.start()
         stop = threading.Event()
 
-        def play() -> None:  # the performer keeps playing: the jam goes on
-            i = 0
-            while not stop.is_set():
-                pitch = (60, 62, 64, 67)[i % 4]
-                serve.osc.send("/divergent/note", pitch, 90, 1)
-                time.sleep(0.1)
-                serve.osc.send("/divergent/note", pitch, 0, 1)
-                time.sleep(0.15)
-                i += 1
-
         total = outage_s + 14.0
         t_listen = time.monotonic()
         listener = subprocess.Popen(
@@ -178,7 +168,7 @@ def mqtt_outage(*, outage_s: float = 30.0) -> dict[str, Any]:
              "--no-send", "--seconds", str(total)],
             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
         )
-        player = threading.Thread(target=play, daemon=True)
+        player = threading.Thread(target=serve.osc.play_loop, args=(stop,), daemon=True)
         try:
             time.sleep(0.5)
             player.start()

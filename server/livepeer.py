@@ -77,6 +77,18 @@ class OscClient:
         # sent from another (ephemeral) port: replies must still come to the fixed one
         self.out.sendto(b.build().dgram, self.server)
 
+    def play_loop(self, stop: threading.Event, pitches: Sequence[int] = (60, 62, 64, 67)) -> None:
+        """Play notes over OSC (0.1 s on, 0.15 s apart) until ``stop`` is set: a performer
+        who keeps playing, so a jam goes on."""
+        i = 0
+        while not stop.is_set():
+            pitch = pitches[i % len(pitches)]
+            self.send("/divergent/note", pitch, 90, 1)
+            time.sleep(0.1)
+            self.send("/divergent/note", pitch, 0, 1)
+            time.sleep(0.15)
+            i += 1
+
     def since(self, t0: float, address: str | None = None) -> list[tuple[float, str, list[Any]]]:
         with self._lock:
             return [m for m in self.messages if m[0] >= t0 and (address is None or m[1] == address)]

@@ -113,17 +113,7 @@ def test_mqtt_controls_answers_errors_and_a_broker_outage(
         sp.osc.send("/divergent/mode", "jam")
         stop = threading.Event()
 
-        def play() -> None:
-            i = 0
-            while not stop.is_set():
-                p = (60, 62, 64, 67)[i % 4]
-                sp.osc.send("/divergent/note", p, 90, 1)
-                time.sleep(0.1)
-                sp.osc.send("/divergent/note", p, 0, 1)
-                time.sleep(0.15)
-                i += 1
-
-        player = threading.Thread(target=play, daemon=True)
+        player = threading.Thread(target=sp.osc.play_loop, args=(stop,), daemon=True)
         player.start()
         time.sleep(1.5)
         mqtt_broker.kill()
