@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 PEERS="jackd2 jack-midi-clock liblo-tools mosquitto mosquitto-clients puredata-core libasound2 libatomic1 openssl"
 if ! command -v jackd >/dev/null || ! command -v jack_midi_clock >/dev/null || ! command -v oscsend >/dev/null \
    || ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null || ! command -v pd >/dev/null \
-   || ! command -v openssl >/dev/null || ! ldconfig -p | grep -q "libatomic.so.1"; then
+   || ! command -v openssl >/dev/null || ! (ldconfig -p | grep -c "libatomic.so.1" >/dev/null); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PEERS >/dev/null
