@@ -1,8 +1,9 @@
 """``divergent bench model --json``: model speed, measured side by side in one run.
 
 - per-token step latency at contexts 64/256/512: one decoder step on a KV cache of
-  exactly that length, ONNX Runtime int8 (1 intra-op thread) and torch eager on the same
-  weights (the bundled checkpoint), interleaved so machine noise hits both alike;
+  exactly that length, ONNX Runtime int8 (1 intra-op thread) through the serving
+  ``IncrementalDecoder.feed`` (Python overhead included), and torch eager
+  (``StepModel``) on the same weights (the bundled checkpoint), one thread each;
 - 4/4 bar generation latency (sampling and grammar included), p50/p99;
 - end-to-end note events generated per second.
 
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from model.generate import Generator
-from model.runtime import OnnxModel, default_model_dir
+from model.runtime import IncrementalDecoder, OnnxModel, default_model_dir
 
 __all__ = ["bench_model"]
 
@@ -91,15 +92,15 @@ def bench_model(
     for ctx in CONTEXTS:
         if ctx >= model.block_size:
             continue
-        ids = rng.integers(0, model.vocab_size, (1, ctx)).astype(np.int64)
-        z = np.zeros((1, model.z_dim), np.float32)
-        out = model.decoder.run(None, {"input_ids": ids, "z": z, **model.empty_cache()})
-        feed: dict[str, np.ndarray] = {"input_ids": ids[:, :1], "z": z}
-        feed.update(dict(zip(model.past_names, out[1:], strict=True)))
-        names = model.output_names
+        # the serving path: an IncrementalDecoder holding ctx tokens takes one more, then
+        # is rewound to ctx, so every timed call is one token on a ctx-long cache (as torch)
+        dec = IncrementalDecoder(model)
+        dec.feed(rng.integers(0, model.vocab_size, ctx))
+        tok = [int(rng.integers(0, model.vocab_size))]
 
-        def ort_run(feed: dict[str, np.ndarray] = feed, names: list[str] = names) -> None:
-            model.decoder.run(names, feed)
+        def ort_run(dec: IncrementalDecoder = dec, ctx: int = ctx, tok: list[int] = tok) -> None:
+            dec.rewind(ctx)
+            dec.feed(tok)
 
         steps[ctx] = ort_run
         ort_ms[str(ctx)] = _time(ort_run, repeats)

@@ -59,10 +59,6 @@ def model_window_nll(
     iwae = elbo = z0 = 0.0
     tokens = windows = 0
     kl_total = 0.0
-    empty = {
-        n: np.zeros((samples + 1, model.n_head, 0, model.head_size), np.float32)
-        for n in model.past_names
-    }
     for s in range(0, len(ids) - 1, window):
         w = ids[s : s + window].astype(np.int64)
         if len(w) < 2:
@@ -73,7 +69,7 @@ def model_window_nll(
         zs = mu + np.exp(0.5 * logvar) * eps
         batch_z = np.concatenate([zs, np.zeros((1, len(mu)), np.float32)])
         x = np.broadcast_to(w[:-1], (samples + 1, len(w) - 1)).copy()
-        logits = model.decoder.run(["logits"], {"input_ids": x, "z": batch_z, **empty})[0]
+        logits = model.logits(x, batch_z)
         lp = _log_softmax(logits)  # (K+1, T, V)
         ll = lp[:, np.arange(len(w) - 1), w[1:]].sum(-1)  # (K+1,)
         log_w = (

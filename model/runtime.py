@@ -26,6 +26,7 @@ from model.tokenizer import DivergentTokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CONFIG_FORMAT",
     "IncrementalDecoder",
     "ModelError",
     "ModelFiles",
@@ -33,6 +34,10 @@ __all__ = [
     "default_model_dir",
     "providers",
 ]
+
+
+# the config format this runtime reads (2: GroupQueryAttention step, shared KV buffer)
+CONFIG_FORMAT = 2
 
 
 class ModelError(RuntimeError):
@@ -77,8 +82,13 @@ class ModelFiles:
             cfg: dict[str, Any] = json.loads(self.config.read_text())
         except json.JSONDecodeError as e:
             raise ModelError(f"{self.config}: not valid JSON: {e}") from e
-        if cfg.get("format") != 1 or "model" not in cfg or "io" not in cfg:
+        if "model" not in cfg or "io" not in cfg:
             raise ModelError(f"{self.config}: not a divergent model config")
+        if cfg.get("format") != CONFIG_FORMAT:
+            raise ModelError(
+                f"{self.config}: model format {cfg.get('format')}, this runtime reads format "
+                f"{CONFIG_FORMAT}: re-export the checkpoint with `divergent export`"
+            )
         return cfg
 
 
@@ -105,9 +115,12 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.files = ModelFiles(Path(model_dir) if model_dir else default_model_dir())
-        prov = ["CPUExecutionProvider"] if device == "cpu" else providers()
+        # CPU unless asked: the decoder's in-place KV cache (GroupQueryAttention sharing
+        # one buffer for past and present, bound in host memory) is a CPU path, and a
+        # model this small answers faster on one CPU thread than through a GPU round trip
+        prov = providers() if device == "cuda" else ["CPUExecutionProvider"]
         if precision == "auto":
-            # int8 (dynamic quantisation) is the fast path on CPU; CUDA runs fp32
+            # int8 (8-bit blockwise weights, int8 compute) is the fast path on CPU
             on_gpu = prov[0] == "CUDAExecutionProvider"
             precision = "fp32" if on_gpu and self.files.decoder("fp32").exists() else "int8"
         cfg = self.files.check(precision)
@@ -148,9 +161,29 @@ class OnnxModel:
         mu, logvar = self.encoder.run(None, {"input_ids": x, "mask": np.ones(x.shape, np.float32)})
         return mu[0], logvar[0]
 
-    def empty_cache(self) -> dict[str, np.ndarray]:
-        shape = (1, self.n_head, 0, self.head_size)
+    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """Zero-length past tensors: a decoder call that starts from nothing."""
+        shape = (batch, self.n_head, 0, self.head_size)
         return {n: np.zeros(shape, np.float32) for n in self.past_names}
+
+    def logits(self, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Logits (B, T, V) of whole windows ``ids`` (B, T) under latents ``z`` (B, z_dim).
+
+        One stateless call from an empty cache (scoring, evaluation); streaming uses
+        :class:`IncrementalDecoder`.
+        """
+        x = np.ascontiguousarray(ids, dtype=np.int64)
+        B, T = x.shape
+        if self.block_size < T:
+            raise ValueError(f"{T} tokens exceed the model's block_size {self.block_size}")
+        feed: dict[str, np.ndarray] = {
+            "input_ids": x,
+            "z": np.ascontiguousarray(z, dtype=np.float32).reshape(B, self.z_dim),
+            "seqlens_k": np.full((B,), T - 1, np.int32),
+            "total_sequence_length": np.array(T, np.int32),
+        }
+        feed.update(self.empty_cache(B))
+        return np.asarray(self.decoder.run(["logits"], feed)[0])
 
 
 class IncrementalDecoder:
@@ -160,6 +193,12 @@ class IncrementalDecoder:
     (``set_z`` takes (batch, z_dim)): one ONNX call decodes, e.g., the steered answer and
     the base model's view of it side by side, for an exact surprisal readout.
 
+    The cache is preallocated, one (batch, heads, block_size, head_size) buffer per layer
+    and per K/V, bound as both the ``past`` input and the ``present`` output of every call
+    (ONNX Runtime IO binding): GroupQueryAttention writes the new tokens' K/V in place, so
+    a step never copies the cache. A one-token step (the hot path) runs on a binding whose
+    inputs and logits are fixed numpy buffers: nothing is allocated per token.
+
     When the context reaches the model's ``block_size``, the last ``keep`` tokens are
     re-fed as a fresh prefill (positions restart), so a live stream never stops.
     """
@@ -167,40 +206,90 @@ class IncrementalDecoder:
     def __init__(
         self, model: OnnxModel, *, z: np.ndarray | None = None, keep: int = 384, batch: int = 1
     ) -> None:
+        import onnxruntime as ort
+
         self.model = model
         self.batch = batch
         self.keep = min(keep, model.block_size // 2)
-        self._z = np.zeros((batch, model.z_dim), np.float32)
+        B = batch
+        shape = (B, model.n_head, model.block_size, model.head_size)
+        self._cache = {n: np.zeros(shape, np.float32) for n in model.past_names}
+        self._z = np.zeros((B, model.z_dim), np.float32)
+        self._ids1 = np.zeros((B, 1), np.int64)
+        self._seqlens = np.zeros((B,), np.int32)
+        self._total = np.zeros((), np.int32)
+        self._logits1 = np.zeros((B, 1, model.vocab_size), np.float32)
+        as_value = ort.OrtValue.ortvalue_from_numpy  # wraps the numpy memory, no copy
+        fixed = {"z": self._z, "seqlens_k": self._seqlens, "total_sequence_length": self._total}
+        fixed.update(self._cache)
+        values = {name: as_value(a) for name, a in fixed.items()}
+        # the general binding (prefill, several tokens): ids and logits bound per call
+        self._io = model.decoder.io_binding()
+        self._io.bind_output("logits")  # first, so get_outputs()[0] is the logits
+        # the one-token binding: everything fixed
+        self._io1 = model.decoder.io_binding()
+        self._io1.bind_ortvalue_input("input_ids", as_value(self._ids1))
+        self._io1.bind_ortvalue_output("logits", as_value(self._logits1))
+        for io in (self._io, self._io1):
+            for name, value in values.items():
+                io.bind_ortvalue_input(name, value)
+            for past, present in zip(model.past_names, model.present_names, strict=True):
+                io.bind_ortvalue_output(present, values[past])
         if z is not None:
             self.set_z(z)
         self.reset()
 
     def reset(self) -> None:
-        shape = (self.batch, self.model.n_head, 0, self.model.head_size)
-        self.cache = {n: np.zeros(shape, np.float32) for n in self.model.past_names}
+        """Forget the history (the buffers are reused: only the length restarts)."""
         self.tokens: list[int] = []
         self.last_logits_all = np.zeros((self.batch, self.model.vocab_size), np.float32)
         self.last_logits = self.last_logits_all[0]
 
+    def rewind(self, n: int) -> None:
+        """Keep only the first ``n`` tokens of the history (their cache stays valid)."""
+        if not 0 <= n <= len(self.tokens):
+            raise ValueError(f"cannot rewind to {n} of {len(self.tokens)} tokens")
+        del self.tokens[n:]
+
     @property
     def z(self) -> np.ndarray:
-        return self._z[0]
+        return self._z[0].copy()
 
     def set_z(self, z: np.ndarray) -> None:
         """Change the latent(s); acts from the next fed token on (the cache is kept)."""
         z = np.asarray(z, dtype=np.float32)
-        z = np.broadcast_to(z.reshape(-1, z.shape[-1]), (self.batch, z.shape[-1])).copy()
+        z = np.broadcast_to(z.reshape(-1, z.shape[-1]), (self.batch, z.shape[-1]))
         if z.shape[1] != self.model.z_dim:
             raise ValueError(f"z must have {self.model.z_dim} values, got {z.shape[1]}")
-        self._z = z
+        self._z[...] = z  # in place: the bound input reads this buffer
 
-    def _run(self, ids: np.ndarray) -> np.ndarray:
-        feed: dict[str, np.ndarray] = {"input_ids": ids, "z": self._z}
-        feed.update(self.cache)
-        out = self.model.decoder.run(self.model.output_names, feed)
-        for name, value in zip(self.model.past_names, out[1:], strict=True):
-            self.cache[name] = value
-        return np.asarray(out[0])  # (B, T, V)
+    def _run(self, toks: list[int]) -> np.ndarray:
+        past = len(self.tokens)
+        total = past + len(toks)
+        if len(toks) > 1 and past and self.batch > 1:
+            # ORT's CPU GroupQueryAttention takes several new tokens on top of a history
+            # for batch 1 only: one step per token here (rare: prefills start from reset)
+            out = np.empty((self.batch, len(toks), self.model.vocab_size), np.float32)
+            for i, t in enumerate(toks):
+                self._seqlens[...] = past + i
+                self._total[...] = past + i + 1
+                self._ids1[...] = t
+                self.model.decoder.run_with_iobinding(self._io1)
+                out[:, i] = self._logits1[:, 0]
+            return out
+        self._seqlens[...] = total - 1
+        self._total[...] = total
+        if len(toks) == 1:
+            self._ids1[...] = toks[0]
+            self.model.decoder.run_with_iobinding(self._io1)
+            return self._logits1
+        ids = np.ascontiguousarray(
+            np.broadcast_to(np.asarray(toks, dtype=np.int64), (self.batch, len(toks)))
+        )
+        self._io.bind_cpu_input("input_ids", ids)
+        self._io.bind_output("logits")  # unallocated: its length changes between calls
+        self.model.decoder.run_with_iobinding(self._io)
+        return np.asarray(self._io.get_outputs()[0].numpy())  # (B, T, V)
 
     def feed(self, tokens: list[int] | np.ndarray, *, all_logits: bool = False) -> np.ndarray:
         """Append tokens; returns row 0's logits after the last one (V,), or (T, V) if asked.
@@ -214,9 +303,9 @@ class IncrementalDecoder:
             history = (self.tokens + toks)[-self.keep :]
             self.reset()
             toks = history
-        ids = np.broadcast_to(np.asarray(toks, dtype=np.int64), (self.batch, len(toks)))
-        logits = self._run(np.ascontiguousarray(ids))
+        logits = self._run(toks)
         self.tokens.extend(toks)
-        self.last_logits_all = logits[:, -1]
+        # a copy: the one-token path overwrites its logits buffer on the next step
+        self.last_logits_all = logits[:, -1].copy()
         self.last_logits = self.last_logits_all[0]
-        return logits[0] if all_logits else self.last_logits
+        return logits[0].copy() if all_logits else self.last_logits

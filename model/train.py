@@ -267,7 +267,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         tokens_seen += x.numel()
         bar.update()
         if step % 20 == 0:
-            bar.set_postfix(ce=f"{float(ce):.3f}", kl=f"{float(kl_dims.sum()):.1f}")
+            bar.set_postfix(
+                ce=f"{float(ce.detach()):.3f}", kl=f"{float(kl_dims.detach().sum()):.1f}"
+            )
         minutes = (time.perf_counter() - t0) / 60
         out_of_time = cfg.max_minutes > 0 and elapsed_before / 60 + minutes >= cfg.max_minutes
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:

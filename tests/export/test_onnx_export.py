@@ -112,3 +112,58 @@ def test_decoder_slides_past_block_size(exported) -> None:  # type: ignore[no-un
         logits = dec.feed([int(rng.integers(0, m.vocab_size))])
         assert np.all(np.isfinite(logits))
     assert len(dec.tokens) <= m.block_size
+
+
+def test_step_graph_uses_a_shared_kv_buffer(exported) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    out, _ = exported
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["format"] == 2 and cfg["io"]["kv_cache"] == "shared_buffer"
+    for kind in ("fp32", "int8"):
+        g = onnx.load(str(out / f"decoder.{kind}.onnx")).graph
+        ops = {n.op_type for n in g.node}
+        assert "GroupQueryAttention" in ops and "Concat" not in ops
+        assert [i.name for i in g.input][-2:] == ["seqlens_k", "total_sequence_length"]
+
+
+def test_decoder_batch_rows_chunks_and_rewind(exported, dataset: Path) -> None:  # type: ignore[no-untyped-def]
+    """A steered/base pair (batch 2) equals two single decoders; chunks equal steps."""
+    from model.runtime import IncrementalDecoder, OnnxModel
+
+    out, _ = exported
+    m = OnnxModel(out, precision="fp32")
+    ids = load_split(dataset, "train")[0][:60].astype(np.int64)
+    rng = np.random.default_rng(1)
+    zs = rng.standard_normal((2, m.z_dim)).astype(np.float32)
+    full = m.logits(np.stack([ids, ids]), zs)  # (2, T, V), stateless
+    pair = IncrementalDecoder(m, batch=2)
+    pair.set_z(zs)
+    singles = [IncrementalDecoder(m, z=zs[r]) for r in range(2)]
+    for dec in (pair, *singles):
+        dec.feed(ids[:20])
+    got = pair.feed(ids[20:25], all_logits=True)  # a chunk on top of a history
+    assert np.abs(got - full[0, 20:25]).max() < 1e-4
+    for r, dec in enumerate(singles):  # batch 1 runs the chunk in one call
+        got = dec.feed(ids[20:25], all_logits=True)
+        assert np.abs(got - full[r, 20:25]).max() < 1e-4
+    for t in range(25, 60):
+        pair.feed([int(ids[t])])
+        for r, dec in enumerate(singles):
+            lg = dec.feed([int(ids[t])])
+            assert np.abs(pair.last_logits_all[r] - lg).max() < 1e-4
+            assert np.abs(lg - full[r, t]).max() < 1e-4
+    # logits handed out stay valid after later steps (the step buffer is reused)
+    kept = pair.last_logits.copy()
+    held = pair.last_logits
+    pair.feed([int(ids[0])])
+    assert np.array_equal(held, kept)
+    # rewinding re-uses the cache prefix: the same token gives the same logits again
+    pair.rewind(59)
+    again = pair.feed([int(ids[59])])
+    assert np.abs(again - full[0, 59]).max() < 1e-4
+    with pytest.raises(ValueError):
+        pair.rewind(1000)
+    # reset + a fresh prefill ignores whatever the buffers held before
+    pair.reset()
+    assert np.abs(pair.feed(ids[:30]) - full[0, 29]).max() < 1e-4
