@@ -455,7 +455,11 @@ class Server:
         while True:
             ev = await self._midi_q.get()
             self.stats.midi_in += 1
-            self._on_midi(ev.time, ev.message)
+            try:
+                self._on_midi(ev.time, ev.message)
+            except Exception:
+                # one bad event must not end the input path on stage
+                log.exception("MIDI input %s failed", ev.message)
 
     def _on_midi(self, t: float, msg: mido.Message) -> None:
         if msg.type in _CLOCK_TYPES:
@@ -734,7 +738,11 @@ class Server:
             # does not jam on its own echo
             since = self.grid.time_at(next_bar - 3 * bpb)
             if any(n.on >= since and not n.machine for n in self.history):
-                self._answer(time.monotonic(), reason="jam", jam_bar=next_bar)
+                try:
+                    self._answer(time.monotonic(), reason="jam", jam_bar=next_bar)
+                except Exception:
+                    # skip this bar, keep jamming
+                    log.exception("jam bar at beat %s failed", next_bar)
 
     # ------------------------------------------------------------------ output
 
@@ -816,15 +824,22 @@ class Server:
         """Every 50 ms: record what the sender played, flush the take, note tempo changes."""
         while True:
             await asyncio.sleep(0.05)
-            self._drain_sent()
-            bpm = self.clock.bpm()
-            if abs(bpm - self._last_tempo) >= 0.5:
-                self._last_tempo = bpm
-                if self.take is not None:
-                    self.take.tempo(time.monotonic(), bpm)
+            try:
+                self._housekeep()
+            except OSError as e:
+                # a full disk must not stop the music: the journal keeps what it has
+                log.error("housekeeping: %s", e)
+
+    def _housekeep(self) -> None:
+        self._drain_sent()
+        bpm = self.clock.bpm()
+        if abs(bpm - self._last_tempo) >= 0.5:
+            self._last_tempo = bpm
             if self.take is not None:
-                self.take.flush()
-            self.trace.flush()
+                self.take.tempo(time.monotonic(), bpm)
+        if self.take is not None:
+            self.take.flush()
+        self.trace.flush()
 
     async def _lag_monitor(self) -> None:
         interval = 0.005
