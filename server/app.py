@@ -637,6 +637,7 @@ class Server:
             quantize=self.quantize,
             cancel=self._cancel,
             performer_notes=self.performer_notes,
+            velocity=self._velocity(),
         )
         assert self._loop is not None
         fut = self._loop.run_in_executor(self.executor, job.run)
@@ -648,6 +649,14 @@ class Server:
             else:
                 job.release(t)  # jam bars overlap nothing: no cancel of the previous one
         return job
+
+    def _velocity(self) -> int:
+        """The machine's velocity: fixed, or (0) the mean of the performer's last 8 notes,
+        so a soft phrase gets a soft answer."""
+        if self.config.velocity > 0:
+            return self.config.velocity
+        played = [n.velocity for n in self.history if not n.machine][-8:]
+        return max(1, min(127, round(sum(played) / len(played)))) if played else 90
 
     def _answer_done(self, job: _AnswerJob, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
@@ -1088,6 +1097,7 @@ class _AnswerJob:
     quantize: str
     cancel: threading.Event
     performer_notes: int = 0  # how many performer notes the answer has heard
+    velocity: int = 90
     shift: float | None = None  # beats added to the model's onsets (None until the first)
     first_on: float | None = None
     scheduled: list[float] = field(default_factory=list)
@@ -1175,7 +1185,7 @@ class _AnswerJob:
                 on=t_on,
                 off=t_off,
                 pitch=n.pitch,
-                velocity=cfg.velocity,
+                velocity=self.velocity,
                 channel=cfg.channel - 1,
                 tag=self.answer_id,
             )

@@ -183,8 +183,8 @@ class ServeConfig:
     max_note_s: float = _f(8.0, "float", "longest note the machine holds, in seconds",
                            lo=0.05, hi=60)
     channel: int = _f(1, "int", "MIDI channel the machine plays on", lo=1, hi=16)
-    velocity: int = _f(90, "int", "velocity of the machine's notes when the model gives none",
-                       lo=1, hi=127)
+    velocity: int = _f(0, "int", "velocity of the machine's notes; 0 follows the performer "
+                       "(the mean of their last 8 notes)", lo=0, hi=127)
     # MIDI
     midi_backend: str | None = _f(None, "str", "MIDI API (none: the platform's default)",
                                   choices=MIDI_BACKENDS, optional=True)

@@ -37,7 +37,7 @@ def test_defaults_are_valid_and_as_documented() -> None:
     assert c.reply_address == ("127.0.0.1", 9001)
     assert (c.heartbeat_s, c.sessions, c.record, c.model_dir, c.precision) == (
         1.0, None, True, None, "auto")
-    assert (c.channel, c.velocity) == (1, 90)
+    assert (c.channel, c.velocity) == (1, 0)
     assert (c.mqtt, c.mqtt_username, c.mqtt_password, c.mqtt_tls, c.mqtt_cafile) == (
         None, None, None, False, None)
     assert c.mqtt_address is None
@@ -73,8 +73,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("max_note_s", 0, "in 0.05..60"),
     ("channel", 0, "in 1..16"),
     ("channel", 17, "in 1..16"),
-    ("velocity", 0, "in 1..127"),
-    ("velocity", 128, "in 1..127"),
+    ("velocity", -1, "in 0..127"),
+    ("velocity", 128, "in 0..127"),
     ("midi_backend", "oss", "one of jack, alsa, coremidi, winmm"),
     ("midi_in", 3, "must be a string"),
     ("midi_client", " ", "must not be empty"),

@@ -51,9 +51,11 @@ def serve_factory(tmp_path: Path, jack_server: Any):  # type: ignore[no-untyped-
         sp.stop(signal.SIGKILL if sp.proc and sp.proc.poll() is None else signal.SIGTERM)
 
 
-def _osc_notes(sp: ServeProcess, pitches: list[int], gap: float = 0.08) -> None:
+def _osc_notes(
+    sp: ServeProcess, pitches: list[int], gap: float = 0.08, velocity: int = 90
+) -> None:
     for p in pitches:
-        sp.osc.send("/divergent/note", p, 90, 1)
+        sp.osc.send("/divergent/note", p, velocity, 1)
         time.sleep(gap)
         sp.osc.send("/divergent/note", p, 0, 1)
         time.sleep(0.02)
@@ -91,7 +93,7 @@ def test_divergence_from_oscsend_reaches_readout_and_take(serve_factory: Any) ->
         ["oscsend", "localhost", str(sp.osc_port), "/divergent/divergence", "f", "0.7"],
         check=True,
     )
-    _osc_notes(sp, [60, 64, 67, 72, 71, 67])
+    _osc_notes(sp, [60, 64, 67, 72, 71, 67], velocity=50)
     t = time.monotonic()
     sp.osc.send("/divergent/generate")
     ans = sp.osc.wait_for("/divergent/answer", after=t, timeout=10)
@@ -101,6 +103,8 @@ def test_divergence_from_oscsend_reaches_readout_and_take(serve_factory: Any) ->
     assert ans[2][1] > 0  # surprisal, bits per note
     outs = sp.osc.since(t, "/divergent/out/note")
     assert outs, "the answer's notes also travel over OSC"
+    # a soft phrase gets a soft answer (velocity follows the performer by default)
+    assert {m[2][1] for m in outs if m[2][1] > 0} == {50}
     sp.osc.send("/divergent/record/stop")
     time.sleep(0.5)
     takes = list(sp.sessions.glob("*.mid"))
