@@ -117,6 +117,13 @@ REPLIES: tuple[Reply, ...] = (
 
 _STATUS = next(r for r in REPLIES if r.address == "/divergent/status")
 
+#: Seconds without any note event after which notes still held count as released.
+STALE_HOLD_S = 4.0
+#: With a followed clock, notes further ahead than this wait in beats (tempo may change).
+DEFER_S = 0.25
+#: (on beat, off beat, pitch, velocity, channel 0-15, answer id)
+_BeatNote = tuple[float, float, int, int, int, int]
+
 #: CCs and the like that pass from the performer to the take (not to the model).
 _NOTE_TYPES = frozenset({"note_on", "note_off"})
 _CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
@@ -194,6 +201,7 @@ class Server:
         self.clock_source = config.clock
         # state owned by the loop
         self.held: dict[tuple[int, int], PlayedNote] = {}
+        self._last_note_event = 0.0
         self.history: deque[PlayedNote] = deque(maxlen=512)
         self.phrase_start: int = 0  # index into the stream of performer notes
         self.performer_notes = 0
@@ -224,6 +232,10 @@ class Server:
         self._speculative: _AnswerJob | None = None
         self._spec_timer: asyncio.TimerHandle | None = None
         self._playing: int | None = None  # the answer now allowed to sound
+        # notes of a followed clock (MIDI clock, Link) kept in beats until shortly before
+        # they play; appended by the inference worker, fed to the sender by the loop
+        self._deferred: list[_BeatNote] = []
+        self._deferred_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -316,6 +328,7 @@ class Server:
         self._spawn(self._housekeeping())
         self._spawn(self._lag_monitor())
         self._spawn(self._jam_loop())
+        self._spawn(self._feed_deferred())
         self.cold_start_s = time.monotonic() - t0
         if self.print_banner:
             print(self.banner(), flush=True)
@@ -494,6 +507,7 @@ class Server:
 
     def _performer_note(self, t: float, kind: str, pitch: int, velocity: int, channel: int) -> None:
         key = (channel, pitch)
+        self._last_note_event = t
         if kind == "note_on" and velocity > 0:
             prev = self.held.pop(key, None)
             if prev is not None:
@@ -577,6 +591,7 @@ class Server:
         """Let an answer sound: the previous answer stops, this one starts now (or on grid)."""
         if self.sender is not None and self._playing is not None:
             self.sender.cancel(tag=self._playing)
+            self._drop_deferred(self._playing)
         self._playing = job.answer_id
         job.release(t)
         if job.readout is not None:
@@ -784,9 +799,43 @@ class Server:
             self.trace.write("sent", scheduled=s.scheduled, actual=s.actual,
                              type=s.message.type, note=getattr(s.message, "note", -1))
 
+    def schedule(self, note: _BeatNote, clock: Clock) -> None:
+        """Hand a note (in beats) to the sender, timed by ``clock`` now (any thread)."""
+        b_on, b_off, pitch, velocity, channel, tag = note
+        if self.sender is not None:
+            self.sender.schedule_note(
+                on=clock.time_at(b_on), off=clock.time_at(b_off), pitch=pitch,
+                velocity=velocity, channel=channel, tag=tag,
+            )
+
+    def defer(self, note: _BeatNote) -> None:
+        """Keep a note in beats until shortly before it plays (any thread)."""
+        with self._deferred_lock:
+            self._deferred.append(note)
+
+    def _drop_deferred(self, tag: int | None = None) -> None:
+        with self._deferred_lock:
+            self._deferred = [n for n in self._deferred if tag is not None and n[5] != tag]
+
+    async def _feed_deferred(self) -> None:
+        """Every 20 ms: notes due within DEFER_S go to the sender, timed by the clock as
+        it stands then, so a tempo change of the clock master moves the notes with it."""
+        while True:
+            await asyncio.sleep(0.02)
+            if not self._deferred:
+                continue
+            clock = self.grid
+            horizon = time.monotonic() + DEFER_S
+            with self._deferred_lock:
+                due = [n for n in self._deferred if clock.time_at(n[0]) <= horizon]
+                self._deferred = [n for n in self._deferred if clock.time_at(n[0]) > horizon]
+            for note in due:
+                self.schedule(note, clock)
+
     def _panic(self, why: str) -> None:
         self._drop_speculation()
         self._cancel.set()
+        self._drop_deferred()
         if self.sender is not None:
             self.sender.panic()
         log.info("panic: %s", why)
@@ -839,7 +888,25 @@ class Server:
                 # a full disk must not stop the music: the journal keeps what it has
                 log.error("housekeeping: %s", e)
 
+    def _release_stale_notes(self) -> None:
+        """Held notes with no other input for STALE_HOLD_S: their note-off was lost (a
+        dropped MIDI event, a stuck key). Treat them as released, or call mode would wait
+        for a phrase end forever."""
+        now = time.monotonic()
+        if not self.held or now - self._last_note_event < STALE_HOLD_S:
+            return
+        log.warning(
+            "no note-off for %s after %.0f s of silence: treating as released",
+            sorted(p for _, p in self.held), STALE_HOLD_S,
+        )
+        for note in self.held.values():
+            note.off = now
+        self.held.clear()
+        if self.mode == "call":
+            self._arm_phrase_timer(now - self.config.phrase_silence_s)
+
     def _housekeep(self) -> None:
+        self._release_stale_notes()
         self._drain_sent()
         bpm = self.clock.bpm()
         if abs(bpm - self._last_tempo) >= 0.5:
@@ -1175,20 +1242,20 @@ class _AnswerJob:
                 need = clock.beat_at(earliest) - first
                 self.shift = max(0.0, math.ceil(need / unit) * unit)
         now = time.monotonic()
+        following = isinstance(clock, MidiClockFollower | LinkClock)
         for n in notes:
             b = self.origin + n.onset_beats + self.shift
             t_on = clock.time_at(b)
-            t_off = clock.time_at(b + n.duration_beats)
             if t_on < now - 0.005:
                 continue  # a late note is dropped, never played late
-            sender.schedule_note(
-                on=t_on,
-                off=t_off,
-                pitch=n.pitch,
-                velocity=self.velocity,
-                channel=cfg.channel - 1,
-                tag=self.answer_id,
-            )
+            note = (b, b + n.duration_beats, n.pitch, self.velocity, cfg.channel - 1,
+                    self.answer_id)
+            if following and t_on - now > DEFER_S:
+                # a followed clock may change tempo before this note: its time is taken
+                # from the clock just before it plays (see Server._feed_deferred)
+                srv.defer(note)
+            else:
+                srv.schedule(note, clock)
             self.scheduled.append(t_on)
             if self.first_on is None:
                 self.first_on = t_on
