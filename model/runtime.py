@@ -263,6 +263,14 @@ class IncrementalDecoder:
             raise ValueError(f"z must have {self.model.z_dim} values, got {z.shape[1]}")
         self._z[...] = z  # in place: the bound input reads this buffer
 
+    def _step(self, tok: int, past: int) -> np.ndarray:
+        """One token on a history of ``past`` tokens: the hot path, nothing allocated."""
+        self._seqlens[...] = past
+        self._total[...] = past + 1
+        self._ids1[...] = tok
+        self.model.decoder.run_with_iobinding(self._io1)
+        return self._logits1  # (B, 1, V), overwritten by the next step
+
     def _run(self, toks: list[int]) -> np.ndarray:
         past = len(self.tokens)
         total = past + len(toks)
@@ -271,18 +279,12 @@ class IncrementalDecoder:
             # for batch 1 only: one step per token here (rare: prefills start from reset)
             out = np.empty((self.batch, len(toks), self.model.vocab_size), np.float32)
             for i, t in enumerate(toks):
-                self._seqlens[...] = past + i
-                self._total[...] = past + i + 1
-                self._ids1[...] = t
-                self.model.decoder.run_with_iobinding(self._io1)
-                out[:, i] = self._logits1[:, 0]
+                out[:, i] = self._step(t, past + i)[:, 0]
             return out
+        if len(toks) == 1:
+            return self._step(toks[0], past)
         self._seqlens[...] = total - 1
         self._total[...] = total
-        if len(toks) == 1:
-            self._ids1[...] = toks[0]
-            self.model.decoder.run_with_iobinding(self._io1)
-            return self._logits1
         ids = np.ascontiguousarray(
             np.broadcast_to(np.asarray(toks, dtype=np.int64), (self.batch, len(toks)))
         )

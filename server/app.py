@@ -829,9 +829,12 @@ class Server:
                 continue
             clock = self.grid
             horizon = time.monotonic() + DEFER_S
+            due: list[_BeatNote] = []
+            later: list[_BeatNote] = []
             with self._deferred_lock:
-                due = [n for n in self._deferred if clock.time_at(n[0]) <= horizon]
-                self._deferred = [n for n in self._deferred if clock.time_at(n[0]) > horizon]
+                for n in self._deferred:
+                    (due if clock.time_at(n[0]) <= horizon else later).append(n)
+                self._deferred = later
             for note in due:
                 self.schedule(note, clock)
 
