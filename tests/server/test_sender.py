@@ -158,14 +158,14 @@ def _percentile(xs: list[float], q: float) -> float:
 
 def _measure(out: Any, peer: JackPeer, *, lead_s: float) -> tuple[list[float], Sender]:
     """:func:`_onset_errors`, once more if the machine stalled so long (> 20 ms) that the
-    sender dropped a late note, as it must (never play late): a VM hiccup, not a sender
-    fault; twice in a row fails."""
+    sender dropped a late note, as it must (never play late), or JACK lost a message in
+    an xrun: a VM hiccup, not a sender fault; twice in a row fails."""
     for _ in range(2):
         peer.clear()
         res = _onset_errors(out, peer, lead_s=lead_s)
         if res is not None:
             return res
-    pytest.fail("the sender dropped late notes in two runs: the machine stalled > 20 ms")
+    pytest.fail("two runs lost or dropped notes: the machine stalled (> 20 ms, or xruns)")
 
 
 def _onset_errors(
@@ -192,7 +192,8 @@ def _onset_errors(
         return None
     assert ok, f"only {len(peer.events)} of {2 * n} messages arrived; {stats}"
     ons = [(t, d) for t, d in peer.events if d[0] & 0xF0 == 0x90 and d[2] > 0]
-    assert [d[1] for _, d in ons] == [36 + i % 60 for i in range(n)]
+    if [d[1] for _, d in ons] != [36 + i % 60 for i in range(n)]:
+        return None  # a message lost in JACK (an xrun on a stalled VM): measure again
     return [arrival - t for (arrival, _), t in zip(ons, times, strict=True)], sender
 
 
