@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OscClient", "ServeProcess", "free_udp_port", "run_peer"]
+__all__ = ["OscClient", "ServeProcess", "free_udp_port", "run_peer", "stuck_notes"]
 
 
 def free_udp_port() -> int:
@@ -316,7 +316,7 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
         time.sleep(a.seconds)
     result["received"] = received
     result["ticks"] = ticks
-    result["stuck"] = _stuck(received)
+    result["stuck"] = stuck_notes(received)
     stop.set()
     poller.join(timeout=1)
     inp.close_port()
@@ -326,10 +326,10 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
 
 
 def _balanced(events: Sequence[tuple[float, int, int, int]]) -> bool:
-    return not _stuck(events)
+    return not stuck_notes(events)
 
 
-def _stuck(events: Sequence[tuple[float, int, int, int]]) -> list[int]:
+def stuck_notes(events: Sequence[tuple[float, int, int, int]]) -> list[int]:
     """Notes left sounding: note-ons without a matching note-off (per channel and pitch)."""
     on: dict[tuple[int, int], int] = {}
     for _, status, note, vel in events:

@@ -23,7 +23,7 @@ import mido
 import pytest
 
 from server.bench_live import onset_errors, response_times, run_peer_process
-from server.livepeer import ServeProcess
+from server.livepeer import ServeProcess, stuck_notes
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,17 +67,39 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def test_call_mode_answers_each_phrase_through_jack(serve_factory: Any) -> None:
-    name = _name()
-    sp = serve_factory(
-        "--mode", "call", "--quantize", "off", "--bpm", "240", "--bars", "1",
-        "--phrase-silence", "0.25", name=name,
-    )
-    peer = run_peer_process(["phrases", "--server", name, "--phrases", "4"], timeout=60)
-    time.sleep(0.3)
-    trace = sp.trace_events()
-    assert all(p["count"] > 0 for p in peer["phrases"]), (peer["phrases"], sp.log()[-3000:])
-    assert peer["stuck"] == [], "notes left sounding at the peer"
+def _sent_stuck(trace: list[dict[str, Any]]) -> list[int]:
+    """Notes the server itself left on: its trace of sent note-ons without a note-off."""
+    sent = [
+        (e["actual"], 0x90 if e["type"] == "note_on" else 0x80, e["note"], 1)
+        for e in trace
+        if e.get("event") == "sent" and e["type"] in ("note_on", "note_off")
+    ]
+    return stuck_notes(sent)
+
+
+def test_call_mode_answers_each_phrase_through_jack(serve_factory: Any, jack_server: Any) -> None:
+    # A note-off the server sent can still be lost between two JACK clients when the VM
+    # stalls one of them past a cycle (jackd logs an xrun): that is told apart from a
+    # server fault, and the whole exchange runs once more; a second loss fails.
+    for _ in range(2):
+        xruns = jack_server.xruns()
+        name = _name()
+        sp = serve_factory(
+            "--mode", "call", "--quantize", "off", "--bpm", "240", "--bars", "1",
+            "--phrase-silence", "0.25", name=name,
+        )
+        peer = run_peer_process(["phrases", "--server", name, "--phrases", "4"], timeout=60)
+        time.sleep(0.3)
+        trace = sp.trace_events()
+        assert all(p["count"] > 0 for p in peer["phrases"]), (peer["phrases"], sp.log()[-3000:])
+        assert _sent_stuck(trace) == [], "the server sent a note-on without its note-off"
+        if not peer["stuck"]:
+            break
+        stuck = [r for r in peer["received"] if r[2] in peer["stuck"]]
+        assert jack_server.xruns() > xruns, ("a note-off lost without a JACK xrun", stuck)
+        sp.stop()
+    else:
+        pytest.fail("note-offs lost in JACK xruns in two runs in a row")
     resp = response_times(trace, peer["received"])
     errs = onset_errors(trace, peer["received"])
     assert len(resp) == 4
