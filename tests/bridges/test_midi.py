@@ -280,7 +280,8 @@ def _capture_clock_master(bpm: int, ticks: int) -> list[MidiEvent]:
             _transport("stop")
             _transport("locate 0")
             _transport("play")
-            assert _wait(lambda: got.types().count("clock") >= ticks, timeout=4)
+            wait = ticks * 60.0 / (bpm * 24) * 1.5 + 2.0  # room for a stalled VM
+            assert _wait(lambda: got.types().count("clock") >= ticks, timeout=wait)
             _transport("stop")
             assert _wait(lambda: "stop" in got.types(), timeout=2)
         finally:
@@ -289,43 +290,67 @@ def _capture_clock_master(bpm: int, ticks: int) -> list[MidiEvent]:
     return got.snapshot()
 
 
+def _judge_follower(
+    events: list[MidiEvent], nominal: float
+) -> tuple[MidiClockFollower, list[float], list[float]]:
+    """Feed a master's events to a follower that predicts, on every beat, when the next
+    beat's tick arrives. Returns the follower, the prediction errors and its tempo at each
+    predicted tick, judged only where the master itself kept its tempo (within a JACK
+    period or two) from the start of the follower's window (48 ticks) to the predicted
+    tick: with the dummy driver JACK's clock is a sleeping thread, and when an overloaded
+    VM stalls it the master is late (nothing a follower can predict)."""
+    clock_times = [e.time for e in events if e.message.type == "clock"]
+    # how far each tick is from a master keeping ``nominal`` exactly: over a steady span
+    # this varies by about a JACK period (ticks arrive with the cycle that carries them)
+    drift = [t - k * nominal for k, t in enumerate(clock_times)]
+
+    def steady(a: int, b: int) -> bool:
+        span = drift[a : b + 1]
+        return max(span) - min(span) <= 0.0025
+
+    follower = MidiClockFollower(fallback_bpm=100.0)
+    errors: list[float] = []
+    bpms: list[float] = []
+    predicted: dict[int, tuple[int, float]] = {}  # position -> (made at clock index, time)
+    i = -1
+    for ev in events:
+        follower.feed(ev.time, ev.message)
+        if ev.message.type != "clock":
+            continue
+        i += 1
+        if not follower.running(ev.time):
+            continue
+        tick = round(follower.beat_at(ev.time) * 24)
+        if tick in predicted:
+            made_at, t_pred = predicted.pop(tick)
+            if made_at >= 48 and steady(made_at - 48, i):
+                errors.append(ev.time - t_pred)
+                bpms.append(follower.bpm())
+        # after a beat of ticks, on every beat: predict when the next beat's tick arrives
+        if follower.ticks >= 24 and tick % 24 == 0:
+            predicted[tick + 24] = (i, follower.time_at(tick / 24 + 1))
+    return follower, errors, bpms
+
+
 def test_follows_jack_midi_clock_from_another_process(jack_server: object) -> None:
     require_tool("jack_midi_clock", "jack_transport")
     nominal = 60.0 / (137 * 24)
-    for _attempt in range(3):
-        events = _capture_clock_master(137, ticks=24 * 3 + 2)
-        ticks = [e.time for e in events if e.message.type == "clock"]
-        slips = [b - a for a, b in itertools.pairwise(ticks) if abs(b - a - nominal) > 0.0025]
-        # with the dummy driver JACK's clock is a sleeping thread: on an overloaded machine
-        # it slips, and then the master itself is late (nothing a follower can predict).
-        # Judge the follower on an undisturbed run.
-        if not slips:
+    for _attempt in range(4):
+        events = _capture_clock_master(137, ticks=24 * 7 + 2)
+        follower, errors, bpms = _judge_follower(events, nominal)
+        if len(errors) >= 2:
             break
     else:
+        ticks = [e.time for e in events if e.message.type == "clock"]
+        slips = [b - a for a, b in itertools.pairwise(ticks) if abs(b - a - nominal) > 0.0025]
         pytest.fail(f"the JACK server could not keep time (machine overloaded?): {slips}")
 
     types = [e.message.type for e in events]
     assert "start" in types or "continue" in types
-    follower = MidiClockFollower(fallback_bpm=100.0)
-    errors: list[float] = []
-    predicted: dict[int, float] = {}
-    running_seen = False
-    for ev in events:
-        follower.feed(ev.time, ev.message)
-        if ev.message.type != "clock" or not follower.running(ev.time):
-            continue
-        running_seen = True
-        tick = round(follower.beat_at(ev.time) * 24)
-        if tick in predicted:
-            errors.append(ev.time - predicted.pop(tick))
-        # after a beat of ticks, on every beat: predict when the next beat's tick arrives
-        if follower.ticks >= 24 and tick % 24 == 0:
-            predicted[tick + 24] = follower.time_at(tick / 24 + 1)
-    assert running_seen
-    assert abs(follower.bpm() - 137.0) < 0.5, follower.bpm()
-    assert len(errors) >= 2
+    assert all(abs(b - 137.0) < 0.5 for b in bpms), bpms
     assert max(abs(e) for e in errors) < 0.003, errors
-    assert follower.outliers == 0
-    # stopped: the position stays where Continue would resume
+    ticks = [e.time for e in events if e.message.type == "clock"]
+    if all(abs(b - a - nominal) <= 0.0025 for a, b in itertools.pairwise(ticks)):
+        assert follower.outliers == 0  # a steady master is never taken for a tempo change
     assert types[-1] == "stop" and not follower.running()
     assert follower.beat_at(0.0) == follower.beat_at(1e9) > 2.0
