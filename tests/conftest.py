@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 ABC_REEL = """X:1
 T:Test reel
@@ -143,13 +147,96 @@ def require_tool(*names: str) -> None:
     pytest.skip(msg)
 
 
+# The session JACK server's period. 128 frames (2.7 ms), not the 64 (1.3 ms) that
+# `divergent bench live` measures at: on these 2-vCPU VMs an idle dummy server at 64 frames
+# logged 113 xruns in 10 s (real-time threads woke more than a period late), and thousands
+# during a call-and-answer exchange, each losing that cycle's MIDI events; at 128 frames,
+# 2 idle and 0 to 75 in an exchange (measured side by side, 2026-11-21). Timing bounds
+# below are stated in periods where the period sets them.
+JACK_RATE = 48000
+JACK_PERIOD_FRAMES = 128
+JACK_PERIOD_S = JACK_PERIOD_FRAMES / JACK_RATE
+
+
 @pytest.fixture(scope="session")
 def jack_server():  # type: ignore[no-untyped-def]
-    """A JACK dummy server (64 frames at 48 kHz) for the session, or the one running."""
+    """A JACK dummy server (JACK_PERIOD_FRAMES at 48 kHz) for the session, or the one
+    running."""
     require_tool("jackd", "jack_lsp")
     from bridges.jack import JackServer
 
-    server = JackServer(rate=48000, period=64)
+    server = JackServer(rate=JACK_RATE, period=JACK_PERIOD_FRAMES)
     server.start()
     yield server
     server.stop()
+
+
+_XRUNS = pytest.StashKey[tuple[Any, int]]()
+_NOT_JUDGED = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(autouse=True)
+def _count_jack_xruns(request: pytest.FixtureRequest) -> None:
+    """For tests on JACK: note jackd's xrun count as the test starts (see the hook below)."""
+    if "jack_server" in request.fixturenames:
+        server = request.getfixturevalue("jack_server")
+        request.node.stash[_XRUNS] = (server, server.xruns())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A failed test on JACK says how many xruns jackd logged while it ran. An xrun is a
+    JACK client that missed its cycle, and JACK drops that cycle's MIDI events: with
+    xruns, a timing or a lost-event failure is the machine's first."""
+    report = yield
+    if report.failed and _XRUNS in item.stash:
+        server, before = item.stash[_XRUNS]
+        n = server.xruns() - before
+        report.sections.append(("jack", f"jackd logged {n} xruns during this test"))
+    return report
+
+
+def on_clean_jack(
+    request: pytest.FixtureRequest,
+    jack_server: Any,
+    run: Callable[[], T],
+    *,
+    what: str,
+    tries: int = 3,
+    max_xruns: int = 0,
+) -> tuple[T, int, bool]:
+    """Run ``run`` until JACK ran it with at most ``max_xruns`` xruns, ``tries`` times at
+    most: (its result, the xruns jackd logged during it, whether it was clean).
+
+    Why: on these shared VMs real-time threads sometimes wake tens of ms late, and then
+    every JACK client misses cycles by the thousand and JACK drops their MIDI events
+    (measured: idle 64-frame dummy server, 113 xruns in 10 s; an exchange, thousands).
+    What JACK did not deliver says nothing of our code, so checks that need every event
+    delivered on time (exact counts, stuck notes at a peer, timing percentiles) are made
+    on a clean run; when no try was clean, the caller makes only the checks that hold
+    anyway, and the terminal summary lists ``what`` went unjudged.
+    """
+    for _ in range(tries):
+        before = jack_server.xruns()
+        result = run()
+        xruns = jack_server.xruns() - before
+        if xruns <= max_xruns:
+            return result, xruns, True
+    not_judged(request, what, f"JACK had xruns in each of {tries} tries, {xruns} in the last")
+    return result, xruns, False
+
+
+def not_judged(request: pytest.FixtureRequest, what: str, why: str) -> None:
+    """Note for the terminal summary that this test could not judge ``what``."""
+    request.config.stash.setdefault(_NOT_JUDGED, []).append(
+        f"{request.node.nodeid}: {what} ({why})"
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """List what went unjudged because JACK could not run clean (see ``on_clean_jack``)."""
+    lines = config.stash.get(_NOT_JUDGED, [])
+    if lines:
+        terminalreporter.section("not judged: JACK dropped events (xruns) in every try")
+        for line in lines:
+            terminalreporter.line(line)

@@ -16,7 +16,7 @@ import pytest
 from server.bench_live import onset_errors
 from server.livepeer import ServeProcess
 from tests.bridges.test_mqtt import Broker, free_tcp_port
-from tests.conftest import require_tool
+from tests.conftest import not_judged, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def mqtt_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_mqtt_controls_answers_errors_and_a_broker_outage(
-    tmp_path: Path, mqtt_broker: Broker, jack_server: Any
+    tmp_path: Path, mqtt_broker: Broker, jack_server: Any, request: pytest.FixtureRequest
 ) -> None:
     inst = "stage1"
     name = f"dvmq{int(time.time() * 1000) % 100000}"
@@ -104,6 +104,7 @@ def test_mqtt_controls_answers_errors_and_a_broker_outage(
         assert ans["divergence"] == pytest.approx(0.6) and ans["notes"] > 0
 
         # the broker dies during a jam: the music stays on time
+        xruns = jack_server.xruns()
         listener = subprocess.Popen(
             [sys.executable, "-m", "server.livepeer", "listen", "--server", name,
              "--no-send", "--seconds", "7"],
@@ -133,7 +134,11 @@ def test_mqtt_controls_answers_errors_and_a_broker_outage(
         errs = onset_errors(sp.trace_events(), res["received"])
         assert len(errs) >= 10, "the jam played through the outage"
         errs.sort()
-        assert errs[int(0.95 * (len(errs) - 1))] <= 3.0, errs
+        xruns = jack_server.xruns() - xruns
+        if xruns <= 20:  # else JACK itself dropped and delayed events (see on_clean_jack)
+            assert errs[int(0.95 * (len(errs) - 1))] <= 3.0, errs
+        else:
+            not_judged(request, "onset times during the outage", f"JACK had {xruns} xruns")
         assert sp.proc is not None and sp.proc.poll() is None
     finally:
         sub.close()

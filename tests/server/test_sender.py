@@ -23,10 +23,10 @@ import mido
 import pytest
 
 from server.sender import Sender, Sent
-from tests.conftest import require_tool
+from tests.conftest import JACK_PERIOD_S as PERIOD_S
+from tests.conftest import not_judged, require_tool
 
 JACK_BACKEND = "mido.backends.rtmidi/UNIX_JACK"
-PERIOD_S = 64 / 48000  # the session JACK server: 64 frames at 48 kHz
 
 # The peer: a separate process with its own JACK MIDI input, printing one JSON line per
 # message as [arrival time.monotonic(), [bytes]]. The stamp is taken first thing in the
@@ -156,16 +156,26 @@ def _percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
-def _measure(out: Any, peer: JackPeer, *, lead_s: float) -> tuple[list[float], Sender]:
-    """:func:`_onset_errors`, once more if the machine stalled so long (> 20 ms) that the
-    sender dropped a late note, as it must (never play late), or JACK lost a message in
-    an xrun: a VM hiccup, not a sender fault; twice in a row fails."""
-    for _ in range(2):
+def _measure(
+    out: Any, peer: JackPeer, jack_server: Any, *, lead_s: float
+) -> tuple[list[float], Sender] | None:
+    """:func:`_onset_errors` on a run JACK ran clean (at most 3 xruns: a JACK client that
+    missed its cycle, whose MIDI events JACK then dropped), three tries at most; None when
+    every try had more. A try that lost or dropped notes with no xrun is tried again too (the VM
+    stalled the sender past ``late_drop_s``: it must drop, never play late), but if every
+    try lost notes and one of them had no xrun, the sender is at fault."""
+    clean_loss = False
+    for _ in range(3):
         peer.clear()
+        before = jack_server.xruns()
         res = _onset_errors(out, peer, lead_s=lead_s)
-        if res is not None:
+        xruns = jack_server.xruns() - before
+        if res is not None and xruns <= 3:  # a few disturbed notes of 100 move no p90
             return res
-    pytest.fail("two runs lost or dropped notes: the machine stalled (> 20 ms, or xruns)")
+        clean_loss = clean_loss or (res is None and xruns == 0)
+    if clean_loss:
+        pytest.fail("three runs lost or dropped notes, one of them with no JACK xrun")
+    return None
 
 
 def _onset_errors(
@@ -197,13 +207,27 @@ def _onset_errors(
     return [arrival - t for (arrival, _), t in zip(ons, times, strict=True)], sender
 
 
-def test_onset_precision_through_jack(jack_link: tuple[Any, JackPeer]) -> None:
+def _bounds_ms() -> tuple[float, float]:
+    """Bounds on |onset error| p50 and p90 in ms: the half period JACK quantises to, plus
+    0.55 ms (p50) and 1.33 ms (p90) of jitter (1.2 and 2.0 ms at 64 frames, 1.9 and 2.7 at
+    128). A sender held up by CPython's 5 ms switch interval is 3 to 4 ms late at p50."""
+    half = PERIOD_S / 2 * 1000
+    return half + 0.55, half + 1.33
+
+
+def test_onset_precision_through_jack(
+    jack_link: tuple[Any, JackPeer], jack_server: Any, request: pytest.FixtureRequest
+) -> None:
     # Half a period of lead centres the error on zero (JACK delivers at the next period
-    # boundary, so with no lead the error is uniform over 0..1.33 ms): measured p99 0.75 to
-    # 1.6 ms with it, 1.5 ms or more without.
+    # boundary, so with no lead the error is uniform over a period): at 64 frames measured
+    # p99 0.75 to 1.6 ms with it, 1.5 ms or more without.
     lead_s = PERIOD_S / 2
     out, peer = jack_link
-    errors, sender = _measure(out, peer, lead_s=lead_s)
+    measured = _measure(out, peer, jack_server, lead_s=lead_s)
+    if measured is None:
+        not_judged(request, "onset precision", "JACK had xruns in each of 3 tries")
+        return
+    errors, sender = measured
     ms = sorted(abs(e) * 1000 for e in errors)
     p50, p99 = _percentile(ms, 50), _percentile(ms, 99)
     signed = [e * 1000 for e in errors]
@@ -211,19 +235,22 @@ def test_onset_precision_through_jack(jack_link: tuple[Any, JackPeer]) -> None:
         f"\nlead {lead_s * 1000:.2f} ms: |arrival - scheduled| p50 {p50:.2f} ms, p99 {p99:.2f} ms,"
         f" signed min {min(signed):.2f} max {max(signed):.2f} ms; {sender.stats}"
     )
-    # JACK delivers MIDI once per 1.33 ms period, so a period of error is the floor. The
+    # JACK delivers MIDI once per period, so half a period of error is the floor. The
     # p99 target (1.8 ms) is `divergent bench live`'s to measure: on a shared CI machine a
     # single hiccup of JACK or the VM is the p99 of 100 notes, so this test bounds the
     # bulk (a sender that is systematically late, e.g. with CPython's 5 ms switch
     # interval, is 3-4 ms late at the median) and the worst case loosely.
     p90 = _percentile(ms, 90)
-    assert p50 <= 1.2 and p90 <= 2.0, f"onset error p50 {p50:.2f} ms, p90 {p90:.2f} ms"
+    p50_max, p90_max = _bounds_ms()
+    assert p50 <= p50_max and p90 <= p90_max, f"onset error p50 {p50:.2f} ms, p90 {p90:.2f} ms"
     assert p99 <= 8.0, f"p99 onset error {p99:.2f} ms"
     # Never more than a period early, whatever the lead.
     assert min(signed) > -PERIOD_S * 1000 - 0.5
 
 
-def test_onset_precision_with_a_busy_python_thread(jack_link: tuple[Any, JackPeer]) -> None:
+def test_onset_precision_with_a_busy_python_thread(
+    jack_link: tuple[Any, JackPeer], jack_server: Any, request: pytest.FixtureRequest
+) -> None:
     """The server's situation: a sampler thread running pure Python beside the sender.
 
     It holds the GIL except when forced to hand it over, once per switch interval: with
@@ -244,17 +271,22 @@ def test_onset_precision_with_a_busy_python_thread(jack_link: tuple[Any, JackPee
     worker = threading.Thread(target=sampler, daemon=True)
     worker.start()
     try:
-        errors, sender = _measure(out, peer, lead_s=PERIOD_S / 2)
+        measured = _measure(out, peer, jack_server, lead_s=PERIOD_S / 2)
     finally:
         stop.set()
         worker.join()
         sys.setswitchinterval(old)
+    if measured is None:
+        not_judged(request, "onset precision", "JACK had xruns in each of 3 tries")
+        return
+    errors, sender = measured
     ms = sorted(abs(e) * 1000 for e in errors)
     p50, p99 = _percentile(ms, 50), _percentile(ms, 99)
     print(f"\nbusy thread: p50 {p50:.2f} ms, p99 {p99:.2f} ms; {sender.stats}")
     p90 = _percentile(ms, 90)
     # bulk and worst case bounded separately, as above (bench live measures the p99)
-    assert p50 <= 1.2 and p90 <= 2.0, f"busy thread: p50 {p50:.2f} ms, p90 {p90:.2f} ms"
+    p50_max, p90_max = _bounds_ms()
+    assert p50 <= p50_max and p90 <= p90_max, f"busy thread: p50 {p50:.2f} ms, p90 {p90:.2f} ms"
     assert p99 <= 8.0, f"p99 onset error {p99:.2f} ms with a busy Python thread"
 
 
