@@ -200,9 +200,9 @@ def _onset_errors(
         stats = sender.stats
     if stats.dropped_late:
         return None
-    assert ok, f"only {len(peer.events)} of {2 * n} messages arrived; {stats}"
+    assert stats.notes_on == stats.notes_off == n, stats  # the sender sent every message
     ons = [(t, d) for t, d in peer.events if d[0] & 0xF0 == 0x90 and d[2] > 0]
-    if [d[1] for _, d in ons] != [36 + i % 60 for i in range(n)]:
+    if not ok or [d[1] for _, d in ons] != [36 + i % 60 for i in range(n)]:
         return None  # a message lost in JACK (an xrun on a stalled VM): measure again
     return [arrival - t for (arrival, _), t in zip(ons, times, strict=True)], sender
 
@@ -290,8 +290,10 @@ def test_onset_precision_with_a_busy_python_thread(
     assert p99 <= 8.0, f"p99 onset error {p99:.2f} ms with a busy Python thread"
 
 
-def test_panic_through_jack_leaves_nothing_stuck(jack_link: tuple[Any, JackPeer]) -> None:
-    out, peer = jack_link
+def _panic_once(out: Any, peer: JackPeer) -> tuple[Counter[tuple[int, int]], set[Any], int]:
+    """Overlapping notes, some still pending, then panic: what the peer saw (the balance
+    of note-ons and note-offs per key, the CCs) and how many notes were cancelled."""
+    peer.clear()
     sender = Sender(sinks=[out.send])
     sender.start()
     t0 = time.monotonic() + 0.02
@@ -306,7 +308,7 @@ def test_panic_through_jack_leaves_nothing_stuck(jack_link: tuple[Any, JackPeer]
     assert sender.panic(wait=1.0)
     assert sender.sounding() == 0
     sender.close()
-    assert peer.wait_for(
+    peer.wait_for(
         lambda ev: sum(1 for _, d in ev if d[0] & 0xF0 == 0xB0 and d[1] == 123) >= 2, 2.0
     )
     time.sleep(0.05)
@@ -318,10 +320,25 @@ def test_panic_through_jack_leaves_nothing_stuck(jack_link: tuple[Any, JackPeer]
             balance[(d[0] & 0x0F, d[1])] -= 1
             # a note-off never arrives for a note that is not on
             assert balance[(d[0] & 0x0F, d[1])] >= 0
-    assert sum(balance.values()) == 0, f"stuck notes: {+balance}"
     ccs = {(d[0] & 0x0F, d[1], d[2]) for _, d in peer.events if d[0] & 0xF0 == 0xB0}
-    assert ccs == {(0, 123, 0), (1, 123, 0), (0, 64, 0), (1, 64, 0)}
-    assert sender.stats.cancelled > 0  # some notes were still pending at the panic
+    return balance, ccs, sender.stats.cancelled
+
+
+def test_panic_through_jack_leaves_nothing_stuck(
+    jack_link: tuple[Any, JackPeer], jack_server: Any
+) -> None:
+    out, peer = jack_link
+    want_ccs = {(0, 123, 0), (1, 123, 0), (0, 64, 0), (1, 64, 0)}
+    for _ in range(5):
+        before = jack_server.xruns()
+        balance, ccs, cancelled = _panic_once(out, peer)
+        if sum(balance.values()) == 0 and ccs == want_ccs:
+            break
+        # only JACK dropping events in an xrun excuses a difference (and another try)
+        assert jack_server.xruns() > before, (f"stuck notes: {+balance}", ccs)
+    else:
+        pytest.fail("JACK dropped events in an xrun in each of 5 tries")
+    assert cancelled > 0  # some notes were still pending at the panic
 
 
 # --- balance and robustness, with a plain list as the sink -------------------------------
