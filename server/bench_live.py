@@ -141,13 +141,13 @@ class Mosquitto:
             self.proc = None
 
 
-def mqtt_outage(*, outage_s: float = 30.0) -> dict[str, Any]:
+def mqtt_outage(*, outage_s: float = 30.0, jack_period: int = 64) -> dict[str, Any]:
     """Jam over JACK while the MQTT broker is killed for ``outage_s``: the onset error
     of the machine's notes before, during and after, and how long telemetry takes to
     come back once the broker does (a new subscriber sees a status message)."""
     import threading
 
-    with JackServer(rate=48000, period=64), tempfile.TemporaryDirectory() as tmp:
+    with JackServer(rate=48000, period=jack_period) as jack, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = Mosquitto(work)
         broker.start()
@@ -211,14 +211,18 @@ def mqtt_outage(*, outage_s: float = 30.0) -> dict[str, Any]:
             "onset_error_ms_after": window(t_back, float("inf")),
             "telemetry_resumed_s": resumed,
             "stuck_notes": len(json.loads(out.strip().splitlines()[-1])["stuck"]),
+            # JACK drops a cycle's MIDI events in an xrun: a run with many is the VM's
+            "jack_xruns": jack.xruns(),
+            "jack_period_frames": jack_period,
         }
 
 
 def run_bench_live(
-    *, answers: int = 30, flood_s: float = 10.0, rate: float = 2000.0
+    *, answers: int = 30, flood_s: float = 10.0, rate: float = 2000.0, jack_period: int = 64
 ) -> dict[str, Any]:
-    """Run every live measurement once; the JSON shape the issue asks for, plus detail."""
-    with JackServer(rate=48000, period=64) as jack, tempfile.TemporaryDirectory() as tmp:
+    """Run every live measurement once; the JSON shape the issue asks for, plus detail.
+    ``jack_period``: frames per period of the JACK dummy server started when none runs."""
+    with JackServer(rate=48000, period=jack_period) as jack, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         client = f"divbench{int(time.time()) % 100000}"
         serve = ServeProcess(
@@ -279,4 +283,5 @@ def run_bench_live(
             "stuck_notes": len(peer["stuck"]),
             "jack_xruns": jack.xruns(),
             "exit_code": rc,
+            "jack_period_frames": jack_period,
         }

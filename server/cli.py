@@ -159,9 +159,11 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
     from server.bench_live import mqtt_outage, run_bench_live
 
     if args.mqtt_outage:
-        res = mqtt_outage(outage_s=args.mqtt_outage)
+        res = mqtt_outage(outage_s=args.mqtt_outage, jack_period=args.jack_period)
     else:
-        res = run_bench_live(answers=args.answers, flood_s=args.flood_seconds)
+        res = run_bench_live(
+            answers=args.answers, flood_s=args.flood_seconds, jack_period=args.jack_period
+        )
     print(json.dumps(res, indent=None if args.json else 1))
     return 0
 
@@ -329,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl = besub.add_parser("live", help="the live path with real JACK and OSC peers")
     bl.add_argument("--answers", type=int, default=30, help="phrases to answer")
     bl.add_argument("--flood-seconds", type=float, default=10.0)
+    bl.add_argument(
+        "--jack-period",
+        type=int,
+        default=64,
+        metavar="FRAMES",
+        help="frames per period of the JACK dummy server it starts when none runs "
+        "(48 kHz; default 64 = 1.3 ms)",
+    )
     bl.add_argument(
         "--mqtt-outage",
         type=float,

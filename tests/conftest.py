@@ -237,6 +237,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     """List what went unjudged because JACK could not run clean (see ``on_clean_jack``)."""
     lines = config.stash.get(_NOT_JUDGED, [])
     if lines:
-        terminalreporter.section("not judged: JACK dropped events (xruns) in every try")
+        terminalreporter.section("not judged: JACK dropped or delayed MIDI events (xruns)")
         for line in lines:
             terminalreporter.line(line)

@@ -158,34 +158,42 @@ def _percentile(xs: list[float], q: float) -> float:
 
 def _measure(
     out: Any, peer: JackPeer, jack_server: Any, *, lead_s: float
-) -> tuple[list[float], Sender] | None:
-    """:func:`_onset_errors` on a run JACK ran clean (at most 3 xruns: a JACK client that
-    missed its cycle, whose MIDI events JACK then dropped), three tries at most; None when
-    every try had more. A try that lost or dropped notes with no xrun is tried again too (the VM
-    stalled the sender past ``late_drop_s``: it must drop, never play late), but if every
-    try lost notes and one of them had no xrun, the sender is at fault."""
-    clean_loss = False
+) -> tuple[list[float], Sender, int] | None:
+    """:func:`_onset_errors` and the xruns jackd logged meanwhile (an xrun: a JACK client
+    that missed its cycle, whose MIDI events JACK then dropped or delayed): the first try
+    with at most 3 xruns, else the try with the fewest, of three; None if every try lost
+    notes. Notes may be lost only where JACK logged xruns: a try that lost some with no
+    xrun is a sender fault, unless the sender dropped them itself as too late (the VM
+    stalled it past ``late_drop_s``: it must drop, never play late)."""
+    best: tuple[list[float], Sender, int] | None = None
     for _ in range(3):
         peer.clear()
         before = jack_server.xruns()
         res = _onset_errors(out, peer, lead_s=lead_s)
         xruns = jack_server.xruns() - before
-        if res is not None and xruns <= 3:  # a few disturbed notes of 100 move no p90
-            return res
-        clean_loss = clean_loss or (res is None and xruns == 0)
-    if clean_loss:
-        pytest.fail("three runs lost or dropped notes, one of them with no JACK xrun")
-    return None
+        if res is None:  # the sender dropped late notes: a stall, measure again
+            continue
+        errors, sender, lost = res
+        assert lost == 0 or xruns > 0, f"{lost} notes lost with no JACK xrun"
+        if lost > 10:
+            continue
+        if best is None or xruns < best[2]:
+            best = (errors, sender, xruns)
+        if xruns <= 3:
+            break
+    return best
 
 
 def _onset_errors(
     out: Any, peer: JackPeer, *, lead_s: float, n: int = 100, gap: float = 0.02
-) -> tuple[list[float], Sender] | None:
-    """Schedule ``n`` notes about ``gap`` apart through a Sender; arrival - scheduled each.
+) -> tuple[list[float], Sender, int] | None:
+    """Schedule ``n`` notes about ``gap`` apart through a Sender: arrival - scheduled of
+    each note that arrived, the sender, how many did not arrive; None if the sender
+    dropped notes as late.
 
-    Each onset is shifted by a different fraction of a JACK period: 20 ms is exactly 15
-    periods, and without the shift every note would land at the same phase of the cycle,
-    measuring one point of the error distribution instead of all of it.
+    Each onset is shifted by a different fraction of a JACK period: 20 ms is a whole
+    number of periods, and without the shift every note would land at the same phase of
+    the cycle, measuring one point of the error distribution instead of all of it.
     """
     # SCHED_FIFO (below JACK's client threads at 5) as the server runs it: other processes
     # on a busy CI machine then cannot preempt the sender (refused quietly when not root).
@@ -194,17 +202,25 @@ def _onset_errors(
         times = [t0 + i * gap + (i * 0.618034 % 1.0) * PERIOD_S for i in range(n)]
         for i, t in enumerate(times):
             sender.schedule_note(on=t, off=t + gap / 2, pitch=36 + i % 60, velocity=100)
-        ok = peer.wait_for(
+        peer.wait_for(
             lambda ev: sum(1 for _, d in ev if d[0] & 0xF0 == 0x80) >= n, times[-1] - t0 + 2.0
         )
         stats = sender.stats
     if stats.dropped_late:
         return None
     assert stats.notes_on == stats.notes_off == n, stats  # the sender sent every message
-    ons = [(t, d) for t, d in peer.events if d[0] & 0xF0 == 0x90 and d[2] > 0]
-    if not ok or [d[1] for _, d in ons] != [36 + i % 60 for i in range(n)]:
-        return None  # a message lost in JACK (an xrun on a stalled VM): measure again
-    return [arrival - t for (arrival, _), t in zip(ons, times, strict=True)], sender
+    ons = [(t, d[1]) for t, d in peer.events if d[0] & 0xF0 == 0x90 and d[2] > 0]
+    # match arrivals to notes in order by pitch (consecutive pitches differ, so a note
+    # JACK lost is skipped, never mistaken for the next one)
+    errors: list[float] = []
+    i = 0
+    for arrival, pitch in ons:
+        while i < n and 36 + i % 60 != pitch:
+            i += 1
+        assert i < n, f"pitch {pitch} arrived out of order"
+        errors.append(arrival - times[i])
+        i += 1
+    return errors, sender, n - len(errors)
 
 
 def _bounds_ms() -> tuple[float, float]:
@@ -225,27 +241,40 @@ def test_onset_precision_through_jack(
     out, peer = jack_link
     measured = _measure(out, peer, jack_server, lead_s=lead_s)
     if measured is None:
-        not_judged(request, "onset precision", "JACK had xruns in each of 3 tries")
-        return
-    errors, sender = measured
+        pytest.fail("no try of 3 without late notes dropped or over 10 of 100 lost in JACK")
+    errors, sender, xruns = measured
     ms = sorted(abs(e) * 1000 for e in errors)
-    p50, p99 = _percentile(ms, 50), _percentile(ms, 99)
+    p50, p90, p99 = _percentile(ms, 50), _percentile(ms, 90), _percentile(ms, 99)
     signed = [e * 1000 for e in errors]
     print(
         f"\nlead {lead_s * 1000:.2f} ms: |arrival - scheduled| p50 {p50:.2f} ms, p99 {p99:.2f} ms,"
-        f" signed min {min(signed):.2f} max {max(signed):.2f} ms; {sender.stats}"
+        f" signed min {min(signed):.2f} max {max(signed):.2f} ms; {xruns} xruns; {sender.stats}"
     )
     # JACK delivers MIDI once per period, so half a period of error is the floor. The
     # p99 target (1.8 ms) is `divergent bench live`'s to measure: on a shared CI machine a
     # single hiccup of JACK or the VM is the p99 of 100 notes, so this test bounds the
     # bulk (a sender that is systematically late, e.g. with CPython's 5 ms switch
     # interval, is 3-4 ms late at the median) and the worst case loosely.
-    p90 = _percentile(ms, 90)
+    _judge(request, p50, p90, p99, xruns)
+    if xruns <= 3:
+        # never more than a period early, whatever the lead
+        assert min(signed) > -PERIOD_S * 1000 - 0.5
+
+
+def _judge(
+    request: pytest.FixtureRequest, p50: float, p90: float, p99: float, xruns: int
+) -> None:
+    """The median always (each xrun disturbs a note or two of 100); p90 with at most 10
+    xruns in the run, p99 with at most 3."""
     p50_max, p90_max = _bounds_ms()
-    assert p50 <= p50_max and p90 <= p90_max, f"onset error p50 {p50:.2f} ms, p90 {p90:.2f} ms"
-    assert p99 <= 8.0, f"p99 onset error {p99:.2f} ms"
-    # Never more than a period early, whatever the lead.
-    assert min(signed) > -PERIOD_S * 1000 - 0.5
+    assert p50 <= p50_max, f"onset error p50 {p50:.2f} ms"
+    if xruns <= 10:
+        assert p90 <= p90_max, f"onset error p90 {p90:.2f} ms"
+    if xruns <= 3:
+        assert p99 <= 8.0, f"p99 onset error {p99:.2f} ms"
+    else:
+        not_judged(request, "onset error p99" + (", p90" if xruns > 10 else ""),
+                   f"JACK had {xruns} xruns in the best of 3 tries")
 
 
 def test_onset_precision_with_a_busy_python_thread(
@@ -277,17 +306,13 @@ def test_onset_precision_with_a_busy_python_thread(
         worker.join()
         sys.setswitchinterval(old)
     if measured is None:
-        not_judged(request, "onset precision", "JACK had xruns in each of 3 tries")
-        return
-    errors, sender = measured
+        pytest.fail("no try of 3 without late notes dropped or over 10 of 100 lost in JACK")
+    errors, sender, xruns = measured
     ms = sorted(abs(e) * 1000 for e in errors)
-    p50, p99 = _percentile(ms, 50), _percentile(ms, 99)
-    print(f"\nbusy thread: p50 {p50:.2f} ms, p99 {p99:.2f} ms; {sender.stats}")
-    p90 = _percentile(ms, 90)
+    p50, p90, p99 = _percentile(ms, 50), _percentile(ms, 90), _percentile(ms, 99)
+    print(f"\nbusy thread: p50 {p50:.2f} ms, p99 {p99:.2f} ms; {xruns} xruns; {sender.stats}")
     # bulk and worst case bounded separately, as above (bench live measures the p99)
-    p50_max, p90_max = _bounds_ms()
-    assert p50 <= p50_max and p90 <= p90_max, f"busy thread: p50 {p50:.2f} ms, p90 {p90:.2f} ms"
-    assert p99 <= 8.0, f"p99 onset error {p99:.2f} ms with a busy Python thread"
+    _judge(request, p50, p90, p99, xruns)
 
 
 def _panic_once(out: Any, peer: JackPeer) -> tuple[Counter[tuple[int, int]], set[Any], int]:
