@@ -135,10 +135,11 @@ def test_mqtt_controls_answers_errors_and_a_broker_outage(
         assert len(errs) >= 10, "the jam played through the outage"
         errs.sort()
         xruns = jack_server.xruns() - xruns
+        assert errs[len(errs) // 2] <= 3.0, errs  # the median, whatever JACK did
         if xruns <= 20:  # else JACK itself dropped and delayed events (see on_clean_jack)
             assert errs[int(0.95 * (len(errs) - 1))] <= 3.0, errs
         else:
-            not_judged(request, "onset times during the outage", f"JACK had {xruns} xruns")
+            not_judged(request, "onset p95 during the outage", f"JACK had {xruns} xruns")
         assert sp.proc is not None and sp.proc.poll() is None
     finally:
         sub.close()
