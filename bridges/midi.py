@@ -275,7 +275,13 @@ class MidiIO:
         self._send_lock = threading.Lock()
         self._poll_stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # Poll every 0.5 ms while MIDI flows, every 2 ms after a second of silence: an idle
+        # server polling at 2 kHz spent ~6% of a core on wake-ups alone (measured here).
+        # Arrival times come from rtmidi's stamps, so the slower idle poll only delays the
+        # first event of a phrase by up to 2 ms; it does not move its time.
         self.poll_interval = 0.0005
+        self.idle_poll_interval = 0.002
+        self.idle_after_s = 1.0
 
     # ------------------------------------------------------------------ properties
 
@@ -411,12 +417,15 @@ class MidiIO:
         """Read rtmidi's input queue until closed (the thread behind ``on_event``)."""
         clock = ArrivalClock()
         get = port.get_message
+        last_event = time.monotonic()
         while not self._poll_stop.is_set():
             event = get()
             if event is None:
-                time.sleep(self.poll_interval)
+                idle = time.monotonic() - last_event > self.idle_after_s
+                time.sleep(self.idle_poll_interval if idle else self.poll_interval)
                 continue
-            self._deliver(event[0], clock.stamp(event[1], time.monotonic()))
+            last_event = time.monotonic()
+            self._deliver(event[0], clock.stamp(event[1], last_event))
 
     def _deliver(self, data: list[int], t: float) -> None:
         try:

@@ -201,6 +201,29 @@ def test_notes_and_clock_reach_on_event_with_monotonic_stamps(jack_server: objec
         assert a.malformed == 0 and a.callback_errors == 0
 
 
+def test_input_after_a_silence_is_read_at_once_and_stamped_on_arrival(
+    jack_server: object,
+) -> None:
+    """After a second of silence the input polls every 2 ms, not 0.5 (an idle server's
+    wake-ups cost CPU): the first event after it still comes within a few ms, stamped
+    when it arrived, and the poll is fast again for the events that follow."""
+    got = Collector()
+    with _io(got) as a, _io(Collector(), out_name=a.input_name) as b:
+        b.send(mido.Message("note_on", note=1))
+        assert _wait(lambda: len(got.snapshot()) == 1)
+        time.sleep(a.idle_after_s + 0.2)
+        t_sent = time.monotonic()
+        b.send(mido.Message("note_on", note=2))
+        assert _wait(lambda: len(got.snapshot()) == 2)
+        first = got.snapshot()[1]
+        b.send(mido.Message("note_on", note=3))
+        assert _wait(lambda: len(got.snapshot()) == 3)
+    assert first.message.note == 2
+    # stamped after the send, and within a JACK period or two of it on a quiet machine
+    # (the bound leaves room for a VM stall delaying JACK itself)
+    assert t_sent <= first.time <= t_sent + 0.05, first.time - t_sent
+
+
 def test_raw_mido_port_can_feed_the_virtual_input(jack_server: object) -> None:
     got = Collector()
     # a peer that knows nothing of bridges: mido's own JACK backend, no client name
