@@ -366,15 +366,10 @@ def test_follows_jack_midi_clock_from_another_process(
         if len(errors) >= 2:
             break
     else:
-        ticks = [e.time for e in events if e.message.type == "clock"]
-        drift = max(t - k * nominal for k, t in enumerate(ticks)) - min(
-            t - k * nominal for k, t in enumerate(ticks)
-        )
         not_judged(
             request, "the follower's predictions",
-            f"the master never kept its tempo for 3 beats: {drift * 1000:.0f} ms off a line",
+            "JACK's clock never kept its tempo for 3 beats in 4 tries",
         )
-        errors, bpms = [], []
 
     types = [e.message.type for e in events]
     assert "start" in types or "continue" in types

@@ -7,12 +7,14 @@ Bounds here are looser than the issue's targets (CI machines are shared and nois
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -67,14 +69,28 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def _sent_stuck(trace: list[dict[str, Any]]) -> list[int]:
-    """Notes the server itself left on: its trace of sent note-ons without a note-off."""
-    sent = [
-        (e["actual"], 0x90 if e["type"] == "note_on" else 0x80, e["note"], 1)
+def _sent(trace: list[dict[str, Any]]) -> list[list[float]]:
+    """The server's own note messages from its trace, shaped like a peer's received list
+    (time sent, status, note, velocity 1 for a note-on)."""
+    return [
+        [e["actual"], 0x90 if e["type"] == "note_on" else 0x80, e["note"], 1]
         for e in trace
         if e.get("event") == "sent" and e["type"] in ("note_on", "note_off")
     ]
-    return stuck_notes(sent)
+
+
+def _sent_stuck(trace: list[dict[str, Any]]) -> list[int]:
+    """Notes the server itself left on: its trace of sent note-ons without a note-off."""
+    return stuck_notes([(t, int(st), int(n), int(v)) for t, st, n, v in _sent(trace)])
+
+
+def _stats(sp: ServeProcess) -> list[Any]:
+    """The server's ``/divergent/stats`` reply."""
+    t = time.monotonic()
+    sp.osc.send("/divergent/stats")
+    got = sp.osc.wait_for("/divergent/stats", after=t)
+    assert got is not None, sp.log()[-3000:]
+    return got[2]
 
 
 def _wait_silent(sp: ServeProcess, timeout: float = 10.0) -> None:
@@ -83,10 +99,7 @@ def _wait_silent(sp: ServeProcess, timeout: float = 10.0) -> None:
     server sends that note's note-off."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        t = time.monotonic()
-        sp.osc.send("/divergent/stats")
-        reply = sp.osc.wait_for("/divergent/stats", after=t, timeout=1.0)
-        if reply is not None and reply[2][5] == 0:
+        if _stats(sp)[5] == 0:  # sounding
             time.sleep(0.2)  # the trace is flushed every 50 ms
             return
         time.sleep(0.1)
@@ -114,24 +127,28 @@ def test_call_mode_answers_each_phrase_through_jack(
 ) -> None:
     (answers, peer, trace, log), xruns, clean = on_clean_jack(
         request, jack_server, lambda: _call_exchange(serve_factory), max_xruns=30,
-        what="every phrase answered, nothing stuck at the peer, response and onset times",
+        what="at the peer: every phrase answered, nothing stuck, response and onset times",
     )
     # the server's own account holds whatever JACK delivered: a note-off for every note-on
     assert _sent_stuck(trace) == [], "the server sent a note-on without its note-off"
     assert answers >= 1, log
-    if not clean:
-        return
-    # a few xruns (each drops one cycle's events) may cost a note of a phrase or an answer
-    assert peer["stuck"] == [] or xruns > 0, [r for r in peer["received"] if r[2] in peer["stuck"]]
-    answered = sum(p["count"] > 0 for p in peer["phrases"])
-    assert answered == 4 or (xruns > 0 and answered >= 3), (peer["phrases"], log)
-    assert answers == 4 or (xruns > 0 and answers >= 3), log
-    resp = sorted(response_times(trace, peer["received"]))
-    errs = onset_errors(trace, peer["received"])
-    assert len(resp) >= answered - (xruns > 0)
-    assert resp[-1 - (xruns > 0)] <= 60.0, resp  # target (bench): p99 <= 20 ms
-    assert len(errs) >= 8
-    assert _pct(errs, 0.9) <= 4.0, errs  # target (bench): p99 <= 1.8 ms
+    if clean:
+        # a few xruns (each drops one cycle's events) may cost a note of a phrase or an answer
+        stuck = [r for r in peer["received"] if r[2] in peer["stuck"]]
+        assert peer["stuck"] == [] or xruns > 0, stuck
+        answered = sum(p["count"] > 0 for p in peer["phrases"])
+        assert answered == 4 or (xruns > 0 and answered >= 3), (peer["phrases"], log)
+        assert answers == 4 or (xruns > 0 and answers >= 3), log
+        resp = sorted(response_times(trace, peer["received"]))
+        errs = onset_errors(trace, peer["received"])
+        assert len(resp) >= answered - (xruns > 0)
+        assert resp[-1 - (xruns > 0)] <= 60.0, resp  # target (bench): p99 <= 20 ms
+        assert len(errs) >= 8
+        assert _pct(errs, 0.9) <= 4.0, errs  # target (bench): p99 <= 1.8 ms
+    else:
+        # what JACK delivered says nothing here: judge the server by when it sent
+        resp = sorted(response_times(trace, _sent(trace)))
+        assert resp and resp[len(resp) // 2] <= 60.0, resp
 
 
 def test_divergence_from_oscsend_reaches_readout_and_take(serve_factory: Any) -> None:
@@ -227,20 +244,13 @@ def test_flood_of_input_events_loses_nothing(
     name = _name()
     sp = serve_factory("--mode", "off", name=name)
 
-    def stats() -> list[Any]:
-        t = time.monotonic()
-        sp.osc.send("/divergent/stats")
-        got = sp.osc.wait_for("/divergent/stats", after=t)
-        assert got is not None
-        return got[2]
-
     def flood() -> tuple[int, int, list[Any]]:
-        before = stats()
+        before = _stats(sp)
         res = run_peer_process(
             ["flood", "--server", name, "--rate", "2000", "--seconds", "3"], timeout=30
         )
         time.sleep(0.3)
-        after = stats()
+        after = _stats(sp)
         return after[0] - before[0], res["sent"], after
 
     (received, sent, after), xruns, clean = on_clean_jack(
@@ -447,33 +457,34 @@ def test_midi_clock_master_drives_the_grid(
     assert len(ticks) > 100
     ons = [r[0] for r in peer["received"] if (r[1] & 0xF0) == 0x90 and r[3] > 0]
     assert ons, peer["phrases"]
-    if not clean:
-        return
-    assert abs(float(status[1]) - 137.0) < 3.0, status
-    assert len(ons) >= 4, peer["phrases"]
-    import bisect
-    import statistics
+    if clean:
+        assert abs(float(status[1]) - 137.0) < 3.0, status
+        assert len(ons) >= 4, peer["phrases"]
+        errs = _grid_errors(ticks, ons)
+        assert len(errs) >= max(4, len(ons) // 2), (len(errs), len(ons))
+        # on the beat grid within 3 ms (or a period, when that is longer): the bulk, because
+        # a stall of the dummy server shifts the master's phase after notes were timed
+        limit = max(3.0, _GRID_SLACK_S * 1000)
+        assert errs[int(0.75 * (len(errs) - 1))] <= limit, (len(errs), errs[-12:])
+        assert errs[-1] <= 25.0, errs[-12:]
 
+
+# MIDI arrives once per JACK period: a peer's stamps are the period's start
+_GRID_SLACK_S = JACK_PERIOD_S + 0.0007
+
+
+def _grid_errors(ticks: list[float], ons: list[float]) -> list[float]:
+    """Sorted ms from each onset to the nearest clock tick, for the onsets where the master
+    ticked steadily around them (every gap within a period and a bit of the median)."""
     period = statistics.median(ticks[i + 24] - ticks[i] for i in range(len(ticks) - 24)) / 24
-    # MIDI arrives once per JACK period: the peer's stamps are the period's start
-    slack = JACK_PERIOD_S + 0.0007
-
-    def dist(x: float) -> float | None:
-        """ms from x to the nearest tick, where the master ticked steadily around x."""
+    out = []
+    for x in ons:
         i = bisect.bisect_left(ticks, x)
         near = ticks[max(0, i - 4) : i + 4]
         gaps = [b - a for a, b in itertools.pairwise(near)]
-        if len(gaps) < 6 or max(abs(g - period) for g in gaps) > slack:
-            return None
-        return min(abs(x - t) for t in near) * 1000
-
-    judged = [d for d in (dist(x) for x in ons) if d is not None]
-    assert len(judged) >= max(4, len(ons) // 2), (len(judged), len(ons))
-    errs = sorted(judged)
-    # on the beat grid within 3 ms (or a period, when that is longer): the bulk, because
-    # a stall of the dummy server shifts the master's phase after notes were timed
-    assert errs[int(0.75 * (len(errs) - 1))] <= max(3.0, slack * 1000), (len(errs), errs[-12:])
-    assert errs[-1] <= 25.0, errs[-12:]
+        if len(gaps) >= 6 and max(abs(g - period) for g in gaps) <= _GRID_SLACK_S:
+            out.append(min(abs(x - t) for t in near) * 1000)
+    return sorted(out)
 
 
 def test_output_routed_back_to_input_does_not_answer_itself(serve_factory: Any) -> None:

@@ -211,7 +211,7 @@ def _onset_errors(
     assert stats.notes_on == stats.notes_off == n, stats  # the sender sent every message
     ons = [(t, d[1]) for t, d in peer.events if d[0] & 0xF0 == 0x90 and d[2] > 0]
     # match arrivals to notes in order by pitch (consecutive pitches differ, so a note
-    # JACK lost is skipped, never mistaken for the next one)
+    # JACK lost is passed over, never mistaken for the next one)
     errors: list[float] = []
     i = 0
     for arrival, pitch in ons:
