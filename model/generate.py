@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from model.grammar import NoteEvent, RemiGrammar, Sampler, logsoftmax
 from model.readout import FeatureReference, NgramIndex, Readout, compute_readout
 from model.runtime import IncrementalDecoder, OnnxModel
 from model.tokenizer import TokenizerError
+
+if TYPE_CHECKING:
+    from model.concept import ActiveConcept
 
 __all__ = [
     "Continuation",
@@ -61,7 +64,19 @@ class Continuation:
 class Generator:
     """Samples continuations from an :class:`OnnxModel`."""
 
-    def __init__(self, model: OnnxModel, steering: Steering | None = None) -> None:
+    def __init__(
+        self,
+        model: OnnxModel,
+        steering: Steering | None = None,
+        *,
+        concept: ActiveConcept | None = None,
+    ) -> None:
+        # a concept (``model.concept``): its weights in the decoder session, and its
+        # identifier tokens first in every context; without one nothing changes
+        self.concept = concept
+        self.concept_prefix: list[int] = list(concept.prefix) if concept is not None else []
+        if concept is not None:
+            model = concept.bind(model)
         self.model = model
         self.vocab = model.tokenizer.vocab
         self.decoder = IncrementalDecoder(model)
@@ -240,10 +255,10 @@ class Generator:
     def _context(self, ids: np.ndarray) -> list[int]:
         """The decoder's view of the prompt: the last PROMPT_TOKENS, cut at a bar line."""
         if len(ids) <= PROMPT_TOKENS:
-            return [self.vocab.bos, *(int(t) for t in ids)]
+            return [*self.concept_prefix, self.vocab.bos, *(int(t) for t in ids)]
         tail = ids[-PROMPT_TOKENS:]
         bars = np.flatnonzero(tail == self.vocab.bar)
-        return [int(t) for t in (tail[bars[0] :] if len(bars) else tail)]
+        return [*self.concept_prefix, *(int(t) for t in (tail[bars[0] :] if len(bars) else tail))]
 
 
 def ids_from_notes(
@@ -338,11 +353,21 @@ def generate_file(
     top_p: float = 0.95,
     divergence: float = 0.0,
     model_dir: Path | None = None,
+    concept: str | None = None,
+    concepts_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """``divergent generate``: continue a MIDI file and write the result."""
+    """``divergent generate``: continue a MIDI file and write the result.
+
+    ``concept`` names a learned concept (or ``A+B``) in ``concepts_dir``.
+    """
     model = OnnxModel(model_dir)
     score, ids = read_prompt(prompt, model)
-    gen = Generator(model)
+    active = None
+    if concept:
+        from model.concept import activate
+
+        active = activate(concept, model, concepts_dir)
+    gen = Generator(model, concept=active)
     cont = gen.continue_ids(
         ids, bars=bars, seed=seed, temperature=temperature, top_p=top_p, divergence=divergence
     )
@@ -357,4 +382,5 @@ def generate_file(
         "seed": seed,
         "divergence": divergence,
         "compute_ms": round(cont.compute_ms, 2),
+        **({"concept": active.spec, "concept_load_ms": round(active.load_ms, 1)} if active else {}),
     }

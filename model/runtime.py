@@ -185,6 +185,40 @@ class OnnxModel:
         feed.update(self.empty_cache(B))
         return np.asarray(self.decoder.run(["logits"], feed)[0])
 
+    def with_decoder_initializers(self, arrays: dict[str, np.ndarray]) -> OnnxModel:
+        """A shallow copy whose decoder session replaces the named initializers.
+
+        Used by concepts (``model.concept``): ``SessionOptions.add_initializer`` swaps
+        weights (MatMulNBits packed ones included) at session creation, so the same
+        graph file serves every concept. The copy shares the tokenizer and encoder.
+        """
+        import copy
+
+        import onnxruntime as ort
+
+        old = self.decoder.get_session_options()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = old.intra_op_num_threads
+        so.inter_op_num_threads = old.inter_op_num_threads
+        so.log_severity_level = old.log_severity_level
+        so.graph_optimization_level = old.graph_optimization_level
+        # ORT reads the buffers during the session's life: the copy keeps them
+        values = {
+            n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in arrays.items()
+        }
+        for name, value in values.items():
+            so.add_initializer(name, value)
+        try:
+            session = ort.InferenceSession(
+                str(self.files.decoder(self.precision)), so, providers=self.decoder.get_providers()
+            )
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise ModelError(f"cannot rebuild the decoder with new weights: {e}") from e
+        other = copy.copy(self)
+        other.decoder = session
+        other._initializer_values = values  # type: ignore[attr-defined]
+        return other
+
 
 class IncrementalDecoder:
     """Feed tokens, read the next-token logits; the KV cache lives between calls.

@@ -64,6 +64,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from model.concept import ConceptError
     from model.generate import GenerateError, generate_file
     from model.runtime import ModelError
 
@@ -77,8 +78,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             divergence=args.divergence,
             model_dir=Path(args.model) if args.model else None,
+            concept=args.concept,
+            concepts_dir=_concepts_dir(args),
         )
-    except (GenerateError, ModelError) as e:
+    except (GenerateError, ModelError, ConceptError) as e:
         raise CLIError(str(e)) from e
     if args.json:
         print(json.dumps(result, indent=1))
@@ -226,6 +229,87 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _concepts_dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.concepts) if args.concepts else None
+
+
+def _cmd_concept_learn(args: argparse.Namespace) -> int:
+    from model.concept import ConceptError, LearnConfig, learn_concept
+    from model.runtime import ModelError
+
+    try:
+        cfg = LearnConfig(
+            fraction=args.fraction, steps=args.steps, seed=args.seed, threads=args.threads
+        )
+        _, path, summary = learn_concept(
+            args.name,
+            [Path(r) for r in args.refs],
+            config=cfg,
+            concepts_dir=_concepts_dir(args),
+            model_dir=Path(args.model) if args.model else None,
+            progress=not args.json,
+        )
+    except (ConceptError, ModelError) as e:
+        raise CLIError(str(e)) from e
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(
+            f"learned {args.name} in {summary['learn_seconds']:.1f} s "
+            f"({summary['threads']} torch threads): {path} ({summary['bytes']:,} bytes)"
+        )
+    return 0
+
+
+def _cmd_concept_list(args: argparse.Namespace) -> int:
+    from model.concept import default_concepts_dir, list_concepts
+
+    folder = _concepts_dir(args) or default_concepts_dir()
+    concepts = list_concepts(folder)
+    if args.json:
+        print(json.dumps(concepts, indent=1))
+        return 0
+    if not concepts:
+        print(f"no concepts in {folder}")
+        return 0
+    print(f"concepts in {folder}:")
+    for c in concepts:
+        if "error" in c:
+            print(f"  {c['name']}  UNREADABLE: {c['error']}")
+            continue
+        print(
+            f"  {c['name']}  {c['bytes']:>8,} bytes  fraction {c['fraction']:g}  "
+            f"steps {c['steps']}  from {', '.join(c['references'])}"
+        )
+    return 0
+
+
+def _cmd_concept_remove(args: argparse.Namespace) -> int:
+    from model.concept import ConceptError, remove_concept
+
+    try:
+        path = remove_concept(args.name, _concepts_dir(args))
+    except ConceptError as e:
+        raise CLIError(str(e)) from e
+    print(f"removed {path}")
+    return 0
+
+
+def _cmd_evaluate_concept(args: argparse.Namespace) -> int:
+    from model.concept_eval import ConceptProtocol, evaluate_concept
+
+    _ensure_dataset(args.data)
+    res = evaluate_concept(
+        data=Path(args.data),
+        model_dir=Path(args.model) if args.model else None,
+        report=Path(args.report) if args.report else None,
+        protocol=ConceptProtocol(steps=args.steps, seed=args.seed, threads=args.threads),
+        progress=not args.json,
+    )
+    print(json.dumps(res, indent=None if args.json else 1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="divergent",
@@ -279,7 +363,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True, help="output MIDI file")
     g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     g.add_argument("--json", action="store_true", help="print a JSON summary")
+    g.add_argument(
+        "--concept", default=None, metavar="NAME[+NAME]", help="answer in a learned concept"
+    )
+    g.add_argument("--concepts", default=None, metavar="DIR", help="concepts folder")
     g.set_defaults(func=_cmd_generate)
+
+    co = sub.add_parser("concept", help="learn, list and remove named concepts (PPT)")
+    cosub = co.add_subparsers(dest="concept_command", required=True)
+    concepts_help = (
+        "concepts folder (default: $DIVERGENT_CONCEPTS or ~/.local/share/divergent/concepts)"
+    )
+    cl = cosub.add_parser("learn", help="learn a concept from reference MIDI (needs torch)")
+    cl.add_argument("name", help="the concept's name (letters, digits, _ . -)")
+    cl.add_argument("refs", nargs="+", metavar="REF.mid", help="reference MIDI files")
+    cl.add_argument("--fraction", type=float, default=0.05, help="pivotal share (default 0.05)")
+    cl.add_argument("--steps", type=int, default=60, help="tuning steps (default: 60)")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    cl.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    cl.add_argument("--concepts", default=None, metavar="DIR", help=concepts_help)
+    cl.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
+    cl.set_defaults(func=_cmd_concept_learn)
+    cls_ = cosub.add_parser("list", help="the learned concepts")
+    cls_.add_argument("--concepts", default=None, metavar="DIR", help=concepts_help)
+    cls_.add_argument("--json", action="store_true")
+    cls_.set_defaults(func=_cmd_concept_list)
+    cr_ = cosub.add_parser("remove", help="delete a concept")
+    cr_.add_argument("name")
+    cr_.add_argument("--concepts", default=None, metavar="DIR", help=concepts_help)
+    cr_.set_defaults(func=_cmd_concept_remove)
 
     ev = sub.add_parser("evaluate", help="measure the model")
     evsub = ev.add_subparsers(dest="evaluate_command", required=True)
@@ -304,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--model", default=None)
     lt.add_argument("--json", action="store_true")
     lt.set_defaults(func=_cmd_evaluate_latent)
+    ec = evsub.add_parser("concept", help="concept learning: PPT vs full, LoRA, token only")
+    ec.add_argument("--data", default="data/dataset")
+    ec.add_argument("--model", default=None)
+    ec.add_argument("--report", default=None, metavar="DIR", help="write plots and README.md")
+    ec.add_argument("--steps", type=int, default=60)
+    ec.add_argument("--seed", type=int, default=0)
+    ec.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    ec.add_argument("--json", action="store_true")
+    ec.set_defaults(func=_cmd_evaluate_concept)
 
     sv = sub.add_parser("serve", help="the live server: MIDI/OSC in, answers out, recorded")
     from server.config import add_serve_arguments
