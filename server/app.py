@@ -460,8 +460,9 @@ class Server:
             self._midi_q.put_nowait(ev)
         except asyncio.QueueFull:
             self.stats.dropped += 1
-            log.warning("MIDI input queue full: dropped %s (%d so far)", ev.message.type,
-                        self.stats.dropped)
+            log.warning(
+                "MIDI input queue full: dropped %s (%d so far)", ev.message.type, self.stats.dropped
+            )
 
     async def _consume_midi(self) -> None:
         assert self._midi_q is not None
@@ -732,8 +733,12 @@ class Server:
             )
         if self.mqtt is not None:
             self.mqtt.publish_answer(
-                {"id": job.answer_id, "divergence": job.divergence,
-                 "temperature": job.temperature, **r}
+                {
+                    "id": job.answer_id,
+                    "divergence": job.divergence,
+                    "temperature": job.temperature,
+                    **r,
+                }
             )
         self.trace.write("answer", id=job.answer_id, readout=r, scheduled=job.scheduled)
         self.trace.flush()
@@ -789,8 +794,9 @@ class Server:
             if s.message.type == "note_on":
                 self.stats.notes_out += 1
                 self.history.append(
-                    PlayedNote(on=s.actual, pitch=s.message.note, velocity=s.message.velocity,
-                               machine=True)
+                    PlayedNote(
+                        on=s.actual, pitch=s.message.note, velocity=s.message.velocity, machine=True
+                    )
                 )
             elif s.message.type == "note_off":
                 for n in reversed(self.history):
@@ -799,16 +805,25 @@ class Server:
                         break
             if self.take is not None:
                 self.take.note(s.scheduled, "machine", s.message)
-            self.trace.write("sent", scheduled=s.scheduled, actual=s.actual,
-                             type=s.message.type, note=getattr(s.message, "note", -1))
+            self.trace.write(
+                "sent",
+                scheduled=s.scheduled,
+                actual=s.actual,
+                type=s.message.type,
+                note=getattr(s.message, "note", -1),
+            )
 
     def schedule(self, note: _BeatNote, clock: Clock) -> None:
         """Hand a note (in beats) to the sender, timed by ``clock`` now (any thread)."""
         b_on, b_off, pitch, velocity, channel, tag = note
         if self.sender is not None:
             self.sender.schedule_note(
-                on=clock.time_at(b_on), off=clock.time_at(b_off), pitch=pitch,
-                velocity=velocity, channel=channel, tag=tag,
+                on=clock.time_at(b_on),
+                off=clock.time_at(b_off),
+                pitch=pitch,
+                velocity=velocity,
+                channel=channel,
+                tag=tag,
             )
 
     def defer(self, note: _BeatNote) -> None:
@@ -903,7 +918,8 @@ class Server:
             return
         log.warning(
             "no note-off for %s after %.0f s of silence: treating as released",
-            sorted(p for _, p in self.held), STALE_HOLD_S,
+            sorted(p for _, p in self.held),
+            STALE_HOLD_S,
         )
         for note in self.held.values():
             note.off = now
@@ -1254,8 +1270,14 @@ class _AnswerJob:
             t_on = clock.time_at(b)
             if t_on < now - 0.005:
                 continue  # a late note is dropped, never played late
-            note = (b, b + n.duration_beats, n.pitch, self.velocity, cfg.channel - 1,
-                    self.answer_id)
+            note = (
+                b,
+                b + n.duration_beats,
+                n.pitch,
+                self.velocity,
+                cfg.channel - 1,
+                self.answer_id,
+            )
             if following and t_on - now > DEFER_S:
                 # a followed clock may change tempo before this note: its time is taken
                 # from the clock just before it plays (see Server._feed_deferred)
@@ -1265,5 +1287,6 @@ class _AnswerJob:
             self.scheduled.append(t_on)
             if self.first_on is None:
                 self.first_on = t_on
-                srv.trace.write("first_note", id=self.answer_id, scheduled=t_on,
-                                t_request=self.t_request)
+                srv.trace.write(
+                    "first_note", id=self.answer_id, scheduled=t_on, t_request=self.t_request
+                )

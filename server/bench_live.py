@@ -123,7 +123,8 @@ class Mosquitto:
 
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -153,8 +154,18 @@ def mqtt_outage(*, outage_s: float = 30.0, jack_period: int = 64) -> dict[str, A
         broker.start()
         client = f"divmq{int(time.time()) % 100000}"
         serve = ServeProcess(
-            ["--midi-backend", "jack", "--mode", "jam", "--bpm", "240",
-             "--mqtt", f"127.0.0.1:{broker.port}", "--instance", "bench"],
+            [
+                "--midi-backend",
+                "jack",
+                "--mode",
+                "jam",
+                "--bpm",
+                "240",
+                "--mqtt",
+                f"127.0.0.1:{broker.port}",
+                "--instance",
+                "bench",
+            ],
             workdir=work,
             name=client,
         )
@@ -164,9 +175,20 @@ def mqtt_outage(*, outage_s: float = 30.0, jack_period: int = 64) -> dict[str, A
         total = outage_s + 14.0
         t_listen = time.monotonic()
         listener = subprocess.Popen(
-            [sys.executable, "-m", "server.livepeer", "listen", "--server", client,
-             "--no-send", "--seconds", str(total)],
-            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+            [
+                sys.executable,
+                "-m",
+                "server.livepeer",
+                "listen",
+                "--server",
+                client,
+                "--no-send",
+                "--seconds",
+                str(total),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent.parent,
         )
         player = threading.Thread(target=serve.osc.play_loop, args=(stop,), daemon=True)
         try:
@@ -179,9 +201,21 @@ def mqtt_outage(*, outage_s: float = 30.0, jack_period: int = 64) -> dict[str, A
             broker.start()
             t_back = time.monotonic()
             sub = subprocess.Popen(
-                ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-C", "1",
-                 "-t", "divergent/bench/answer", "-t", "divergent/bench/status"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                [
+                    "mosquitto_sub",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(broker.port),
+                    "-C",
+                    "1",
+                    "-t",
+                    "divergent/bench/answer",
+                    "-t",
+                    "divergent/bench/status",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
             )
             # the retained status was lost with the broker: the first message a new
             # subscriber gets is one the server published after reconnecting
@@ -227,12 +261,18 @@ def run_bench_live(
         client = f"divbench{int(time.time()) % 100000}"
         serve = ServeProcess(
             [
-                "--midi-backend", "jack",
-                "--mode", "call",
-                "--quantize", "off",
-                "--bpm", "240",
-                "--bars", "1",
-                "--phrase-silence", "0.25",
+                "--midi-backend",
+                "jack",
+                "--mode",
+                "call",
+                "--quantize",
+                "off",
+                "--bpm",
+                "240",
+                "--bars",
+                "1",
+                "--phrase-silence",
+                "0.25",
             ],
             workdir=work,
             name=client,

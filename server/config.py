@@ -162,63 +162,90 @@ class ServeConfig:
     """Everything ``divergent serve`` needs; validated when built (raises :class:`ConfigError`)."""
 
     # musical behaviour
-    mode: str = _f("call", "str", "call (answer each phrase), jam (play along) or off",
-                   choices=MODES)
+    mode: str = _f(
+        "call", "str", "call (answer each phrase), jam (play along) or off", choices=MODES
+    )
     quantize: str = _f("off", "str", "start answers on the next beat or bar", choices=QUANTIZE)
-    clock: str = _f("internal", "str", "tempo source: internal, MIDI clock in, or Ableton Link",
-                    choices=CLOCKS)
+    clock: str = _f(
+        "internal", "str", "tempo source: internal, MIDI clock in, or Ableton Link", choices=CLOCKS
+    )
     bpm: float = _f(120.0, "float", "tempo for the internal clock", lo=20, hi=300)
     bars: int = _f(4, "int", "bars per answer", lo=1, hi=16)
     divergence: float = _f(0.0, "float", "the divergence knob d", lo=0, hi=1)
     temperature: float = _f(1.0, "float", "sampling temperature", lo=0.05, hi=2.0)
     top_p: float = _f(0.95, "float", "nucleus sampling mass", lo=0.01, hi=1.0)
-    seed: int | None = _f(None, "int", "random seed; none: a fresh one each start", lo=0,
-                          hi=2**32 - 1, optional=True)
-    phrase_silence_s: float = _f(0.6, "float",
-                                 "call mode: a phrase ends after this many seconds of silence",
-                                 lo=0.05, hi=10)
-    bar_ends_phrase: bool = _f(False, "bool",
-                               "call mode: also end a phrase at a bar line once at least one "
-                               "beat has been silent")
-    max_note_s: float = _f(8.0, "float", "longest note the machine holds, in seconds",
-                           lo=0.05, hi=60)
+    seed: int | None = _f(
+        None, "int", "random seed; none: a fresh one each start", lo=0, hi=2**32 - 1, optional=True
+    )
+    phrase_silence_s: float = _f(
+        0.6, "float", "call mode: a phrase ends after this many seconds of silence", lo=0.05, hi=10
+    )
+    bar_ends_phrase: bool = _f(
+        False,
+        "bool",
+        "call mode: also end a phrase at a bar line once at least one beat has been silent",
+    )
+    max_note_s: float = _f(
+        8.0, "float", "longest note the machine holds, in seconds", lo=0.05, hi=60
+    )
     channel: int = _f(1, "int", "MIDI channel the machine plays on", lo=1, hi=16)
-    velocity: int = _f(0, "int", "velocity of the machine's notes; 0 follows the performer "
-                       "(the mean of their last 8 notes)", lo=0, hi=127)
+    velocity: int = _f(
+        0,
+        "int",
+        "velocity of the machine's notes; 0 follows the performer (the mean of their last 8 notes)",
+        lo=0,
+        hi=127,
+    )
     # MIDI
-    midi_backend: str | None = _f(None, "str", "MIDI API (none: the platform's default)",
-                                  choices=MIDI_BACKENDS, optional=True)
-    midi_in: str | None = _f(None, "str", "MIDI input port to open (none: a virtual port)",
-                             optional=True)
-    midi_out: str | None = _f(None, "str", "MIDI output port to open (none: a virtual port)",
-                              optional=True)
+    midi_backend: str | None = _f(
+        None, "str", "MIDI API (none: the platform's default)", choices=MIDI_BACKENDS, optional=True
+    )
+    midi_in: str | None = _f(
+        None, "str", "MIDI input port to open (none: a virtual port)", optional=True
+    )
+    midi_out: str | None = _f(
+        None, "str", "MIDI output port to open (none: a virtual port)", optional=True
+    )
     midi_client: str = _f("divergent", "str", "MIDI client name", check=_check_nonempty)
     # OSC
-    osc_host: str = _f("127.0.0.1", "str", "address the OSC server listens on",
-                       check=_check_nonempty)
+    osc_host: str = _f(
+        "127.0.0.1", "str", "address the OSC server listens on", check=_check_nonempty
+    )
     osc_port: int = _f(9000, "int", "OSC port (0: any free port)", lo=0, hi=65535)
-    osc_reply: str = _f("127.0.0.1:9001", "str", "fixed HOST:PORT every OSC reply goes to",
-                        check=_check_reply)
-    heartbeat_s: float = _f(1.0, "float", "seconds between status heartbeats (0: off)",
-                            check=_check_heartbeat)
+    osc_reply: str = _f(
+        "127.0.0.1:9001", "str", "fixed HOST:PORT every OSC reply goes to", check=_check_reply
+    )
+    heartbeat_s: float = _f(
+        1.0, "float", "seconds between status heartbeats (0: off)", check=_check_heartbeat
+    )
     # sessions and model
-    sessions: str | None = _f(None, "str", "folder for recorded takes (none: the default)",
-                              optional=True)
+    sessions: str | None = _f(
+        None, "str", "folder for recorded takes (none: the default)", optional=True
+    )
     record: bool = _f(True, "bool", "record every take automatically")
-    model_dir: str | None = _f(None, "str", "model folder (none: the bundled model)",
-                               optional=True)
+    model_dir: str | None = _f(None, "str", "model folder (none: the bundled model)", optional=True)
     precision: str = _f("auto", "str", "decoder weights", choices=PRECISIONS)
     # MQTT
-    mqtt: str | None = _f(None, "str", "MQTT broker HOST[:PORT] (none: no MQTT)", optional=True,
-                          check=_check_mqtt)
+    mqtt: str | None = _f(
+        None, "str", "MQTT broker HOST[:PORT] (none: no MQTT)", optional=True, check=_check_mqtt
+    )
     mqtt_username: str | None = _f(None, "str", "MQTT user name", optional=True)
-    mqtt_password: str | None = _f(None, "str", "MQTT password (prefer the config file: "
-                                   "flags are visible in the process list)", optional=True)
+    mqtt_password: str | None = _f(
+        None,
+        "str",
+        "MQTT password (prefer the config file: flags are visible in the process list)",
+        optional=True,
+    )
     mqtt_tls: bool = _f(False, "bool", "connect to the broker over TLS")
-    mqtt_cafile: str | None = _f(None, "str", "CA certificate file (used when mqtt_tls is on)",
-                                 optional=True)
-    instance: str = _f("default", "str", "instance name (MQTT topics divergent/<instance>/...)",
-                       check=_check_topic_level)
+    mqtt_cafile: str | None = _f(
+        None, "str", "CA certificate file (used when mqtt_tls is on)", optional=True
+    )
+    instance: str = _f(
+        "default",
+        "str",
+        "instance name (MQTT topics divergent/<instance>/...)",
+        check=_check_topic_level,
+    )
     # diagnostics
     trace: str | None = _f(None, "str", "write timing events to this JSONL file", optional=True)
     log_level: str = _f("info", "str", "logging level", choices=LOG_LEVELS)
@@ -406,10 +433,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     ``--config PATH`` reads a TOML file first; ``--print-config`` asks the caller to print
     the resulting TOML and exit. On/off options come in pairs (``--record``/``--no-record``).
     """
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help="a TOML file of serve options (flags override it)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the effective configuration as TOML and exit")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="a TOML file of serve options (flags override it)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML and exit",
+    )
     defaults = ServeConfig()
     for flag, name, metavar in _FLAGS:
         f = next(f for f in fields(ServeConfig) if f.name == name)
@@ -419,12 +453,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         described = rule["doc"] if rule["choices"] else ServeConfig.describe(name)
         help_text = f"{described}; default: {_show_default(default)}"
         if rule["kind"] == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
             continue
         typ: Callable[[str], Any] = {"int": int, "float": float, "str": str}[rule["kind"]]
-        parser.add_argument(flag, dest=name, type=typ, default=None, metavar=metavar,
-                            choices=rule["choices"], help=help_text.replace("%", "%%"))
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=typ,
+            default=None,
+            metavar=metavar,
+            choices=rule["choices"],
+            help=help_text.replace("%", "%%"),
+        )
 
 
 def _show_default(value: Any) -> str:

@@ -101,15 +101,23 @@ _FORMAT = "divergent-take-journal"
 _VERSION = 1
 _TRACK_CODES = {"performer": "p", "machine": "m"}
 _CHANNEL_TYPES = frozenset(
-    {"note_off", "note_on", "polytouch", "control_change", "program_change", "aftertouch",
-     "pitchwheel"}
+    {
+        "note_off",
+        "note_on",
+        "polytouch",
+        "control_change",
+        "program_change",
+        "aftertouch",
+        "pitchwheel",
+    }
 )
 # set_tempo stores whole microseconds per beat in 24 bits: about 3.6 bpm at the slowest.
 _MAX_TEMPO_US = 0xFFFFFF
 _DEFAULT_BPM = 120.0
 _MAX_NAME = 100
 _WINDOWS_RESERVED = frozenset(
-    {"CON", "PRN", "AUX", "NUL"} | {f"COM{i}" for i in range(1, 10)}
+    {"CON", "PRN", "AUX", "NUL"}
+    | {f"COM{i}" for i in range(1, 10)}
     | {f"LPT{i}" for i in range(1, 10)}
 )
 
@@ -290,8 +298,11 @@ class TakeRecorder:
                 # Exclusive create: two recorders started in the same second cannot share
                 # a journal.
                 f = open(  # noqa: SIM115 - the file stays open for the whole take
-                    folder / f"{stem}{JOURNAL_SUFFIX}", "x", encoding="utf-8",
-                    buffering=1 << 16, newline="\n",
+                    folder / f"{stem}{JOURNAL_SUFFIX}",
+                    "x",
+                    encoding="utf-8",
+                    buffering=1 << 16,
+                    newline="\n",
                 )
             except FileExistsError:
                 continue
@@ -358,8 +369,9 @@ class TakeRecorder:
         if self._closed:
             self.ignored += 1
             return
-        self._append(json.dumps([round(self._rel(t), 6), "M", str(text)], ensure_ascii=False)
-                     + "\n")
+        self._append(
+            json.dumps([round(self._rel(t), 6), "M", str(text)], ensure_ascii=False) + "\n"
+        )
 
     def control(self, t: float, name: str, value: float | int | str) -> None:
         """Record a control change: conductor text, and CC automation for those in
@@ -434,8 +446,11 @@ class TakeRecorder:
 
 
 def _valid_bpm(bpm: Any) -> bool:
-    return isinstance(bpm, int | float) and not isinstance(bpm, bool) and (
-        math.isfinite(bpm) and bpm > 0)
+    return (
+        isinstance(bpm, int | float)
+        and not isinstance(bpm, bool)
+        and (math.isfinite(bpm) and bpm > 0)
+    )
 
 
 def _check_bpm(bpm: float) -> None:
@@ -464,9 +479,13 @@ class _Take:
 def _read_journal(path: Path, *, recovered: bool) -> _Take:
     """Parse a journal, skipping lines that do not parse (a crash truncates the last)."""
     take = _Take(
-        started=datetime.fromtimestamp(path.stat().st_mtime).astimezone().isoformat(
-            timespec="seconds"),
-        bpm=_DEFAULT_BPM, time_signature=(4, 4), meta={}, recovered=recovered,
+        started=datetime.fromtimestamp(path.stat().st_mtime)
+        .astimezone()
+        .isoformat(timespec="seconds"),
+        bpm=_DEFAULT_BPM,
+        time_signature=(4, 4),
+        meta={},
+        recovered=recovered,
     )
     with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f):
@@ -480,8 +499,13 @@ def _read_journal(path: Path, *, recovered: bool) -> _Take:
             if i == 0 and isinstance(rec, dict):
                 _apply_header(take, rec)
                 continue
-            if not (isinstance(rec, list) and len(rec) >= 2 and isinstance(rec[0], int | float)
-                    and math.isfinite(rec[0]) and isinstance(rec[1], str)):
+            if not (
+                isinstance(rec, list)
+                and len(rec) >= 2
+                and isinstance(rec[0], int | float)
+                and math.isfinite(rec[0])
+                and isinstance(rec[1], str)
+            ):
                 take.bad_lines += 1
                 continue
             t, kind, payload = max(0.0, float(rec[0])), rec[1], rec[2:]
@@ -496,8 +520,7 @@ def _read_journal(path: Path, *, recovered: bool) -> _Take:
 
 def _apply_header(take: _Take, header: dict[str, Any]) -> None:
     if header.get("format") != _FORMAT:
-        log.warning("journal header has unknown format %r; reading it anyway",
-                    header.get("format"))
+        log.warning("journal header has unknown format %r; reading it anyway", header.get("format"))
     bpm = header.get("bpm")
     if isinstance(bpm, int | float) and math.isfinite(bpm) and bpm > 0:
         take.bpm = float(bpm)
@@ -609,12 +632,14 @@ def _decode_channel(data: Any) -> mido.Message | None:
     if kind == "pitchwheel":
         pitch = data[1] | (data[2] << 7)
         return mido.Message(kind, channel=channel, pitch=pitch - 8192, skip_checks=True)
-    return mido.Message(kind, channel=channel, skip_checks=True,
-                        **dict(zip(names, data[1:], strict=True)))
+    return mido.Message(
+        kind, channel=channel, skip_checks=True, **dict(zip(names, data[1:], strict=True))
+    )
 
 
-def _to_track(name: str, items: list[tuple[int, mido.Message | mido.MetaMessage]],
-              end_tick: int) -> mido.MidiTrack:
+def _to_track(
+    name: str, items: list[tuple[int, mido.Message | mido.MetaMessage]], end_tick: int
+) -> mido.MidiTrack:
     """Absolute-tick items (already in order) -> a track with delta times."""
     track = mido.MidiTrack()
     track.append(mido.MetaMessage("track_name", name=name, time=0))
@@ -628,8 +653,7 @@ def _to_track(name: str, items: list[tuple[int, mido.Message | mido.MetaMessage]
     return track
 
 
-def _close_hanging(items: list[tuple[int, mido.Message | mido.MetaMessage]],
-                   end_tick: int) -> int:
+def _close_hanging(items: list[tuple[int, mido.Message | mido.MetaMessage]], end_tick: int) -> int:
     """Append note-offs for notes still sounding (and sustain-pedal releases) at the end.
 
     Counts note-ons per (channel, note) so overlapping repeats of a pitch balance too.
@@ -650,13 +674,15 @@ def _close_hanging(items: list[tuple[int, mido.Message | mido.MetaMessage]],
     added = 0
     for (channel, note), count in sorted(sounding.items()):
         for _ in range(count):
-            items.append((end_tick, mido.Message("note_off", channel=channel, note=note,
-                                                 velocity=0)))
+            items.append(
+                (end_tick, mido.Message("note_off", channel=channel, note=note, velocity=0))
+            )
             added += 1
     for channel, value in sorted(pedal.items()):
         if value >= 64:
-            items.append((end_tick, mido.Message("control_change", channel=channel, control=64,
-                                                 value=0)))
+            items.append(
+                (end_tick, mido.Message("control_change", channel=channel, control=64, value=0))
+            )
             added += 1
     return added
 
@@ -682,7 +708,9 @@ def _build_mid(take: _Take, name: str) -> mido.MidiFile:
     conductor += [(0, mido.MetaMessage("text", text=s)) for s in texts]
 
     tracks: dict[str, list[tuple[int, mido.Message | mido.MetaMessage]]] = {
-        "p": [], "m": [], "controls": [],
+        "p": [],
+        "m": [],
+        "controls": [],
     }
     for t, kind, payload in events:
         if kind in ("p", "m"):
@@ -696,12 +724,17 @@ def _build_mid(take: _Take, name: str) -> mido.MidiFile:
         elif kind == "C" and len(payload) >= 2:
             cname, value = str(payload[0]), payload[1]
             tick = tmap.tick(t)
-            conductor.append((tick, mido.MetaMessage("text",
-                                                     text=f"{cname}={_fmt_value(value)}")))
+            conductor.append((tick, mido.MetaMessage("text", text=f"{cname}={_fmt_value(value)}")))
             cc = _scaled_cc(cname, value)
             if cc is not None:
-                tracks["controls"].append((tick, mido.Message(
-                    "control_change", channel=CONTROLS_CHANNEL, control=cc[0], value=cc[1])))
+                tracks["controls"].append(
+                    (
+                        tick,
+                        mido.Message(
+                            "control_change", channel=CONTROLS_CHANNEL, control=cc[0], value=cc[1]
+                        ),
+                    )
+                )
     # Tempo changes join the conductor in time order (stable, so time 0 keeps its layout).
     conductor.sort(key=lambda item: item[0])
     for kind in ("p", "m"):
@@ -793,9 +826,16 @@ class TakeInfo:
 
 def _take_info(path: Path) -> TakeInfo:
     mtime = datetime.fromtimestamp(path.stat().st_mtime).astimezone()
-    info = TakeInfo(path=path, name=path.stem, started=mtime.isoformat(timespec="seconds"),
-                    duration_s=0.0, performer_notes=0, machine_notes=0, answers=0,
-                    recovered=False)
+    info = TakeInfo(
+        path=path,
+        name=path.stem,
+        started=mtime.isoformat(timespec="seconds"),
+        duration_s=0.0,
+        performer_notes=0,
+        machine_notes=0,
+        answers=0,
+        recovered=False,
+    )
     try:
         mid = mido.MidiFile(path, charset="utf-8")
         info.duration_s = float(mid.length)
