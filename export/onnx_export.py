@@ -184,6 +184,18 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
             opset_version=17,
             dynamo=False,
         )
+    quantize_int8(onnx.load(str(out / "decoder.fp32.onnx")), out / "decoder.int8.onnx")
+    return {
+        "past_names": past_names,
+        "present_names": present_names,
+        "head_size": hs,
+        "kv_cache": "shared_buffer",
+        "cache_length": cfg.block_size,
+    }
+
+
+def quantize_int8(fp32: Any, path: Path) -> None:
+    """Write the int8 decoder (MatMulNBits, 8-bit blocks of 16) of an fp32 step graph."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # 8-bit weights in blocks of 16 (MatMulNBits), computed in int8 with activations
@@ -192,11 +204,7 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
     # quantize_dynamic (per-tensor activations) even with head and attention kept fp32
     # (both on the earlier Concat graph; the GroupQueryAttention graph: 98.6%, 0.15 ms).
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(out / "decoder.fp32.onnx")),
-        bits=8,
-        block_size=16,
-        is_symmetric=True,
-        accuracy_level=4,
+        fp32, bits=8, block_size=16, is_symmetric=True, accuracy_level=4
     )
     level = logging.getLogger().level
     logging.disable(logging.INFO)  # the quantizer logs every node on the root logger
@@ -205,14 +213,35 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
     finally:
         logging.disable(logging.NOTSET)
         logging.getLogger().setLevel(level)
-    quantizer.model.save_model_to_file(str(out / "decoder.int8.onnx"), False)
-    return {
-        "past_names": past_names,
-        "present_names": present_names,
-        "head_size": hs,
-        "kv_cache": "shared_buffer",
-        "cache_length": cfg.block_size,
+    quantizer.model.save_model_to_file(str(path), False)
+
+
+def export_diverged(checkpoint: Path, model_dir: Path) -> dict[str, Any]:
+    """Add a BAD-tuned decoder (``divergent bad train``) to a model folder, int8.
+
+    The diverged decoder shares everything but its weights with the base decoder (same
+    sizes, I/O names and tokenizer, checked), so the knob can mix their logits per token.
+    ``config.json`` records its recipe under ``"diverged"``.
+    """
+    from model.runtime import ModelFiles
+    from model.train import load_model
+
+    files = ModelFiles(model_dir)
+    cfg = files.check()
+    model, blob = load_model(checkpoint)
+    if model.cfg.to_dict() != cfg["model"]:
+        raise ValueError(f"{checkpoint} is not a fine-tune of the model in {model_dir}")
+    if blob.get("tokenizer_hash", cfg["tokenizer_hash"]) != cfg["tokenizer_hash"]:
+        raise ValueError("the diverged checkpoint was trained with another tokenizer")
+    quantize_int8(_step_graph(model), files.diverged)
+    cfg["diverged"] = {
+        "file": files.diverged.name,
+        "bad_config": blob.get("bad_config"),
+        "step": blob.get("step"),
+        "critic_classes": blob.get("critic_classes"),
     }
+    files.config.write_text(json.dumps(cfg, indent=1))
+    return {"file": str(files.diverged), "bytes": files.diverged.stat().st_size, **cfg["diverged"]}
 
 
 def parity_report(

@@ -126,6 +126,30 @@ def bench_model(
         cont = gen.continue_ids(prompt_ids, bars=16, seed=1000 + i)
         total_s += time.perf_counter() - t
         notes += len(cont.notes)
+    # the knob at d = 1: one token through every decoder an answer then runs (the base
+    # decoder, two rows when the latent is pushed, and the BAD-tuned decoder), context 256
+    knob = [gen.pair_decoder if gen.steering.config.latent_scale > 0 else gen.decoder]
+    if gen.div_decoder is not None and gen.steering.mix_weight(1.0) > 0:
+        knob.append(gen.div_decoder)
+    ctx1 = 256 if model.block_size > 256 else model.block_size // 2
+    ids1 = rng.integers(0, model.vocab_size, ctx1)
+    for dec in knob:
+        dec.reset()
+        dec.feed(ids1)
+
+    def knob_run() -> None:
+        for dec in knob:
+            dec.rewind(ctx1)
+            dec.feed([5])
+
+    d1_ms = _time(knob_run, repeats)
+    notes1 = 0
+    total1 = 0.0
+    for i in range(max(1, bars // 8)):
+        t = time.perf_counter()
+        cont = gen.continue_ids(prompt_ids, bars=16, seed=1000 + i, divergence=1.0)
+        total1 += time.perf_counter() - t
+        notes1 += len(cont.notes)
     # the readout of one 4-bar answer (surprisal, copy rate, feature distance, in-scale)
     four = gen.continue_ids(prompt_ids, bars=4, seed=7, divergence=0.5)
     readout_ms: list[float] = []
@@ -145,6 +169,9 @@ def bench_model(
         "torch_token_ms": torch_ms,
         "bar_ms": _pct(bar_ms),
         "note_events_per_s": round(notes / total_s, 1),
+        "token_ms_at_d1": d1_ms,
+        "note_events_per_s_at_d1": round(notes1 / total1, 1),
+        "decoders_at_d1": len(knob),
         "readout_ms": _pct(readout_ms),
         "readout_notes": len(four.notes),
     }

@@ -36,6 +36,8 @@ __all__ = [
     "ReferenceBigram",
     "Steering",
     "build_reference_bigram",
+    "knob_config",
+    "mix_logits",
 ]
 
 LATENTS_FILE = "latents.npy"
@@ -55,6 +57,10 @@ class DivergenceConfig:
     loose_repeats: int = 8
     empty_bars_from: float = 0.5  # no empty bars from this d on
     k_nearest: int = 16
+    #: the learned divergence (``divergent bad train``): the next-token logits are
+    #: base + w(d) * (diverged - base), w(d) = bad_weight * d ** bad_curve; 0 = unused
+    bad_weight: float = 1.0
+    bad_curve: float = 1.0
 
     def __post_init__(self) -> None:
         if self.latent_scale < 0 or self.token_lambda < 0:
@@ -63,6 +69,8 @@ class DivergenceConfig:
             raise ValueError("plausibility must be in (0, 1)")
         if self.register_margin < 0 or self.max_repeats < 1 or self.k_nearest < 1:
             raise ValueError("register_margin >= 0, max_repeats >= 1, k_nearest >= 1")
+        if self.bad_weight < 0 or self.bad_curve <= 0:
+            raise ValueError("bad_weight must be >= 0 and bad_curve > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +146,34 @@ def build_reference_bigram(ids: np.ndarray, vocab_size: int, alpha: float = 0.1)
     return ReferenceBigram(np.log(c / c.sum(1, keepdims=True)))
 
 
+def mix_logits(base: np.ndarray, diverged: np.ndarray, w: float) -> np.ndarray:
+    """The learned divergence at weight w: ``base + w * (diverged - base)``.
+
+    w = 0 is the base model exactly; w = 1 the BAD-tuned decoder; in between (and beyond,
+    if ``bad_weight`` > 1) a geometric path between the two distributions, along which
+    the KL from the base distribution grows monotonically with w (it is convex in w and 0
+    at w = 0), so the knob's departure is monotone token by token.
+    """
+    if w == 0.0:
+        return base
+    return np.asarray(base + np.float32(w) * (diverged - base), dtype=np.float32)
+
+
+def knob_config(root: str | Path) -> DivergenceConfig:
+    """The knob settings a model folder ships (``config.json``'s ``"divergence"``), or the
+    defaults. A model with a BAD-tuned decoder ships the settings its evaluation chose."""
+    import json
+
+    path = Path(root) / "config.json"
+    if not path.exists():
+        return DivergenceConfig()
+    try:
+        d = json.loads(path.read_text()).get("divergence")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    return DivergenceConfig.from_dict(d) if d else DivergenceConfig()
+
+
 class Steering:
     """Applies the knob: a latent for the answer, and per-token logit adjustments."""
 
@@ -157,7 +193,14 @@ class Steering:
         root = Path(root)
         bank = LatentBank.load(root / LATENTS_FILE) if (root / LATENTS_FILE).exists() else None
         bigram = ReferenceBigram.load(root / BIGRAM_FILE) if (root / BIGRAM_FILE).exists() else None
+        if config is None:
+            config = knob_config(root)
         return cls(bank=bank, bigram=bigram, config=config)
+
+    def mix_weight(self, d: float) -> float:
+        """w(d): how much of the diverged decoder's logit difference the knob adds."""
+        c = self.config
+        return c.bad_weight * float(np.clip(d, 0.0, 1.0)) ** c.bad_curve
 
     def direction(self, mu: np.ndarray, seed: int) -> np.ndarray:
         """Unit vector from the nearest training latents towards (and past) mu."""

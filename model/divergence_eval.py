@@ -12,6 +12,19 @@ low precision = the answers left the base model's support.
 
 Then the same prompts are answered by plain temperature sampling (d = 0) at several
 temperatures, and the knob is compared with temperature at matched surprisal.
+
+In the domain critic's feature space (``model.critic``: its logits, standardised by
+real phrases of the training split), two more measurements:
+
+- *the paper's table*: answers with latents drawn from the prior at latent temperatures
+  0.1 … 3.0, by the base model (d = 0) and the diverged one (d = 1); improved
+  precision/recall (k = 3) of the diverged answers against the base answers, and the
+  squared MMD (the BAD kernel) of both to each class (mean over classes) and to the
+  whole data, at latent temperature 1.0;
+- *knob vs temperature at matched novelty*: novelty = 1 - precision against the d = 0
+  answers; for every knob level, the temperature reaching the same novelty (linear
+  interpolation along the sweep), and both methods' scale consistency, groove
+  consistency and MMD to the whole data at that point.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from model.critic import CRITIC_ONNX, OnnxCritic, mmd2
 from model.data import load_split
 from model.generate import Continuation, Generator
 from model.grammar import NoteEvent
@@ -42,7 +56,8 @@ log = logging.getLogger(__name__)
 __all__ = ["EvalProtocol", "evaluate_divergence"]
 
 LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-TEMPERATURES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5)
+TEMPERATURES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+LATENT_TEMPERATURES = (0.1, 0.5, 0.7, 1.0, 1.2, 1.5, 1.8, 2.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,8 @@ class EvalProtocol:
     prompt_bars: int = 4
     levels: tuple[float, ...] = LEVELS
     temperatures: tuple[float, ...] = TEMPERATURES
+    latent_temperatures: tuple[float, ...] = LATENT_TEMPERATURES
+    real_per_class: int = 64  # real phrases per class for the MMD references
     seed: int = 0
 
 
@@ -87,6 +104,70 @@ def _valid(model: OnnxModel, prompt: np.ndarray, c: Continuation) -> bool:
     return n - n_prompt == len(c.notes) and len({x.pitch for x in c.notes}) > 1
 
 
+class CriticSpace:
+    """The critic's feature space with its real references (torch-free)."""
+
+    def __init__(self, critic: OnnxCritic, data: Path, n: int, seed: int) -> None:
+        from model.critic import PhraseBank, class_of_works
+
+        self.critic = critic
+        classes, labels = class_of_works(data, critic.min_works)
+        if classes != critic.classes:
+            raise ValueError(f"the critic's classes {critic.classes} are not {data}'s {classes}")
+        bank = PhraseBank(data, "train", labels["train"], critic.phrase_tokens)
+        rng = np.random.default_rng(seed)
+        raw = {c: critic.features(bank.of_class(c, n, rng)) for c in sorted(bank.by_class)}
+        allf = np.concatenate(list(raw.values()))
+        self.mean = allf.mean(0)
+        self.std = np.maximum(allf.std(0), 1e-3)
+        self.by_class = {c: self.standardize(f) for c, f in raw.items()}
+        # the whole data: each class in its share of the training works
+        share = np.array([len(bank.by_class[c]) for c in sorted(bank.by_class)], float)
+        share /= share.sum()
+        rows = [
+            f[: max(1, round(q * n))]
+            for f, q in zip(self.by_class.values(), share * len(raw), strict=True)
+        ]
+        self.whole = np.concatenate(rows)
+
+    def standardize(self, f: np.ndarray) -> np.ndarray:
+        return np.asarray((f - self.mean) / self.std)
+
+    def features(self, tokens: list[int]) -> np.ndarray:
+        return self.standardize(self.critic.features([np.asarray(tokens, np.int64)])[0])
+
+    def mmd_classes(self, feats: np.ndarray) -> float:
+        return float(np.mean([mmd2(feats, r) for r in self.by_class.values()]))
+
+    def mmd_global(self, feats: np.ndarray) -> float:
+        return mmd2(feats, self.whole)
+
+
+def matched_temperature(
+    novelty: float, temperatures: list[float], temp_novelty: list[float]
+) -> float | None:
+    """The temperature at which temperature sampling reaches ``novelty`` (None if outside).
+
+    Linear interpolation along the sweep, in sweep order, at the first crossing: the
+    novelty of temperature sampling need not be monotone in a noisy measurement.
+    """
+    t, y = np.asarray(temperatures, float), np.asarray(temp_novelty, float)
+    if len(t) == 0 or not y.min() <= novelty <= y.max():
+        return None
+    for i in range(len(t)):
+        if y[i] == novelty:
+            return float(t[i])
+        if i + 1 < len(t) and (y[i] - novelty) * (y[i + 1] - novelty) < 0:
+            f = (novelty - y[i]) / (y[i + 1] - y[i])
+            return float(t[i] + f * (t[i + 1] - t[i]))
+    return None
+
+
+def _at_temperature(t: float, temperatures: list[float], values: list[float]) -> float:
+    """A temperature-sweep metric, linearly interpolated at temperature ``t``."""
+    return float(np.interp(t, temperatures, values))
+
+
 def _spearman(x: list[float], y: list[float]) -> float:
     rx = np.argsort(np.argsort(x)).astype(float)
     ry = np.argsort(np.argsort(y)).astype(float)
@@ -110,12 +191,19 @@ def evaluate_divergence(
     if gen.index is None or gen.reference is None:
         raise FileNotFoundError(f"{root} has no copy_index.npz / feature_reference.npz")
     reference: FeatureReference = gen.reference
+    if not (root / CRITIC_ONNX).exists():
+        raise FileNotFoundError(
+            f"{root} has no {CRITIC_ONNX}: train one with `divergent critic train` and ship it"
+        )
+    space = CriticSpace(OnnxCritic(root / CRITIC_ONNX), Path(data), p.real_per_class, p.seed)
     val, offsets = load_split(data, "val")
     prompts = _prompts(val, offsets, model.tokenizer.vocab.bar, p)
 
-    def answer(prompt: np.ndarray, seed: int, d: float, temperature: float) -> dict[str, Any]:
+    def answer(
+        prompt: np.ndarray, seed: int, d: float, temperature: float, z: np.ndarray | None = None
+    ) -> dict[str, Any]:
         c = gen.continue_ids(
-            prompt, bars=p.bars, seed=seed, divergence=d, temperature=temperature, top_p=1.0
+            prompt, bars=p.bars, seed=seed, divergence=d, temperature=temperature, top_p=1.0, z=z
         )
         r = gen.readout(c)
         notes = [
@@ -128,23 +216,31 @@ def evaluate_divergence(
             "feat": f,
             "valid": _valid(model, prompt, c),
             "groove": groove_consistency(notes, beats_per_bar=c.beats_per_bar),
+            "critic": space.features(c.tokens),
         }
 
     # d = 0 reference set, other seeds than the level-0 answers
-    ref_feats = []
+    ref_feats, ref_critic = [], []
     for pi, prompt in enumerate(prompts):
         for s in range(p.samples):
             a = answer(prompt, 10_000 + 100 * pi + s, 0.0, 1.0)
+            ref_critic.append(a["critic"])
             if a["feat"] is not None:
                 ref_feats.append(reference.standardize(a["feat"]))
     ref = np.stack(ref_feats)
+    ref_c = np.stack(ref_critic)
 
     def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
         rs = [r["readout"] for r in rows]
         copy = [r.copy_rate for r in rs if r.copy_rate is not None]
         feats = np.stack([reference.standardize(r["feat"]) for r in rows if r["feat"] is not None])
         prec, rec = knn_precision_recall(ref, feats, k=3)
+        crit = np.stack([r["critic"] for r in rows])
+        c_prec, _ = knn_precision_recall(ref_c, crit, k=3)
         return {
+            "novelty": 1.0 - c_prec,
+            "mmd_global": space.mmd_global(crit),
+            "mmd_classes": space.mmd_classes(crit),
             "surprisal": float(np.mean([r.surprisal_bits_per_note for r in rs])),
             "feature_distance": float(np.mean([r.feature_distance for r in rs])),
             "precision": prec,
@@ -179,18 +275,24 @@ def evaluate_divergence(
 
     keys = ["surprisal", "feature_distance", "precision", "recall", "copy_rate", "in_scale"]
     result: dict[str, Any] = {"levels": list(p.levels)}
-    for k in [*keys, "valid_rate", "groove", "notes", "readout_ms"]:
+    for k in [*keys, "valid_rate", "groove", "notes", "readout_ms", "novelty"]:
         result[k] = [round(m[k], 4) for m in per_level]
     result["temperature"] = {
         "temperatures": list(p.temperatures),
-        **{k: [round(m[k], 4) for m in per_temp] for k in ["surprisal", "in_scale", "groove"]},
+        **{
+            k: [round(m[k], 4) for m in per_temp]
+            for k in ["surprisal", "in_scale", "groove", "novelty", "mmd_global", "valid_rate"]
+        },
     }
+    result.update(_matched_novelty(per_level, per_temp, p))
+    result.update(_paper_table(answer, prompts, p, space, model.z_dim))
     lv = list(p.levels)
     result["spearman"] = {
         "surprisal": _spearman(lv, result["surprisal"]),
         "feature_distance": _spearman(lv, result["feature_distance"]),
         "one_minus_precision": _spearman(lv, [1 - x for x in result["precision"]]),
         "copy_rate": _spearman(lv, result["copy_rate"]),
+        "novelty": _spearman(lv, result["novelty"]),
     }
     result["matched_surprisal"] = _matched(per_level, per_temp, p)
     result["protocol"] = {
@@ -201,11 +303,78 @@ def evaluate_divergence(
         "seed": p.seed,
         "reference_answers": len(ref),
         "top_p": 1.0,
+        "critic_classes": space.critic.classes,
+        "real_per_class": p.real_per_class,
+        "diverged_decoder": model.diverged is not None,
+        "knob": gen.steering.config.to_dict(),
     }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if report is not None:
         write_report(result, report)
     return result
+
+
+def _matched_novelty(
+    per_level: list[dict[str, float]], per_temp: list[dict[str, float]], p: EvalProtocol
+) -> dict[str, list[float | None]]:
+    """Knob vs temperature where both reach the same novelty (critic space)."""
+    temps = list(p.temperatures)
+    tn = [m["novelty"] for m in per_temp]
+    out: dict[str, list[float | None]] = {
+        k: []
+        for k in (
+            "matched_temperature",
+            "knob_scale",
+            "temperature_scale",
+            "knob_groove",
+            "temperature_groove",
+            "knob_mmd_global",
+            "temperature_mmd_global",
+        )
+    }
+    for m in per_level:
+        t = matched_temperature(m["novelty"], temps, tn)
+        out["matched_temperature"].append(None if t is None else round(t, 3))
+        for name, key in (
+            ("scale", "in_scale"),
+            ("groove", "groove"),
+            ("mmd_global", "mmd_global"),
+        ):
+            out[f"knob_{name}"].append(round(m[key], 4))
+            tv = None if t is None else _at_temperature(t, temps, [x[key] for x in per_temp])
+            out[f"temperature_{name}"].append(None if tv is None else round(tv, 4))
+    return out
+
+
+def _paper_table(
+    answer: Any, prompts: list[np.ndarray], p: EvalProtocol, space: CriticSpace, z_dim: int
+) -> dict[str, Any]:
+    """Diverged (d = 1) vs base (d = 0) answers with prior latents, per latent temperature."""
+    precision, recall = [], []
+    mmd: dict[str, dict[str, float]] = {"mmd_classes": {}, "mmd_global": {}}
+    for t in p.latent_temperatures:
+        sets: dict[str, list[np.ndarray]] = {"base": [], "diverged": []}
+        for pi, prompt in enumerate(prompts):
+            for s in range(p.samples):
+                seed = 20_000 + 100 * pi + s
+                eps = np.random.default_rng(seed).standard_normal(z_dim).astype(np.float32)
+                for name, d in (("base", 0.0), ("diverged", 1.0)):
+                    sets[name].append(answer(prompt, seed, d, 1.0, z=t * eps)["critic"])
+        base, div = np.stack(sets["base"]), np.stack(sets["diverged"])
+        prec, rec = knn_precision_recall(base, div, k=3)
+        precision.append(round(prec, 4))
+        recall.append(round(rec, 4))
+        if t == 1.0:
+            for name, f in (("base", base), ("diverged", div)):
+                mmd["mmd_classes"][name] = round(space.mmd_classes(f), 4)
+                mmd["mmd_global"][name] = round(space.mmd_global(f), 4)
+        log.info("latent T=%.1f precision %.3f recall %.3f", t, prec, rec)
+    return {
+        "latent_temperatures": list(p.latent_temperatures),
+        "bad_precision": precision,
+        "bad_recall": recall,
+        **mmd,
+    }
 
 
 def _matched(
@@ -276,6 +445,7 @@ def write_report(result: dict[str, Any], folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "knob_vs_temperature.png", dpi=90)
     plt.close(fig)
+    _plot_learned(result, folder)
     (folder / "divergence_eval.json").write_text(json.dumps(result, indent=1))
     lines = [
         "# Divergence knob: measured",
@@ -320,4 +490,82 @@ def write_report(result: dict[str, Any], folder: Path) -> None:
             f"{row['knob_groove']} | {row['temperature_groove']} |"
         )
     lines += ["", "![knob vs temperature](knob_vs_temperature.png)", ""]
+    lines += _learned_tables(result)
     (folder / "README.md").write_text("\n".join(lines))
+
+
+def _plot_learned(result: dict[str, Any], folder: Path) -> None:
+    """The paper's table and knob vs temperature at matched novelty, as two figures."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lt = result["latent_temperatures"]
+    ax.plot(lt, result["bad_precision"], "o-", label="precision (diverged vs base)")
+    ax.plot(lt, result["bad_recall"], "s--", label="recall")
+    ax.set_xlabel("latent temperature")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("diverged (d = 1) vs base answers, critic space, k = 3", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / "bad_precision_recall.png", dpi=90)
+    plt.close(fig)
+
+    temp = result["temperature"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    pairs = (("in_scale", "scale consistency"), ("groove", "groove consistency"))
+    for ax, (k, title) in zip(
+        axes, (*pairs, ("mmd_global", "MMD² to the whole data")), strict=True
+    ):
+        knob = result[k] if k != "mmd_global" else result["knob_mmd_global"]
+        ax.plot(result["novelty"], knob, "o-", label="divergence knob (d = 0 … 1)")
+        ax.plot(temp["novelty"], temp[k], "s--", label="temperature")
+        for d, x, y in zip(result["levels"], result["novelty"], knob, strict=True):
+            ax.annotate(f"d={d:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for t, x, y in zip(temp["temperatures"], temp["novelty"], temp[k], strict=True):
+            ax.annotate(f"T={t:g}", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        ax.set_xlabel("novelty: 1 - precision vs d = 0 answers (critic space)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "knob_vs_temperature_novelty.png", dpi=90)
+    plt.close(fig)
+
+
+def _learned_tables(result: dict[str, Any]) -> list[str]:
+    """Markdown tables of the critic-space measurements."""
+
+    def f(x: float | None) -> str:
+        return "—" if x is None else f"{x:.3f}"
+
+    lines = [
+        "## The paper's table: diverged (d = 1) vs base answers, critic space",
+        "",
+        "| latent T | " + " | ".join(f"{t:g}" for t in result["latent_temperatures"]) + " |",
+        "|---|" + "---|" * len(result["latent_temperatures"]),
+        "| precision | " + " | ".join(f(x) for x in result["bad_precision"]) + " |",
+        "| recall | " + " | ".join(f(x) for x in result["bad_recall"]) + " |",
+        "",
+        f"MMD² at latent temperature 1.0 — to the classes (mean): base "
+        f"{f(result['mmd_classes']['base'])}, diverged {f(result['mmd_classes']['diverged'])}; "
+        f"to the whole data: base {f(result['mmd_global']['base'])}, diverged "
+        f"{f(result['mmd_global']['diverged'])}.",
+        "",
+        "![precision and recall vs latent temperature](bad_precision_recall.png)",
+        "",
+        "## Knob vs temperature at matched novelty (critic space)",
+        "",
+        "| d | novelty | matched T | scale knob | scale temp. | groove knob | groove temp. |"
+        " MMD² knob | MMD² temp. |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, d in enumerate(result["levels"]):
+        lines.append(
+            f"| {d:g} | {f(result['novelty'][i])} | {f(result['matched_temperature'][i])} | "
+            f"{f(result['knob_scale'][i])} | {f(result['temperature_scale'][i])} | "
+            f"{f(result['knob_groove'][i])} | {f(result['temperature_groove'][i])} | "
+            f"{f(result['knob_mmd_global'][i])} | {f(result['temperature_mmd_global'][i])} |"
+        )
+    lines += ["", "![knob vs temperature at matched novelty](knob_vs_temperature_novelty.png)", ""]
+    return lines

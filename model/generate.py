@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.divergence import Steering
+from model.divergence import Steering, mix_logits
 from model.grammar import NoteEvent, RemiGrammar, Sampler, logsoftmax
 from model.readout import FeatureReference, NgramIndex, Readout, compute_readout
 from model.runtime import IncrementalDecoder, OnnxModel
@@ -82,6 +82,12 @@ class Generator:
         self.decoder = IncrementalDecoder(model)
         # the steered answer and the base model's view of it, in one batched ONNX call
         self.pair_decoder = IncrementalDecoder(model, batch=2)
+        # the BAD-tuned decoder the knob mixes in, fed the same tokens (when shipped)
+        self.div_decoder = (
+            IncrementalDecoder(model, session=model.diverged)
+            if model.diverged is not None
+            else None
+        )
         self.steering = steering or Steering.from_model_dir(model.files.root)
         root = model.files.root
         # the readout's banks are optional: without them copy rate / distance are empty
@@ -168,6 +174,12 @@ class Generator:
         steered = d > 0.0
         z_answer = self.steering.latent(mu, d, seed) if steered else mu
         bound = np.zeros(v.size, np.float32)
+        # the learned divergence: the diverged decoder's logits mixed in by w(d)
+        w_bad = self.steering.mix_weight(d) if steered else 0.0
+        div = self.div_decoder if w_bad > 0 else None
+        # a second base row only when the answer's latent differs from the prompt's (the
+        # surprisal readout is always under the base model at the prompt's latent)
+        pair = steered and not np.array_equal(z_answer, mu)
         if steered:
             grammar.allow_empty_bars = d < self.steering.config.empty_bars_from
             margin = self.steering.register_margin(d)
@@ -175,14 +187,14 @@ class Generator:
             hi = max(n.pitch for n in prompt_notes) + margin
             pv = v.value[v.pitch_ids]
             bound[v.pitch_ids[(pv < lo) | (pv > hi)]] = -np.inf
-            dec = self.pair_decoder
-            dec.reset()
-            dec.set_z(np.stack([z_answer, mu]))
-        else:
-            dec = self.decoder
-            dec.reset()
-            dec.set_z(mu)
+        dec = self.pair_decoder if pair else self.decoder
+        dec.reset()
+        dec.set_z(np.stack([z_answer, mu]) if pair else mu)
         dec.feed(context)
+        if div is not None:
+            div.reset()
+            div.set_z(z_answer)
+            div.feed(context)
         sampler = Sampler(v.size, seed=seed)
         out: list[int] = []
         notes: list[NoteEvent] = []
@@ -205,11 +217,15 @@ class Generator:
                     mask[v.pitch_ids[0] + repeat_pitch - v.min_pitch] = -np.inf
                 if not np.isfinite(mask.max()):
                     mask = gmask  # the bounds never make an answer impossible
-                logits = self.steering.adjust(dec.last_logits_all[0], mask, prev, d)
+                logits = dec.last_logits_all[0]
+                if div is not None:
+                    logits = mix_logits(logits, div.last_logits, w_bad)
+                logits = self.steering.adjust(logits, mask, prev, d)
                 tok, lp = sampler.sample_with_logprob(
                     logits, mask, temperature=temperature, top_p=top_p
                 )
-                base_lp = float(logsoftmax(dec.last_logits_all[1], gmask)[tok])
+                base_row = dec.last_logits_all[1] if pair else dec.last_logits_all[0]
+                base_lp = float(logsoftmax(base_row, gmask)[tok])
             else:
                 tok, lp = sampler.sample_with_logprob(
                     dec.last_logits, gmask, temperature=temperature, top_p=top_p
@@ -232,6 +248,8 @@ class Generator:
             base_lps.append(base_lp)
             prev = tok
             dec.feed([tok])
+            if div is not None:
+                div.feed([tok])
         return Continuation(
             tokens=out,
             notes=notes,

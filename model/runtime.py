@@ -68,6 +68,11 @@ class ModelFiles:
     def encoder(self) -> Path:
         return self.root / "encoder.onnx"
 
+    @property
+    def diverged(self) -> Path:
+        """The BAD-tuned decoder (int8) behind the divergence knob, when shipped."""
+        return self.root / "decoder.diverged.int8.onnx"
+
     def decoder(self, precision: str) -> Path:
         if precision not in ("int8", "fp32"):
             raise ModelError(f"precision must be int8 or fp32, got {precision!r}")
@@ -148,6 +153,12 @@ class OnnxModel:
                 str(self.files.decoder(precision)), so, providers=prov
             )
             self.encoder = ort.InferenceSession(str(self.files.encoder), so, providers=prov)
+            # the BAD-tuned decoder the divergence knob mixes in (model.divergence)
+            self.diverged = (
+                ort.InferenceSession(str(self.files.diverged), so, providers=prov)
+                if self.files.diverged.exists()
+                else None
+            )
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise ModelError(f"cannot load the ONNX model in {self.files.root}: {e}") from e
         self.precision = precision
@@ -238,11 +249,19 @@ class IncrementalDecoder:
     """
 
     def __init__(
-        self, model: OnnxModel, *, z: np.ndarray | None = None, keep: int = 384, batch: int = 1
+        self,
+        model: OnnxModel,
+        *,
+        z: np.ndarray | None = None,
+        keep: int = 384,
+        batch: int = 1,
+        session: Any = None,
     ) -> None:
         import onnxruntime as ort
 
         self.model = model
+        # another decoder of the same shape (the diverged one), or the model's own
+        self.session = session if session is not None else model.decoder
         self.batch = batch
         self.keep = min(keep, model.block_size // 2)
         B = batch
@@ -258,10 +277,10 @@ class IncrementalDecoder:
         fixed.update(self._cache)
         values = {name: as_value(a) for name, a in fixed.items()}
         # the general binding (prefill, several tokens): ids and logits bound per call
-        self._io = model.decoder.io_binding()
+        self._io = self.session.io_binding()
         self._io.bind_output("logits")  # first, so get_outputs()[0] is the logits
         # the one-token binding: everything fixed
-        self._io1 = model.decoder.io_binding()
+        self._io1 = self.session.io_binding()
         self._io1.bind_ortvalue_input("input_ids", as_value(self._ids1))
         self._io1.bind_ortvalue_output("logits", as_value(self._logits1))
         for io in (self._io, self._io1):
@@ -302,7 +321,7 @@ class IncrementalDecoder:
         self._seqlens[...] = past
         self._total[...] = past + 1
         self._ids1[...] = tok
-        self.model.decoder.run_with_iobinding(self._io1)
+        self.session.run_with_iobinding(self._io1)
         return self._logits1  # (B, 1, V), overwritten by the next step
 
     def _run(self, toks: list[int]) -> np.ndarray:
@@ -324,7 +343,7 @@ class IncrementalDecoder:
         )
         self._io.bind_cpu_input("input_ids", ids)
         self._io.bind_output("logits")  # unallocated: its length changes between calls
-        self.model.decoder.run_with_iobinding(self._io)
+        self.session.run_with_iobinding(self._io)
         return np.asarray(self._io.get_outputs()[0].numpy())  # (B, T, V)
 
     def feed(self, tokens: list[int] | np.ndarray, *, all_logits: bool = False) -> np.ndarray:

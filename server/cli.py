@@ -63,6 +63,61 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_critic_train(args: argparse.Namespace) -> int:
+    from model.critic import CriticConfig, train_critic
+
+    _ensure_dataset(args.data)
+    cfg = CriticConfig(
+        data=args.data, out=args.out, steps=args.steps, threads=args.threads, seed=args.seed
+    )
+    card = train_critic(cfg, progress=not args.quiet)
+    print(json.dumps(card, indent=None if args.json else 1))
+    return 0
+
+
+def _cmd_bad_train(args: argparse.Namespace) -> int:
+    from model.bad import BadConfig, train_bad
+
+    _ensure_dataset(args.data)
+    try:
+        cfg = BadConfig(
+            data=args.data,
+            base=args.base,
+            critic=args.critic,
+            out=args.out,
+            method=args.method,
+            steps=args.steps,
+            max_minutes=args.max_minutes,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            global_weight=args.global_weight,
+            kl_weight=args.kl_weight,
+            threads=args.threads,
+            seed=args.seed,
+            resume=args.resume,
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    for path in (cfg.base, cfg.critic):
+        if not Path(path).exists():
+            raise CLIError(f"not found: {path}")
+    result = train_bad(cfg, progress=not args.quiet)
+    print(json.dumps(result, indent=None if args.json else 1))
+    return 0
+
+
+def _cmd_bad_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_diverged
+
+    if not Path(args.checkpoint).exists():
+        raise CLIError(f"not found: {args.checkpoint}")
+    try:
+        print(json.dumps(export_diverged(Path(args.checkpoint), Path(args.out)), indent=1))
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from model.concept import ConceptError
     from model.generate import GenerateError, generate_file
@@ -151,10 +206,12 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         return 0
     print(f"takes in {folder}:")
     for t in takes:
-        print(f"  {t.path.name}  {t.duration_s:7.1f} s  performer {t.performer_notes:4d} notes"
-              f"  machine {t.machine_notes:4d} notes  {t.answers:3d} answers"
-              f"{'  (recovered)' if t.recovered else ''}"
-              f"{f'  UNREADABLE: {t.error}' if t.error else ''}")
+        print(
+            f"  {t.path.name}  {t.duration_s:7.1f} s  performer {t.performer_notes:4d} notes"
+            f"  machine {t.machine_notes:4d} notes  {t.answers:3d} answers"
+            f"{'  (recovered)' if t.recovered else ''}"
+            f"{f'  UNREADABLE: {t.error}' if t.error else ''}"
+        )
     return 0
 
 
@@ -347,6 +404,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="data/dataset", help="dataset for the parity check")
     e.add_argument("--parity-windows", type=int, default=32)
     e.set_defaults(func=_cmd_export)
+
+    cr = sub.add_parser("critic", help="the domain critic BAD measures divergence with")
+    crsub = cr.add_subparsers(dest="critic_command", required=True)
+    ct = crsub.add_parser("train", help="train the critic of the corpus's collections")
+    ct.add_argument("--data", default="data/dataset", help="dataset (default: %(default)s)")
+    ct.add_argument("--out", default="runs/critic", help="output folder (default: %(default)s)")
+    ct.add_argument("--steps", type=int, default=1500)
+    ct.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--quiet", action="store_true", help="no progress bar")
+    ct.add_argument("--json", action="store_true")
+    ct.set_defaults(func=_cmd_critic_train)
+
+    from model.bad_config import METHODS
+
+    bd = sub.add_parser("bad", help="Bounded Adversarial Divergence fine-tuning of the decoder")
+    bdsub = bd.add_subparsers(dest="bad_command", required=True)
+    bt = bdsub.add_parser("train", help="fine-tune the decoder away from every class, bounded")
+    bt.add_argument("--data", default="data/dataset", help="dataset (default: %(default)s)")
+    bt.add_argument("--base", default="model/bundled/model.pt", help="base weights")
+    bt.add_argument("--critic", default="runs/critic/critic.pt", help="the frozen critic")
+    bt.add_argument("--out", default="runs/bad", help="output folder (default: %(default)s)")
+    bt.add_argument("--method", default="expected", choices=METHODS, help="gradient path")
+    bt.add_argument("--steps", type=int, default=400)
+    bt.add_argument("--max-minutes", type=float, default=30.0, help="wall-time budget")
+    bt.add_argument("--batch-size", type=int, default=32)
+    bt.add_argument("--lr", type=float, default=5e-5)
+    bt.add_argument("--global-weight", type=float, default=20.0, help="λ, the bound")
+    bt.add_argument("--kl-weight", type=float, default=0.05, help="β, KL to the base model")
+    bt.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    bt.add_argument("--quiet", action="store_true", help="no progress bar")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=_cmd_bad_train)
+    bx = bdsub.add_parser("export", help="add the BAD-tuned decoder (int8) to a model folder")
+    bx.add_argument("checkpoint", help="model.pt written by `divergent bad train`")
+    bx.add_argument("--out", default="model/bundled", help="model folder (default: %(default)s)")
+    bx.set_defaults(func=_cmd_bad_export)
 
     g = sub.add_parser("generate", help="continue a MIDI prompt with the model")
     g.add_argument("prompt", help="a MIDI file")

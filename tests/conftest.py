@@ -126,6 +126,39 @@ def tiny_model(tiny_run: Path, tiny_dataset: Path, tmp_path_factory: pytest.Temp
     return out, report
 
 
+@pytest.fixture(scope="session")
+def two_class_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two collections (Scottish airs, Essen folksongs): what the critic tells apart."""
+    from model.data import build_dataset
+
+    out = tmp_path_factory.mktemp("ds2")
+    build_dataset(
+        out,
+        sources=["airdsAirs", "essenFolksong"],
+        limit_per_source=50,
+        workers=1,
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_class_critic(two_class_dataset: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from model.critic import CriticConfig, train_critic
+
+    out = tmp_path_factory.mktemp("critic")
+    cfg = CriticConfig(
+        data=str(two_class_dataset),
+        out=str(out),
+        steps=80,
+        batch_size=32,
+        min_works=10,
+        phrase_tokens=64,
+        threads=1,
+    )
+    return out, train_critic(cfg, progress=False)
+
+
 # --- real peers: JACK, liblo, mosquitto, Pd ----------------------------------------------
 
 

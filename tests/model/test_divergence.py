@@ -142,17 +142,51 @@ def test_config_round_trip() -> None:
         DivergenceConfig(plausibility=0.0)
 
 
-def test_evaluate_divergence_protocol_and_report(tiny_model, tiny_dataset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def]
+    tiny_model, two_class_dataset, two_class_critic, tmp_path: Path
+) -> None:
     import json
+    import shutil
 
     from model.divergence_eval import EvalProtocol, evaluate_divergence
 
     p = EvalProtocol(
-        prompts=2, samples=2, bars=2, prompt_bars=2, levels=(0.0, 0.5, 1.0), temperatures=(1.0, 2.0)
+        prompts=4,
+        samples=2,
+        bars=2,
+        prompt_bars=2,
+        levels=(0.0, 0.5, 1.0),
+        temperatures=(1.0, 2.0),
+        latent_temperatures=(0.5, 1.0),
+        real_per_class=8,
     )
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model[0], folder)
+    with pytest.raises(FileNotFoundError, match="critic"):
+        evaluate_divergence(data=two_class_dataset, model_dir=folder, protocol=p)
+    for name in ("critic.onnx", "critic.json"):
+        shutil.copyfile(two_class_critic[0] / name, folder / name)
     res = evaluate_divergence(
-        data=tiny_dataset, model_dir=tiny_model[0], report=tmp_path / "rep", protocol=p
+        data=two_class_dataset, model_dir=folder, report=tmp_path / "rep", protocol=p
     )
+    assert res["latent_temperatures"] == [0.5, 1.0]
+    for k in ("bad_precision", "bad_recall"):
+        assert len(res[k]) == 2 and all(0.0 <= x <= 1.0 for x in res[k]), k
+    for k in ("mmd_classes", "mmd_global"):
+        assert set(res[k]) == {"base", "diverged"} and res[k]["base"] >= 0.0, k
+    for k in (
+        "matched_temperature",
+        "knob_scale",
+        "temperature_scale",
+        "knob_groove",
+        "temperature_groove",
+        "knob_mmd_global",
+        "temperature_mmd_global",
+        "novelty",
+    ):
+        assert len(res[k]) == 3, k
+    for name in ("bad_precision_recall.png", "knob_vs_temperature_novelty.png"):
+        assert (tmp_path / "rep" / name).exists()
     for k in (
         "levels",
         "surprisal",
@@ -165,7 +199,7 @@ def test_evaluate_divergence_protocol_and_report(tiny_model, tiny_dataset, tmp_p
     ):
         assert len(res[k]) == 3, k
     assert res["valid_rate"] == [1.0, 1.0, 1.0]
-    assert res["protocol"]["prompts"] == 2
+    assert res["protocol"]["prompts"] == 4
     for name in ("README.md", "metrics_vs_divergence.png", "knob_vs_temperature.png"):
         assert (tmp_path / "rep" / name).exists()
     assert json.loads((tmp_path / "rep" / "divergence_eval.json").read_text())["levels"] == [

@@ -1,0 +1,59 @@
+"""BAD fine-tuning configuration: a validated dataclass with a JSON round trip (no torch).
+
+Kept apart from ``model.bad`` (which imports torch) so the command line can list the
+methods without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["METHODS", "BadConfig"]
+
+METHODS = ("expected", "gumbel_st", "policy_gradient")
+
+
+@dataclass(frozen=True)
+class BadConfig:
+    data: str = "data/dataset"
+    base: str = "model/bundled/model.pt"
+    critic: str = "runs/critic/critic.pt"
+    out: str = "runs/bad"
+    method: str = "expected"
+    steps: int = 400
+    max_minutes: float = 30.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    batch_size: int = 32
+    prompt_tokens: int = 128
+    gen_tokens: int = 128
+    lr: float = 5e-5
+    class_weight: float = -1.0
+    global_weight: float = 20.0  # λ: the pull back to the whole data (the bound)
+    kl_weight: float = 0.05  # β: KL to the base model per generated token
+    sigma: float = 1.0  # kernel width (features are standardised)
+    real_per_class: int = 48  # real phrases per class drawn for each step's MMD
+    gumbel_tau: float = 1.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 20
+    bf16: bool = True
+    threads: int = 0
+    seed: int = 0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if min(self.steps, self.batch_size, self.prompt_tokens, self.gen_tokens) < 1:
+            raise ValueError("steps, batch_size, prompt_tokens, gen_tokens must be >= 1")
+        if self.batch_size < 2 or not 0.0 < self.lr < 1.0 or self.sigma <= 0:
+            raise ValueError("need batch_size >= 2, 0 < lr < 1, sigma > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BadConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown BAD options: {sorted(unknown)}")
+        return cls(**d)

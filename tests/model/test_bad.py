@@ -1,0 +1,224 @@
+"""BAD fine-tuning: its loss falls with a step, the knob mixes the learned divergence."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.bad_config import METHODS, BadConfig
+
+
+@pytest.fixture(scope="module")
+def bad_setup(tiny_run: Path, two_class_dataset: Path, two_class_critic):  # type: ignore[no-untyped-def]
+    import torch
+
+    from model.bad import _prompts, _Real, banned_tokens, sample
+    from model.critic import PhraseBank, class_of_works, load_critic
+    from model.train import load_model
+
+    torch.manual_seed(0)
+    model, _ = load_model(tiny_run / "model.pt")
+    critic, cblob = load_critic(two_class_critic[0] / "critic.pt")
+    _, labels = class_of_works(two_class_dataset, int(cblob["config"]["min_works"]))
+    bank = PhraseBank(two_class_dataset, "train", labels["train"], 32)
+    real = _Real(critic, bank, len(cblob["classes"]), 8)
+    prompt, _ = _prompts(bank, 8, 32, np.random.default_rng(0))
+    with torch.no_grad():
+        z = model.encode(prompt, torch.ones(prompt.shape))[0]
+    gen_ids = sample(
+        model, prompt, z, 32, banned_tokens(bank.vocab), torch.Generator().manual_seed(0)
+    )
+    return model, critic, real, prompt, z, gen_ids
+
+
+@pytest.mark.parametrize("method", ["expected", "policy_gradient"])
+def test_one_bad_step_lowers_its_loss_on_a_tiny_model(bad_setup, method: str) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    import torch
+
+    from model.bad import _loss, _trainable
+
+    model0, critic, real, prompt, z, gen_ids = bad_setup
+    model = copy.deepcopy(model0)
+    base = copy.deepcopy(model0).eval()
+    cfg = BadConfig(method=method, bf16=False, lr=1e-3, gen_tokens=32, prompt_tokens=32)
+    params = _trainable(model)
+    opt = torch.optim.SGD(params, lr=cfg.lr)
+
+    def loss() -> torch.Tensor:
+        # the same real draw each time: the loss is a deterministic function of the weights
+        return _loss(cfg, model, base, critic, real, prompt, z, gen_ids, np.random.default_rng(3))[
+            0
+        ]
+
+    before = loss()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss()
+    assert float(after) < float(before)
+    # the phrase encoder is not trained
+    for (n, p), p0 in zip(model.named_parameters(), model0.parameters(), strict=True):
+        if n.startswith("encoder."):
+            assert torch.equal(p, p0)
+
+
+def test_bad_train_checkpoints_resumes_and_exports(  # type: ignore[no-untyped-def]
+    tiny_run: Path, tiny_model, two_class_dataset: Path, two_class_critic, tmp_path: Path
+) -> None:
+    from export.onnx_export import export_diverged
+    from model.bad import train_bad
+    from model.runtime import OnnxModel
+
+    cfg = BadConfig(
+        data=str(two_class_dataset),
+        base=str(tiny_run / "model.pt"),
+        critic=str(two_class_critic[0] / "critic.pt"),
+        out=str(tmp_path / "bad"),
+        steps=2,
+        batch_size=4,
+        prompt_tokens=32,
+        gen_tokens=32,
+        real_per_class=6,
+        checkpoint_every=1,
+        threads=1,
+    )
+    res = train_bad(cfg, progress=False)
+    assert res["steps"] == 2
+    lines = (tmp_path / "bad" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    more = train_bad(
+        BadConfig.from_dict({**cfg.to_dict(), "steps": 3, "resume": True}), progress=False
+    )
+    assert more["steps"] == 3
+    assert len((tmp_path / "bad" / "log.jsonl").read_text().splitlines()) == 3
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model[0], folder)
+    info = export_diverged(tmp_path / "bad" / "model.pt", folder)
+    assert info["step"] == 3
+    m = OnnxModel(folder)
+    assert m.diverged is not None
+    # another model's fine-tune is refused
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model[0], other)
+    cfgj = json.loads((other / "config.json").read_text())
+    cfgj["model"]["n_layer"] += 1
+    (other / "config.json").write_text(json.dumps(cfgj))
+    with pytest.raises(ValueError):
+        export_diverged(tmp_path / "bad" / "model.pt", other)
+
+
+def test_config_round_trip_and_methods() -> None:
+    c = BadConfig(method="gumbel_st", steps=3)
+    assert BadConfig.from_dict(c.to_dict()) == c
+    assert set(METHODS) == {"expected", "gumbel_st", "policy_gradient"}
+    with pytest.raises(ValueError):
+        BadConfig(method="nope")
+    with pytest.raises(ValueError):
+        BadConfig.from_dict({"warp": 1})
+
+
+@pytest.fixture(scope="module")
+def diverged_model(  # type: ignore[no-untyped-def]
+    tiny_run: Path, tiny_model, two_class_dataset: Path, two_class_critic, tmp_path_factory
+) -> Path:
+    """The tiny model with a (briefly, strongly) BAD-tuned decoder added."""
+    from export.onnx_export import export_diverged
+    from model.bad import train_bad
+
+    tmp = tmp_path_factory.mktemp("diverged")
+    cfg = BadConfig(
+        data=str(two_class_dataset),
+        base=str(tiny_run / "model.pt"),
+        critic=str(two_class_critic[0] / "critic.pt"),
+        out=str(tmp / "bad"),
+        steps=3,
+        batch_size=4,
+        prompt_tokens=32,
+        gen_tokens=32,
+        real_per_class=6,
+        lr=3e-3,
+        threads=1,
+    )
+    train_bad(cfg, progress=False)
+    folder = tmp / "model"
+    shutil.copytree(tiny_model[0], folder)
+    export_diverged(tmp / "bad" / "model.pt", folder)
+    return folder
+
+
+def _prompt(model) -> np.ndarray:  # type: ignore[no-untyped-def]
+    from model.generate import ids_from_notes
+
+    notes = [(i * 0.5, 60 + (i * 5) % 12, 0.5, 90) for i in range(16)]
+    return ids_from_notes(model, notes)
+
+
+def test_knob_at_zero_is_plain_sampling(diverged_model: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from model.generate import Generator
+    from model.runtime import OnnxModel
+
+    with_bad = OnnxModel(diverged_model)
+    without = OnnxModel(tiny_model[0])
+    assert with_bad.diverged is not None and without.diverged is None
+    prompt = _prompt(without)
+    for seed in range(3):
+        a = Generator(with_bad).continue_ids(prompt, bars=2, seed=seed, divergence=0.0)
+        b = Generator(without).continue_ids(prompt, bars=2, seed=seed, divergence=0.0)
+        assert a.tokens == b.tokens
+        assert a.logprobs == b.logprobs
+
+
+def test_knob_departs_monotonically_from_the_base_model(diverged_model: Path) -> None:
+    """KL(knob(d) || base) of the next-token distribution rises with d, and at d > 0 the
+    answers come from the learned divergence (they differ from the base decoder's)."""
+    from model.divergence import mix_logits
+    from model.generate import Generator
+    from model.runtime import IncrementalDecoder, OnnxModel
+
+    m = OnnxModel(diverged_model)
+    prompt = _prompt(m)
+    gen = Generator(m)
+    base = IncrementalDecoder(m)
+    div = IncrementalDecoder(m, session=m.diverged)
+    ctx = gen._context(prompt)
+    mu = gen.latent(prompt)
+    for dec in (base, div):
+        dec.set_z(mu)
+        dec.feed(ctx)
+    b, d1 = base.last_logits.astype(np.float64), div.last_logits.astype(np.float64)
+    assert not np.allclose(b, d1)
+
+    def logp(x: np.ndarray) -> np.ndarray:
+        return x - np.logaddexp.reduce(x)
+
+    kls = []
+    for level in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        w = gen.steering.mix_weight(level)
+        p = logp(mix_logits(b, d1, w))
+        kls.append(float((np.exp(p) * (p - logp(b))).sum()))
+    assert kls[0] == 0.0
+    assert all(x < y for x, y in itertools.pairwise(kls)), kls
+    assert np.array_equal(mix_logits(b, d1, 0.0), b)
+
+
+def test_matched_temperature_search_on_a_toy_curve() -> None:
+    from model.divergence_eval import matched_temperature
+
+    temps = [1.0, 1.5, 2.0, 3.0]
+    novelty = [0.1, 0.3, 0.5, 0.9]
+    assert matched_temperature(0.1, temps, novelty) == 1.0
+    assert matched_temperature(0.4, temps, novelty) == pytest.approx(1.75)
+    assert matched_temperature(0.7, temps, novelty) == pytest.approx(2.5)
+    assert matched_temperature(0.95, temps, novelty) is None
+    assert matched_temperature(0.05, temps, novelty) is None
+    # a noisy, non-monotone sweep: the first crossing along the sweep
+    assert matched_temperature(0.3, [1.0, 2.0, 3.0], [0.2, 0.4, 0.35]) == pytest.approx(1.5)
