@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl = cosub.add_parser("learn", help="learn a concept from reference MIDI (needs torch)")
     cl.add_argument("name", help="the concept's name (letters, digits, _ . -)")
     cl.add_argument("refs", nargs="+", metavar="REF.mid", help="reference MIDI files")
-    cl.add_argument("--fraction", type=float, default=0.05, help="pivotal share (default 0.05)")
+    cl.add_argument("--fraction", type=float, default=0.1, help="pivotal share (default 0.1)")
     cl.add_argument("--steps", type=int, default=60, help="tuning steps (default: 60)")
     cl.add_argument("--seed", type=int, default=0)
     cl.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")

@@ -297,6 +297,11 @@ def test_cli_concept_list_learn_remove(
     assert json.loads(capsys.readouterr().out) == []
     root, _, _ = tiny_base
     out = tmp_path / "out.mid"
+    concept.save(tmp_path / "riff.concept.npz")
+    args = ["--model", str(root), "--concepts", str(tmp_path), "--json", "--bars", "1"]
+    rc = main(["generate", str(reference), "-o", str(out), "--concept", "riff", *args])
+    assert rc == 0 and out.exists()
+    assert json.loads(capsys.readouterr().out)["concept"] == "riff"
     rc = main(["generate", str(reference), "-o", str(out), "--model", str(root),
                "--concept", "nope", "--concepts", str(tmp_path)])  # fmt: skip
     assert rc == 2 and "no concept named 'nope'" in capsys.readouterr().err
