@@ -135,15 +135,11 @@ class _Real:
         self.mean = allf.mean(0)
         self.std = allf.std(0).clamp_min(1e-3)
         self.by_class = {c: self.std_(f) for c, f in feats.items()}
-        # the whole data: classes in their share of the training works
-        share = np.array([len(bank.by_class[c]) for c in sorted(bank.by_class)], float)
-        share /= share.sum()
-        counts = np.maximum(1, np.round(share * 4 * n * len(per))).astype(int)
-        rows = [
-            self.by_class[c][: min(k, len(self.by_class[c]))]
-            for c, k in zip(sorted(bank.by_class), counts, strict=True)
-        ]
-        self.whole = torch.cat(rows)
+        # the whole data: phrases drawn anywhere in the training split, each collection in
+        # its share of the data (the bundled diverged decoder was trained with an earlier
+        # rule that capped each class at 4n phrases, a flatter mixture: see its card)
+        with torch.no_grad():
+            self.whole = self.std_(critic(torch.from_numpy(bank.anywhere(4 * n * len(per), rng))))
         self.n = n
 
     def std_(self, f: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,12 @@ class PhraseBank:
         ws = rng.choice(self.by_class[c], size=n)
         return np.stack([self.phrase(int(w), rng) for w in ws])
 
+    def anywhere(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` phrases of the whole data: works drawn in proportion to their bar lines."""
+        sizes = np.array([len(b) for b in self.bar_starts], float)
+        ws = rng.choice(len(sizes), size=n, p=sizes / sizes.sum())
+        return np.stack([self.phrase(int(w), rng) for w in ws])
+
     def fixed(self, per_work: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Deterministic phrases of every work (held-out evaluation)."""
         rng = np.random.default_rng(seed)

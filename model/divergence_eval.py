@@ -121,14 +121,9 @@ class CriticSpace:
         self.mean = allf.mean(0)
         self.std = np.maximum(allf.std(0), 1e-3)
         self.by_class = {c: self.standardize(f) for c, f in raw.items()}
-        # the whole data: each class in its share of the training works
-        share = np.array([len(bank.by_class[c]) for c in sorted(bank.by_class)], float)
-        share /= share.sum()
-        rows = [
-            f[: max(1, round(q * n))]
-            for f, q in zip(self.by_class.values(), share * len(raw), strict=True)
-        ]
-        self.whole = np.concatenate(rows)
+        # the whole data: phrases drawn anywhere in the training split (each collection in
+        # its share of the data), as many as all the classes' references together
+        self.whole = self.standardize(critic.features(bank.anywhere(n * len(raw), rng)))
 
     def standardize(self, f: np.ndarray) -> np.ndarray:
         return np.asarray((f - self.mean) / self.std)
