@@ -47,7 +47,7 @@ def test_one_bad_step_lowers_its_loss_on_a_tiny_model(bad_setup, method: str) ->
     model0, critic, real, prompt, z, gen_ids = bad_setup
     model = copy.deepcopy(model0)
     base = copy.deepcopy(model0).eval()
-    cfg = BadConfig(method=method, bf16=False, lr=1e-3, gen_tokens=32, prompt_tokens=32)
+    cfg = BadConfig(method=method, bf16=False, lr=1e-4, gen_tokens=32, prompt_tokens=32)
     params = _trainable(model)
     opt = torch.optim.SGD(params, lr=cfg.lr)
 
