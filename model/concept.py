@@ -48,7 +48,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,7 +154,7 @@ class LearnConfig:
 
     fraction: float = 0.1  # share of each attention matrix's entries tuned
     steps: int = 60
-    lr: float = 5e-3  # Adam, for the pivotal entries (and all weights in `full`, LoRA)
+    lr: float = 3e-3  # Adam, for the pivotal entries (and LoRA; `full` uses its own)
     ident_lr: float = 2e-2  # Adam, for the identifier embeddings
     batch: int = 8
     window: int = 256  # reference tokens per training window
@@ -169,7 +169,10 @@ class LearnConfig:
     #: the identifiers, so the tuned weights act when the concept is called and keep the
     #: base model's predictions when it is not (0 turns it off)
     preserve: float = 1.0
-    preserve_batch: int = 4
+    preserve_batch: int = 2
+    #: base-model samples (prior preservation, as DreamBooth's class images) among the
+    #: preservation windows; generated with ONNX Runtime at the start of learning
+    general_windows: int = 8
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -184,8 +187,10 @@ class LearnConfig:
             raise ConceptError(f"transpose must be in 0..12, got {self.transpose}")
         if not 1 <= self.n_identifiers <= 8:
             raise ConceptError(f"n_identifiers must be in 1..8, got {self.n_identifiers}")
-        if self.preserve < 0 or self.preserve_batch < 1:
-            raise ConceptError("preserve >= 0 and preserve_batch >= 1 are required")
+        if self.preserve < 0 or self.preserve_batch < 1 or self.general_windows < 0:
+            raise ConceptError(
+                "preserve >= 0, preserve_batch >= 1 and general_windows >= 0 are required"
+            )
         if self.lora_rank < 1 or self.threads < 0:
             raise ConceptError("lora_rank >= 1 and threads >= 0 are required")
 
@@ -763,6 +768,48 @@ class _Windows:
         return np.stack(rows)
 
 
+def general_windows(
+    model_dir: str | Path, n: int, length: int, *, seed: int = 0, threads: int = 1
+) -> np.ndarray:
+    """``n`` base-model samples of ``length`` + 1 tokens (BOS first), torch-free.
+
+    The int8 decoder samples grammar-valid REMI (temperature 1, top-p 0.95) from BOS
+    under latents of training phrases (``latents.npy``; the prior without it): "general"
+    music in the base model's own distribution, the prior-preservation data that keeps a
+    concept from changing what the model does when the concept is not called.
+    """
+    from model.grammar import RemiGrammar, Sampler
+    from model.runtime import IncrementalDecoder, OnnxModel
+
+    if n == 0:
+        return np.zeros((0, length + 1), np.int64)
+    onnx = OnnxModel(model_dir, threads=threads)
+    v = onnx.tokenizer.vocab
+    rng = np.random.default_rng(seed)
+    bank = Path(model_dir) / "latents.npy"
+    if bank.exists():
+        lat = np.load(bank)
+        zs = lat[rng.choice(len(lat), size=n)].astype(np.float32)
+    else:
+        zs = rng.standard_normal((n, onnx.z_dim)).astype(np.float32)
+    dec = IncrementalDecoder(onnx)
+    rows = []
+    for i in range(n):
+        grammar = RemiGrammar(v)
+        sampler = Sampler(v.size, seed=seed * 1000 + i)
+        dec.reset()
+        dec.set_z(zs[i])
+        dec.feed([v.bos])
+        toks = [v.bos]
+        while len(toks) <= length:
+            tok = sampler.sample(dec.last_logits, grammar.mask(), temperature=1.0, top_p=0.95)
+            grammar.feed(tok)
+            toks.append(tok)
+            dec.feed([tok])
+        rows.append(toks)
+    return np.asarray(rows, np.int64)
+
+
 @dataclass
 class LearnResult:
     """What a tuning method produced (torch-free arrays)."""
@@ -809,13 +856,21 @@ def _loss(model: Any, prefix: Any, windows: np.ndarray, z: Any, bf16: bool) -> A
 
 
 def _preservation_targets(
-    model: Any, windows: _Windows, cfg: LearnConfig, rng: np.random.Generator, gen: Any
+    model: Any,
+    windows: _Windows,
+    general: np.ndarray | None,
+    cfg: LearnConfig,
+    rng: np.random.Generator,
+    gen: Any,
 ) -> tuple[Any, Any, Any]:
-    """(inputs, latents, base log-probabilities) of ``2 * batch`` reference windows
-    without identifiers: what the tuned model must still predict when not called."""
+    """(inputs, latents, base log-probabilities) of the preservation windows: base-model
+    samples (``general``) and ``batch`` reference windows, all without identifiers —
+    what the tuned model must still predict when the concept is not called."""
     import torch
 
-    w = np.concatenate([windows.sample(rng), windows.sample(rng)])
+    w = windows.sample(rng)
+    if general is not None and len(general) and general.shape[1] >= w.shape[1]:
+        w = np.concatenate([general[:, : w.shape[1]], w])
     x = torch.from_numpy(w[:, :-1])
     z = torch.randn(len(w), model.cfg.z_dim, generator=gen)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -905,10 +960,11 @@ def _learn(
     method: str,
     *,
     progress: bool = True,
-    log: Callable[[str], object] | None = None,
+    general: np.ndarray | None = None,
 ) -> LearnResult:
     """Tune ``model`` (a loaded torch DivergentModel, changed in place) on the references.
 
+    ``general``: base-model samples for the preservation term (:func:`general_windows`).
     ``method``: ``ppt`` (pivotal entries + identifiers), ``token_only`` (identifiers),
     ``full`` (every decoder weight + identifiers), ``lora`` (rank-``lora_rank`` adapters on
     the attention projections + identifiers). Same windows, steps and seed for all.
@@ -933,7 +989,7 @@ def _learn(
     # computed once before tuning (token_only changes no weight, so it needs none)
     preserve = None
     if cfg.preserve > 0 and method != "token_only":
-        preserve = _preservation_targets(model, windows, cfg, rng, gen)
+        preserve = _preservation_targets(model, windows, general, cfg, rng, gen)
     ids = [int(i) for i in vocab.concept_ids[: cfg.n_identifiers]]
     wte = model.transformer.wte.weight
     prefix = torch.nn.Parameter(wte.detach()[ids].clone())
@@ -1110,7 +1166,15 @@ def learn_concept(
             f"{ckpt} (weights {base_hash}) is not the model in {root} ({folder_hash})"
         )
     base_state = {n: model.state_dict()[n].numpy().copy() for n in pivotal_names(model.cfg.n_layer)}
-    res = _learn(model, ids, tok.vocab, cfg, "ppt", progress=progress)
+    t_gen = time.perf_counter()
+    general = (
+        general_windows(root, cfg.general_windows, cfg.window, seed=cfg.seed)
+        if cfg.preserve > 0
+        else None
+    )
+    t_gen = time.perf_counter() - t_gen
+    res = _learn(model, ids, tok.vocab, cfg, "ppt", progress=progress, general=general)
+    res.seconds += t_gen  # sampling the preservation data is part of learning
     concept = concept_from_result(
         name,
         res,
@@ -1129,6 +1193,7 @@ def learn_concept(
         "path": str(path),
         "bytes": size,
         "learn_seconds": round(res.seconds, 2),
+        "sampling_seconds": round(t_gen, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
         "threads": res.threads,
         "reference_tokens": concept.meta.reference_tokens,

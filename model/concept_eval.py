@@ -57,6 +57,7 @@ from model.concept import (
     activate_concepts,
     concept_from_result,
     decoder_overrides,
+    general_windows,
     pivotal_names,
     torch_weights_hash,
 )
@@ -80,6 +81,9 @@ class ConceptProtocol:
     bars: int = 4
     extra_fraction: float = 0.05
     full_lr: float = 5e-4  # full fine-tuning broke the model at PPT's 5e-3 (measured)
+    ppt_lr: float | None = None  # None: LearnConfig's default (PPT and LoRA)
+    #: the methods to run (experiments may run a few; the report runs all)
+    only: tuple[str, ...] = ()
     retention_windows: int = 8
     retention_len: int = 256
     steps: int = 60
@@ -97,13 +101,15 @@ class ConceptProtocol:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["played_references"] = list(self.played_references)
+        d["only"] = list(self.only)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConceptProtocol:
         d = dict(d)
-        if "played_references" in d:
-            d["played_references"] = tuple(d["played_references"])
+        for key in ("played_references", "only"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -357,6 +363,13 @@ def evaluate_concept(
         else None
     )
     cfg = LearnConfig(steps=p.steps, threads=p.threads, seed=p.seed)
+    if p.ppt_lr is not None:
+        cfg = LearnConfig(**{**cfg.to_dict(), "lr": p.ppt_lr})
+    # the preservation term's base-model samples, once for every method (their sampling
+    # time is added to each method that uses them)
+    t_gen = time.perf_counter()
+    general = general_windows(root, cfg.general_windows, cfg.window, seed=p.seed)
+    t_gen = time.perf_counter() - t_gen
     methods = [
         "base",
         "token_only",
@@ -366,6 +379,8 @@ def evaluate_concept(
         "ppt",
         f"ppt_f{p.extra_fraction:g}",
     ]
+    if p.only:
+        methods = ["base", *(m for m in methods if m in p.only)]
     per_ref: dict[str, dict[str, dict[str, float]]] = {}
     base_answers = _Answers(onnx, None, prompts, p)
     concepts_for_combo: dict[str, Concept] = {}
@@ -392,7 +407,17 @@ def evaluate_concept(
                 mcfg = LearnConfig(**{**cfg.to_dict(), "lr": p.full_lr, "preserve": 0.0})
                 kind = "full"
             model = copy.deepcopy(base_model)
-            res = _learn(model, [ids], vocab, mcfg, kind, progress=progress)
+            uses = mcfg.preserve > 0 and kind != "token_only"
+            res = _learn(
+                model,
+                [ids],
+                vocab,
+                mcfg,
+                kind,
+                progress=progress,
+                general=general if uses else None,
+            )
+            res.seconds += t_gen if uses else 0.0
             if kind in ("ppt", "token_only"):
                 state = {
                     n: base_model.state_dict()[n].numpy()
