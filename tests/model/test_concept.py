@@ -261,6 +261,27 @@ def test_prior_preservation_samples_are_valid_and_seeded(tiny_base: Any) -> None
         )
 
 
+def test_serving_a_concept_does_not_import_torch(learned: Any, tiny_base: Any) -> None:
+    import subprocess
+    import sys
+
+    _, _, _, folder = learned
+    root, _, _ = tiny_base
+    code = (
+        "import sys\n"
+        "from model.runtime import OnnxModel\n"
+        "from model.concept import activate\n"
+        "from model.generate import Generator\n"
+        f"m = OnnxModel({str(root)!r})\n"
+        f"Generator(m, concept=activate('riff', m, {str(folder)!r}))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
 def test_requantization_reproduces_the_bundled_int8_decoder() -> None:
     base = BaseWeights(BUNDLED, 4)
     stored = read_onnx_initializers(BUNDLED / "decoder.int8.onnx")
