@@ -282,6 +282,20 @@ def test_serving_a_concept_does_not_import_torch(learned: Any, tiny_base: Any) -
     assert out.stdout.strip() == "False"
 
 
+def test_evaluation_protocol_round_trip_and_style_distance() -> None:
+    from model.concept_eval import ConceptProtocol, style_distance
+
+    p = ConceptProtocol(only=("ppt",), learn={"lr": 5e-3})
+    assert ConceptProtocol.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    with pytest.raises(ValueError):
+        ConceptProtocol(seeds=1)
+    rng = np.random.default_rng(0)
+    a, b = rng.random((5, 40)), rng.random((7, 40))
+    assert style_distance(a, a) == 0.0
+    assert style_distance(a, b) == pytest.approx(style_distance(b, a))
+    assert 0.0 < style_distance(a, b) <= 1.0
+
+
 def test_requantization_reproduces_the_bundled_int8_decoder() -> None:
     base = BaseWeights(BUNDLED, 4)
     stored = read_onnx_initializers(BUNDLED / "decoder.int8.onnx")
