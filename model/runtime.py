@@ -227,6 +227,10 @@ class OnnxModel:
             raise ModelError(f"cannot rebuild the decoder with new weights: {e}") from e
         other = copy.copy(self)
         other.decoder = session
+        # the BAD-tuned decoder does not carry these weights: mixing it with a decoder
+        # that does would blend two different models, so the copy's knob goes without it
+        # (latent push, contrastive tokens and bounds still act)
+        other.diverged = None
         other._initializer_values = values  # type: ignore[attr-defined]
         return other
 
