@@ -6,8 +6,10 @@ methods without loading torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
+
+from model.configs import StrictConfig
 
 __all__ = ["METHODS", "BadConfig"]
 
@@ -15,7 +17,8 @@ METHODS = ("expected", "gumbel_st", "policy_gradient")
 
 
 @dataclass(frozen=True)
-class BadConfig:
+class BadConfig(StrictConfig):
+    config_name: ClassVar[str] = "BAD options"
     data: str = "data/dataset"
     base: str = "model/bundled/model.pt"
     critic: str = "runs/critic/critic.pt"
@@ -47,13 +50,3 @@ class BadConfig:
             raise ValueError("steps, batch_size, prompt_tokens, gen_tokens must be >= 1")
         if self.batch_size < 2 or not 0.0 < self.lr < 1.0 or self.sigma <= 0:
             raise ValueError("need batch_size >= 2, 0 < lr < 1, sigma > 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BadConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown BAD options: {sorted(unknown)}")
-        return cls(**d)

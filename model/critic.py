@@ -29,12 +29,13 @@ import logging
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from model.configs import StrictConfig
 from model.data import DatasetFiles, load_split, transpose_ids
 from model.tokenizer import load_tokenizer
 
@@ -63,7 +64,8 @@ OTHER = "other"
 
 
 @dataclass(frozen=True)
-class CriticConfig:
+class CriticConfig(StrictConfig):
+    config_name: ClassVar[str] = "critic options"
     data: str = "data/dataset"
     out: str = "runs/critic"
     phrase_tokens: int = PHRASE_TOKENS
@@ -84,16 +86,6 @@ class CriticConfig:
             raise ValueError("phrase_tokens >= 16, kernel >= 1, steps >= 1")
         if not 0.0 < self.lr < 1.0 or self.batch_size < 2:
             raise ValueError("need 0 < lr < 1 and batch_size >= 2")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CriticConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown critic options: {sorted(unknown)}")
-        return cls(**d)
 
 
 def class_of_works(root: str | Path, min_works: int) -> tuple[list[str], dict[str, list[int]]]:

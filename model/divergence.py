@@ -24,11 +24,13 @@ Nothing here imports torch; the banks are small ``.npy`` files in the model fold
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
+
+from model.configs import StrictConfig
 
 __all__ = [
     "DivergenceConfig",
@@ -45,7 +47,8 @@ BIGRAM_FILE = "reference_bigram.npy"
 
 
 @dataclass(frozen=True)
-class DivergenceConfig:
+class DivergenceConfig(StrictConfig):
+    config_name: ClassVar[str] = "divergence options"
     latent_scale: float = 2.5  # shift at d = 1, in units of sqrt(z_dim)
     token_lambda: float = 1.0  # contrastive weight at d = 1
     plausibility: float = 0.02  # support bound at d = 1: p >= d * plausibility * p_max
@@ -71,16 +74,6 @@ class DivergenceConfig:
             raise ValueError("register_margin >= 0, max_repeats >= 1, k_nearest >= 1")
         if self.bad_weight < 0 or self.bad_curve <= 0:
             raise ValueError("bad_weight must be >= 0 and bad_curve > 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DivergenceConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown divergence options: {sorted(unknown)}")
-        return cls(**d)
 
 
 def _load_array(path: str | Path, what: str) -> np.ndarray:

@@ -36,6 +36,23 @@ def bad_setup(tiny_run: Path, two_class_dataset: Path, two_class_critic):  # typ
     return model, critic, real, prompt, z, gen_ids
 
 
+def _tiny_bad(run: Path, data: Path, critic, tmp: Path, **kw) -> BadConfig:  # type: ignore[no-untyped-def]
+    """A BAD run small enough for a test: the tiny model, the two-class critic."""
+    return BadConfig(
+        data=str(data),
+        base=str(run / "model.pt"),
+        critic=str(critic[0] / "critic.pt"),
+        out=str(tmp / "bad"),
+        batch_size=4,
+        prompt_tokens=32,
+        gen_tokens=32,
+        real_per_class=6,
+        checkpoint_every=1,
+        threads=1,
+        **kw,
+    )
+
+
 @pytest.mark.parametrize("method", ["expected", "policy_gradient"])
 def test_one_bad_step_lowers_its_loss_on_a_tiny_model(bad_setup, method: str) -> None:  # type: ignore[no-untyped-def]
     import copy
@@ -77,19 +94,7 @@ def test_bad_train_checkpoints_resumes_and_exports(  # type: ignore[no-untyped-d
     from model.bad import train_bad
     from model.runtime import OnnxModel
 
-    cfg = BadConfig(
-        data=str(two_class_dataset),
-        base=str(tiny_run / "model.pt"),
-        critic=str(two_class_critic[0] / "critic.pt"),
-        out=str(tmp_path / "bad"),
-        steps=2,
-        batch_size=4,
-        prompt_tokens=32,
-        gen_tokens=32,
-        real_per_class=6,
-        checkpoint_every=1,
-        threads=1,
-    )
+    cfg = _tiny_bad(tiny_run, two_class_dataset, two_class_critic, tmp_path, steps=2)
     res = train_bad(cfg, progress=False)
     assert res["steps"] == 2
     lines = (tmp_path / "bad" / "log.jsonl").read_text().splitlines()
@@ -135,19 +140,7 @@ def diverged_model(  # type: ignore[no-untyped-def]
     from model.bad import train_bad
 
     tmp = tmp_path_factory.mktemp("diverged")
-    cfg = BadConfig(
-        data=str(two_class_dataset),
-        base=str(tiny_run / "model.pt"),
-        critic=str(two_class_critic[0] / "critic.pt"),
-        out=str(tmp / "bad"),
-        steps=3,
-        batch_size=4,
-        prompt_tokens=32,
-        gen_tokens=32,
-        real_per_class=6,
-        lr=3e-3,
-        threads=1,
-    )
+    cfg = _tiny_bad(tiny_run, two_class_dataset, two_class_critic, tmp, steps=3, lr=3e-3)
     train_bad(cfg, progress=False)
     folder = tmp / "model"
     shutil.copytree(tiny_model[0], folder)
