@@ -225,8 +225,8 @@ def _loss(
     loss = div_loss + cfg.kl_weight * kl
     with torch.no_grad():
         stats = {
-            "loss": float(loss),
-            "kl": float(kl),
+            "loss": float(loss.detach()),
+            "kl": float(kl.detach()),
             "mmd_classes": float(np.mean([float(mmd2(g_hard, r, cfg.sigma)) for r in cls])),
             "mmd_global": float(mmd2(g_hard, whole, cfg.sigma)),
         }
