@@ -138,9 +138,10 @@ def bench_model(
         dec.feed(ids1)
 
     def knob_run() -> None:
+        # through the generator's own feed: the diverged decoder on its worker thread
         for dec in knob:
             dec.rewind(ctx1)
-            dec.feed([5])
+        gen._feed(knob[0], knob[1] if len(knob) > 1 else None, [5])
 
     d1_ms = _time(knob_run, repeats)
     notes1 = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,7 @@ class Generator:
             else None
         )
         self.steering = steering or Steering.from_model_dir(model.files.root)
+        self._pool: ThreadPoolExecutor | None = None  # the diverged decoder's worker
         root = model.files.root
         # the readout's banks are optional: without them copy rate / distance are empty
         self.index = (
@@ -190,11 +192,10 @@ class Generator:
         dec = self.pair_decoder if pair else self.decoder
         dec.reset()
         dec.set_z(np.stack([z_answer, mu]) if pair else mu)
-        dec.feed(context)
         if div is not None:
             div.reset()
             div.set_z(z_answer)
-            div.feed(context)
+        self._feed(dec, div, context)
         sampler = Sampler(v.size, seed=seed)
         out: list[int] = []
         notes: list[NoteEvent] = []
@@ -247,9 +248,7 @@ class Generator:
             logprobs.append(lp)
             base_lps.append(base_lp)
             prev = tok
-            dec.feed([tok])
-            if div is not None:
-                div.feed([tok])
+            self._feed(dec, div, [tok])
         return Continuation(
             tokens=out,
             notes=notes,
@@ -265,6 +264,24 @@ class Generator:
             beats_per_bar=beats_per_bar,
             bar_start_beats=bar_start,
         )
+
+    def _feed(
+        self, dec: IncrementalDecoder, div: IncrementalDecoder | None, toks: list[int]
+    ) -> None:
+        """Feed the base decoder and (when the knob uses it) the diverged one.
+
+        The two are different ONNX Runtime sessions over the same tokens: the diverged one
+        runs on a worker thread while this thread runs the base one (ORT releases the GIL),
+        so at d > 0 a token costs about the slower of the two, not their sum.
+        """
+        if div is None:
+            dec.feed(toks)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diverged")
+        fut = self._pool.submit(div.feed, toks)
+        dec.feed(toks)
+        fut.result()
 
     def _last_timesig(self, ids: np.ndarray) -> int | None:
         ts = [int(t) for t in ids if int(t) in self.vocab.timesig]

@@ -215,3 +215,18 @@ def test_matched_temperature_search_on_a_toy_curve() -> None:
     assert matched_temperature(0.05, temps, novelty) is None
     # a noisy, non-monotone sweep: the first crossing along the sweep
     assert matched_temperature(0.3, [1.0, 2.0, 3.0], [0.2, 0.4, 0.35]) == pytest.approx(1.5)
+
+
+def test_knob_answers_are_deterministic_per_seed_with_the_diverged_decoder(
+    diverged_model: Path,
+) -> None:
+    """At d > 0 the diverged decoder runs on a worker thread: same seed, same answer."""
+    from model.generate import Generator
+    from model.runtime import OnnxModel
+
+    m = OnnxModel(diverged_model)
+    prompt = _prompt(m)
+    a = Generator(m).continue_ids(prompt, bars=2, seed=5, divergence=0.7)
+    b = Generator(m).continue_ids(prompt, bars=2, seed=5, divergence=0.7)
+    assert a.tokens == b.tokens and a.base_logprobs == b.base_logprobs
+    assert a.tokens != Generator(m).continue_ids(prompt, bars=2, seed=5, divergence=0.0).tokens
