@@ -126,20 +126,16 @@ def sample(
 class _Real:
     """Standardised critic features of real phrases, per class and all together."""
 
-    def __init__(self, critic: torch.nn.Module, bank: PhraseBank, n_classes: int, n: int):
-        rng = np.random.default_rng(1)
-        per = {c: bank.of_class(c, 4 * n, rng) for c in sorted(bank.by_class)}
+    def __init__(self, critic: torch.nn.Module, bank: PhraseBank, n: int):
+        per, whole = bank.references(4 * n, np.random.default_rng(1))
         with torch.no_grad():
             feats = {c: critic(torch.from_numpy(x)) for c, x in per.items()}
+            whole_f = critic(torch.from_numpy(whole))
         allf = torch.cat(list(feats.values()))
         self.mean = allf.mean(0)
         self.std = allf.std(0).clamp_min(1e-3)
         self.by_class = {c: self.std_(f) for c, f in feats.items()}
-        # the whole data: phrases drawn anywhere in the training split, each collection in
-        # its share of the data (the bundled diverged decoder was trained with an earlier
-        # rule that capped each class at 4n phrases, a flatter mixture: see its card)
-        with torch.no_grad():
-            self.whole = self.std_(critic(torch.from_numpy(bank.anywhere(4 * n * len(per), rng))))
+        self.whole = self.std_(whole_f)
         self.n = n
 
     def std_(self, f: torch.Tensor) -> torch.Tensor:
@@ -281,7 +277,7 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
     bank = PhraseBank(cfg.data, "train", labels["train"], cfg.gen_tokens)
     vocab = bank.vocab
     banned = banned_tokens(vocab)
-    real = _Real(critic, bank, len(cblob["classes"]), cfg.real_per_class)
+    real = _Real(critic, bank, cfg.real_per_class)
     params = _trainable(model)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     step = 0

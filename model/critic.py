@@ -161,6 +161,16 @@ class PhraseBank:
         ws = rng.choice(len(sizes), size=n, p=sizes / sizes.sum())
         return np.stack([self.phrase(int(w), rng) for w in ws])
 
+    def references(
+        self, n: int, rng: np.random.Generator
+    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """The real references divergence is measured against (BAD training and the
+        evaluation alike): ``n`` phrases per class, and as many phrases as all classes'
+        together drawn anywhere in the split (the whole data, each collection in its share).
+        """
+        per = {c: self.of_class(c, n, rng) for c in sorted(self.by_class)}
+        return per, self.anywhere(n * len(per), rng)
+
     def fixed(self, per_work: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Deterministic phrases of every work (held-out evaluation)."""
         rng = np.random.default_rng(seed)

@@ -115,15 +115,13 @@ class CriticSpace:
         if classes != critic.classes:
             raise ValueError(f"the critic's classes {critic.classes} are not {data}'s {classes}")
         bank = PhraseBank(data, "train", labels["train"], critic.phrase_tokens)
-        rng = np.random.default_rng(seed)
-        raw = {c: critic.features(bank.of_class(c, n, rng)) for c in sorted(bank.by_class)}
+        per, whole = bank.references(n, np.random.default_rng(seed))
+        raw = {c: critic.features(x) for c, x in per.items()}
         allf = np.concatenate(list(raw.values()))
         self.mean = allf.mean(0)
         self.std = np.maximum(allf.std(0), 1e-3)
         self.by_class = {c: self.standardize(f) for c, f in raw.items()}
-        # the whole data: phrases drawn anywhere in the training split (each collection in
-        # its share of the data), as many as all the classes' references together
-        self.whole = self.standardize(critic.features(bank.anywhere(n * len(raw), rng)))
+        self.whole = self.standardize(critic.features(whole))
 
     def standardize(self, f: np.ndarray) -> np.ndarray:
         return np.asarray((f - self.mean) / self.std)

@@ -26,7 +26,7 @@ def bad_setup(tiny_run: Path, two_class_dataset: Path, two_class_critic):  # typ
     critic, cblob = load_critic(two_class_critic[0] / "critic.pt")
     _, labels = class_of_works(two_class_dataset, int(cblob["config"]["min_works"]))
     bank = PhraseBank(two_class_dataset, "train", labels["train"], 32)
-    real = _Real(critic, bank, len(cblob["classes"]), 8)
+    real = _Real(critic, bank, 8)
     prompt, _ = _prompts(bank, 8, 32, np.random.default_rng(0))
     with torch.no_grad():
         z = model.encode(prompt, torch.ones(prompt.shape))[0]
