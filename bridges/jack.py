@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from bridges.exceptions import BridgeError
+from divergent.bridges.exceptions import BridgeError
 
 __all__ = ["JackServer", "jack_period_s", "jack_running"]
 
@@ -71,7 +71,11 @@ class JackServer:
     """
 
     def __init__(
-        self, *, rate: int = 48000, period: int = 64, port_max: int = 256,
+        self,
+        *,
+        rate: int = 48000,
+        period: int = 64,
+        port_max: int = 256,
         ready_timeout: float = 5.0,
     ) -> None:
         self.rate = rate
@@ -94,8 +98,17 @@ class JackServer:
             )
         # --port-max: each client maps the engine's port table; JACK's default of 2048
         # ports costs every client ~100 MB of (shared) resident memory
-        cmd = [jackd, "--port-max", str(self.port_max), "-d", "dummy",
-               "-r", str(self.rate), "-p", str(self.period)]
+        cmd = [
+            jackd,
+            "--port-max",
+            str(self.port_max),
+            "-d",
+            "dummy",
+            "-r",
+            str(self.rate),
+            "-p",
+            str(self.period),
+        ]
         # jackd logs every xrun: to a file, never a pipe nobody drains (a full pipe
         # would block jackd itself, and every JACK client with it)
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop())

@@ -31,8 +31,8 @@ from typing import Any
 import mido
 import rtmidi
 
-from bridges.exceptions import MidiBackendError, MidiPortError
-from bridges.jack import jack_running
+from divergent.bridges.exceptions import MidiBackendError, MidiPortError
+from divergent.bridges.jack import jack_running
 
 __all__ = [
     "MIDI_BACKENDS",
@@ -317,9 +317,7 @@ class MidiIO:
             # both clients first: each lists the other direction's ports, which is how we
             # learn the name the MIDI system gave our virtual port
             # a deep queue: the poller may lose the GIL for a while under a 2 kHz flood
-            self._in = _make(
-                rtmidi.MidiIn, self.backend, self.client_name, queue_size_limit=16384
-            )
+            self._in = _make(rtmidi.MidiIn, self.backend, self.client_name, queue_size_limit=16384)
             self._out = _make(rtmidi.MidiOut, self.backend, self.client_name)
             self._input_name = self._open_input(self._in, self._out)
             self._output_name = self._open_output(self._out, self._in)

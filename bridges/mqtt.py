@@ -41,7 +41,7 @@ from typing import Any
 
 import aiomqtt
 
-from bridges.exceptions import MqttError
+from divergent.bridges.exceptions import MqttError
 
 __all__ = ["MqttBridge", "MqttStats", "OnControl", "Payload", "PayloadError", "parse_payload"]
 
@@ -155,8 +155,9 @@ def _json_arg(value: object, *, inside_array: bool) -> object:
     if isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, dict):
-        raise PayloadError("a JSON object is not a control value; send a number, a string "
-                           "or a JSON array of them")
+        raise PayloadError(
+            "a JSON object is not a control value; send a number, a string or a JSON array of them"
+        )
     where = "inside a JSON array " if inside_array else ""
     kind = "null" if value is None else "an array" if isinstance(value, list) else repr(value)
     raise PayloadError(f"{kind} is not allowed {where}(only numbers, strings and booleans)")
@@ -260,8 +261,10 @@ class MqttBridge:
         if not 1 <= port <= 65535:
             raise MqttError(f"MQTT broker port {port}: must be in 1..65535")
         if not instance or _INSTANCE_UNSAFE.search(instance):
-            raise MqttError(f"MQTT instance name {instance!r}: must be a non-empty topic level "
-                            "without '/', '+', '#' or spaces")
+            raise MqttError(
+                f"MQTT instance name {instance!r}: must be a non-empty topic level "
+                "without '/', '+', '#' or spaces"
+            )
         if password is not None and username is None:
             raise MqttError("an MQTT password needs a user name")
         if queue_size < 1:
@@ -302,8 +305,8 @@ class MqttBridge:
         # Why a deque and not asyncio.Queue: dropping the oldest is one popleft, and the
         # publisher waits for either kind of work (events or retained state) on one Event.
         self._outbox: collections.deque[tuple[str, bytes]] = collections.deque()
-        self._retained: dict[str, bytes] = {}   # topic → latest payload, re-sent on connect
-        self._dirty: dict[str, None] = {}       # retained topics not yet sent (ordered set)
+        self._retained: dict[str, bytes] = {}  # topic → latest payload, re-sent on connect
+        self._dirty: dict[str, None] = {}  # retained topics not yet sent (ordered set)
         self._wake = asyncio.Event()
         # subtopic → checked full topic: the server publishes to a handful of topics
         self._topics: dict[str, str] = {}
@@ -317,9 +320,9 @@ class MqttBridge:
         self._stopping = asyncio.Event()
         self._up = asyncio.Event()
         self._closed = False
-        self._down_since: float | None = None   # start of the current outage, for the log
-        self._up_since = 0.0                    # start of the current connection
-        self._outage_logged = False             # a warning announced the current outage
+        self._down_since: float | None = None  # start of the current outage, for the log
+        self._up_since = 0.0  # start of the current connection
+        self._outage_logged = False  # a warning announced the current outage
 
         self._published = 0
         self._dropped = 0
@@ -368,8 +371,11 @@ class MqttBridge:
         try:
             done, _ = await asyncio.wait({task}, timeout=_CLOSE_GRACE)
             if not done:
-                log.warning("MQTT broker did not let the bridge close within %.1f s; dropping "
-                            "the connection", _CLOSE_GRACE)
+                log.warning(
+                    "MQTT broker did not let the bridge close within %.1f s; dropping "
+                    "the connection",
+                    _CLOSE_GRACE,
+                )
             # Cancel until it ends: on Python 3.11, asyncio.wait_for (inside aiomqtt's
             # publish) swallows a cancellation that arrives as its operation completes.
             while not task.done():
@@ -454,8 +460,13 @@ class MqttBridge:
             self._encode_errors += 1
             count = self._encode_log.hit()
             if count is not None:
-                self._log_soon(logging.ERROR, "cannot publish MQTT %r: %s (%d such errors "
-                               "since the last such line)", subtopic, e, count)
+                self._log_soon(
+                    logging.ERROR,
+                    "cannot publish MQTT %r: %s (%d such errors since the last such line)",
+                    subtopic,
+                    e,
+                    count,
+                )
             return
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:
@@ -470,10 +481,15 @@ class MqttBridge:
         topic = self._topics.get(subtopic)
         if topic is not None:
             return topic
-        if (not subtopic or subtopic.startswith("/") or subtopic.endswith("/")
-                or _TOPIC_UNSAFE.search(subtopic)):
-            raise ValueError("the subtopic must be non-empty, without '+', '#', NUL or a "
-                             "leading/trailing '/'")
+        if (
+            not subtopic
+            or subtopic.startswith("/")
+            or subtopic.endswith("/")
+            or _TOPIC_UNSAFE.search(subtopic)
+        ):
+            raise ValueError(
+                "the subtopic must be non-empty, without '+', '#', NUL or a leading/trailing '/'"
+            )
         first = subtopic.split("/", 1)[0]
         if first in (ONLINE, CONTROL):
             # online belongs to the connection; control/... would loop back into on_control
@@ -496,8 +512,7 @@ class MqttBridge:
         else:
             if len(self._outbox) >= self._queue_size:
                 old_topic, _ = self._outbox.popleft()
-                self._drop(old_topic, f"the queue is full ({self._queue_size}); dropped the "
-                           "oldest")
+                self._drop(old_topic, f"the queue is full ({self._queue_size}); dropped the oldest")
             self._outbox.append((topic, data))
         self._wake.set()
 
@@ -506,16 +521,22 @@ class MqttBridge:
         count = self._drop_log.hit()
         if count is not None:
             state = "connected" if self.connected else "not connected"
-            self._log_soon(logging.WARNING, "MQTT message to %s not sent: %s (%s; %d dropped "
-                           "since the last such line, %d in all)", topic, why, state, count,
-                           self._dropped)
+            self._log_soon(
+                logging.WARNING,
+                "MQTT message to %s not sent: %s (%s; %d dropped "
+                "since the last such line, %d in all)",
+                topic,
+                why,
+                state,
+                count,
+                self._dropped,
+            )
 
     def _log_soon(self, level: int, msg: str, *args: object) -> None:
         # A log line costs a few hundred µs (handlers, formatting, I/O): on the loop it is
         # written just after the publish call that caused it, not inside it.
         loop = self._loop
-        if (loop is not None and threading.get_ident() == self._loop_thread
-                and not loop.is_closed()):
+        if loop is not None and threading.get_ident() == self._loop_thread and not loop.is_closed():
             loop.call_soon(log.log, level, msg, *args)
         else:
             log.log(level, msg, *args)
@@ -541,7 +562,7 @@ class MqttBridge:
             connects = self._connects
             try:
                 await self._session()
-                return                                   # a clean close
+                return  # a clean close
             except aiomqtt.MqttError as e:
                 reason = _describe(e)
             except Exception as e:
@@ -571,15 +592,23 @@ class MqttBridge:
                 # Once per outage, and again only if the reason changes (refused → bad
                 # password): a retry every few seconds must not fill the log.
                 self._outage_logged = True
-                log.warning("%s the MQTT broker %s:%d (%s); retrying every %g-%g s in the "
-                            "background", what, self._host, self._port, reason, low, high)
+                log.warning(
+                    "%s the MQTT broker %s:%d (%s); retrying every %g-%g s in the background",
+                    what,
+                    self._host,
+                    self._port,
+                    reason,
+                    low,
+                    high,
+                )
             else:
-                log.debug("%s the MQTT broker %s:%d again: %s", what, self._host, self._port,
-                          reason)
+                log.debug(
+                    "%s the MQTT broker %s:%d again: %s", what, self._host, self._port, reason
+                )
             try:
                 async with asyncio.timeout(delay):
                     await self._stopping.wait()
-                return                                   # closed while waiting
+                return  # closed while waiting
             except TimeoutError:
                 delay = min(delay * 2, high)
 
@@ -622,7 +651,7 @@ class MqttBridge:
 
     def _connected_now(self) -> None:
         self._connects += 1
-        self._published += 1   # the "1" on online
+        self._published += 1  # the "1" on online
         # Everything retained goes out again: a broker restarted without persistence has
         # forgotten it, and dashboards subscribing later need the current state.
         for topic in self._retained:
@@ -634,10 +663,16 @@ class MqttBridge:
         down_since, self._down_since = self._down_since, None
         down = "" if down_since is None else f" after {now - down_since:.1f} s"
         if self._connects == 1 or self._outage_logged:
-            log.log(logging.INFO if self._connects == 1 else logging.WARNING,
-                    "MQTT %sconnected to %s:%d%s as %s (topics %s#)",
-                    "" if self._connects == 1 else "re", self._host, self._port, down,
-                    self._client_id, self._prefix)
+            log.log(
+                logging.INFO if self._connects == 1 else logging.WARNING,
+                "MQTT %sconnected to %s:%d%s as %s (topics %s#)",
+                "" if self._connects == 1 else "re",
+                self._host,
+                self._port,
+                down,
+                self._client_id,
+                self._prefix,
+            )
         else:
             log.debug("MQTT reconnected to %s:%d%s", self._host, self._port, down)
         self._outage_logged = False
@@ -685,7 +720,7 @@ class MqttBridge:
             except aiomqtt.MqttError:
                 self._published -= 1
                 if retain:
-                    self._dirty[topic] = None   # state: it goes out again after reconnect
+                    self._dirty[topic] = None  # state: it goes out again after reconnect
                 else:
                     self._drop(topic, "the connection was lost while sending")
                 raise
@@ -699,20 +734,23 @@ class MqttBridge:
         topic = message.topic.value
         # "control/#" also matches the bare "control" topic, which names no parameter
         prefixed = topic.startswith(self._control_prefix)
-        param = topic[len(self._control_prefix):] if prefixed else ""
+        param = topic[len(self._control_prefix) :] if prefixed else ""
         if message.retain:
             # The broker replays retained messages on every subscribe: a retained
             # "record/start" would restart the take after each reconnect. Commands are live.
             self._ignored_retained += 1
-            log.log(logging.WARNING if self._ignored_retained == 1 else logging.DEBUG,
-                    "ignoring retained MQTT control message on %s (publish controls "
-                    "without the retain flag)", topic)
+            log.log(
+                logging.WARNING if self._ignored_retained == 1 else logging.DEBUG,
+                "ignoring retained MQTT control message on %s (publish controls "
+                "without the retain flag)",
+                topic,
+            )
             return
         if not param:
             self._malformed_control(topic, "no parameter after control/")
             return
         payload = message.payload
-        if not isinstance(payload, bytes):   # paho always gives bytes; the type allows more
+        if not isinstance(payload, bytes):  # paho always gives bytes; the type allows more
             payload = str(payload).encode() if payload is not None else b""
         self._controls += 1
         try:
@@ -727,6 +765,7 @@ class MqttBridge:
         self._malformed += 1
         count = self._malformed_log.hit()
         if count is not None:
-            log.warning("malformed MQTT control on %s: %s (%d since the last such line)",
-                        topic, why, count)
+            log.warning(
+                "malformed MQTT control on %s: %s (%d since the last such line)", topic, why, count
+            )
         self.publish_error(f"{topic}: {why} (rejected)")

@@ -35,7 +35,7 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.parsing import osc_types
 
-from bridges.exceptions import OscError
+from divergent.bridges.exceptions import OscError
 
 __all__ = ["OscBridge", "OscPacketError", "OscStats", "decode_packet", "encode_message"]
 
@@ -290,8 +290,13 @@ class OscBridge:
         self._port = sock.getsockname()[1]
         self._reply_sock = reply_sock
         self._reply_addr = reply_addr
-        log.debug("OSC in on %s:%d, replies to %s:%d", self._host, self._port,
-                  self._reply_host, self._reply_port)
+        log.debug(
+            "OSC in on %s:%d, replies to %s:%d",
+            self._host,
+            self._port,
+            self._reply_host,
+            self._reply_port,
+        )
 
     async def aclose(self) -> None:
         """Stop listening and close the reply socket; later sends are counted as errors."""
@@ -353,8 +358,13 @@ class OscBridge:
             with self._send_lock:
                 self._encode_errors += 1
                 first = self._encode_errors == 1
-            log.log(logging.ERROR if first else logging.DEBUG,
-                    "cannot encode OSC %s %r: %s", address, args, e)
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
+                "cannot encode OSC %s %r: %s",
+                address,
+                args,
+                e,
+            )
             return False
         sock, addr = self._reply_sock, self._reply_addr
         try:
@@ -366,9 +376,14 @@ class OscBridge:
                 self._send_errors += 1
                 first = self._send_errors == 1
             # Logged once at warning level: a missing listener must not flood the log.
-            log.log(logging.WARNING if first else logging.DEBUG,
-                    "cannot send OSC %s to %s:%d: %s", address, self._reply_host,
-                    self._reply_port, e)
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "cannot send OSC %s to %s:%d: %s",
+                address,
+                self._reply_host,
+                self._reply_port,
+                e,
+            )
             return False
         with self._send_lock:
             self._sent += 1
@@ -384,8 +399,13 @@ class OscBridge:
         except OscPacketError as e:
             self._malformed += 1
             # The first is worth a warning; a flood of junk must not flood the log.
-            log.log(logging.WARNING if self._malformed == 1 else logging.DEBUG,
-                    "malformed OSC packet from %s:%d (%d bytes): %s", *sender, len(data), e)
+            log.log(
+                logging.WARNING if self._malformed == 1 else logging.DEBUG,
+                "malformed OSC packet from %s:%d (%d bytes): %s",
+                *sender,
+                len(data),
+                e,
+            )
             self._report(f"malformed OSC packet from {sender[0]}:{sender[1]}", e)
             return
         for msg in messages:

@@ -19,7 +19,7 @@ The patcher must carry ``project.amxdtype``: the type tag read as a big-endian u
 
 The device is never edited here: its readable source is
 ``max_patches/src/divergent_device.maxpat`` (open it in Max, edit, save), and
-``python -m export.amxd`` rebuilds the ``.amxd``; ``--check`` fails when the committed
+``python -m divergent.export.amxd`` rebuilds the ``.amxd``; ``--check`` fails when the committed
 file differs from a fresh build. The bytes depend only on the source's JSON content
 (re-serialised in its own key order), so the build is reproducible.
 """
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.maxpat import MaxpatError, check_patch, patcher_of
+from divergent.export.maxpat import MaxpatError, check_patch, patcher_of
 
 __all__ = [
     "DEVICE_TYPES",
@@ -210,9 +210,9 @@ def validate_amxd(path: str | Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m export.amxd [--check] [--source S] [--out O]``."""
+    """``python -m divergent.export.amxd [--check] [--source S] [--out O]``."""
     ap = argparse.ArgumentParser(
-        prog="python -m export.amxd",
+        prog="python -m divergent.export.amxd",
         description="Build the Max for Live device from its patcher JSON source.",
     )
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="device .maxpat source")
@@ -230,11 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.check:
         if not args.out.exists():
-            print(f"amxd: {args.out} does not exist; run python -m export.amxd", file=sys.stderr)
+            print(
+                f"amxd: {args.out} does not exist; run python -m divergent.export.amxd",
+                file=sys.stderr,
+            )
             return 1
         if args.out.read_bytes() != data:
             print(
-                f"amxd: {args.out} is out of date with {args.source}; run python -m export.amxd",
+                f"amxd: {args.out} is out of date with {args.source};"
+                " run python -m divergent.export.amxd",
                 file=sys.stderr,
             )
             return 1

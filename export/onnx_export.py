@@ -153,7 +153,7 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
     import onnx
     import torch
 
-    from model.transformer import EncoderModel
+    from divergent.model.transformer import EncoderModel
 
     cfg = model.cfg
     hs = cfg.n_embd // cfg.n_head
@@ -223,8 +223,8 @@ def export_diverged(checkpoint: Path, model_dir: Path) -> dict[str, Any]:
     sizes, I/O names and tokenizer, checked), so the knob can mix their logits per token.
     ``config.json`` records its recipe under ``"diverged"``.
     """
-    from model.runtime import ModelFiles
-    from model.train import load_model
+    from divergent.model.runtime import ModelFiles
+    from divergent.model.train import load_model
 
     files = ModelFiles(model_dir)
     cfg = files.check()
@@ -253,7 +253,7 @@ def parity_report(
     """
     import torch
 
-    from model.runtime import IncrementalDecoder, OnnxModel
+    from divergent.model.runtime import IncrementalDecoder, OnnxModel
 
     cfg = model.cfg
     onnx_models = {
@@ -316,8 +316,13 @@ def write_divergence_banks(
     """
     import torch
 
-    from model.data import load_split
-    from model.divergence import BIGRAM_FILE, LATENTS_FILE, LatentBank, build_reference_bigram
+    from divergent.model.data import load_split
+    from divergent.model.divergence import (
+        BIGRAM_FILE,
+        LATENTS_FILE,
+        LatentBank,
+        build_reference_bigram,
+    )
 
     train_ids, _ = load_split(data, "train")
     rng = np.random.default_rng(0)
@@ -344,9 +349,9 @@ def export_checkpoint(
     seq_len: int = 256,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` into the model folder ``out``; returns the parity report."""
-    from model.runtime import CONFIG_FORMAT, ModelFiles
-    from model.tokenizer import load_tokenizer
-    from model.train import load_model
+    from divergent.model.runtime import CONFIG_FORMAT, ModelFiles
+    from divergent.model.tokenizer import load_tokenizer
+    from divergent.model.train import load_model
 
     model, blob = load_model(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +382,7 @@ def export_checkpoint(
     rng = np.random.default_rng(0)
     T = min(seq_len, model.cfg.block_size - 1)
     if data is not None and (Path(data) / "val.bin").exists():
-        from model.data import load_split
+        from divergent.model.data import load_split
 
         val, _ = load_split(data, "val")
         n = min(parity_windows, max(1, (len(val) - 1) // (T + 1)))
@@ -388,7 +393,7 @@ def export_checkpoint(
     report = parity_report(model, out, windows)
     if data is not None and (Path(data) / "train.bin").exists():
         write_divergence_banks(model, Path(data), out)
-        from model.data import COPY_INDEX_FILE, FEATURE_REFERENCE_FILE
+        from divergent.model.data import COPY_INDEX_FILE, FEATURE_REFERENCE_FILE
 
         for name in (COPY_INDEX_FILE, FEATURE_REFERENCE_FILE):
             if (Path(data) / name).exists():

@@ -4,8 +4,8 @@ The reader (:func:`parse_pd`, :func:`osc_usage`) lets tests check a patch as dat
 record well formed, every wire between existing boxes, vanilla classes only, and the OSC
 addresses it sends and routes. The writer (:func:`build_divergent_pd`) produces the
 control surface, so the committed patch is reproducible and reviewable as code:
-``python -m export.pdpatch`` rewrites it, ``python -m export.pdpatch --check`` fails when
-the file and the writer disagree.
+``python -m divergent.export.pdpatch`` rewrites it, and with ``--check`` it fails when the
+file and the writer disagree.
 
 The surface is vanilla Pd (0.51+): GUIs on the main canvas talk to four subpatches through
 ``$0``-local send/receive names, so the window shows controls only. Every control is also
@@ -436,8 +436,13 @@ _ANSWER = ("id", "surprisal", "copy_rate", "feature_distance", "in_scale", "note
 def _controls_out() -> _Patch:
     """Controls -> OSC: each GUI's send name, and its public ``divergent-<name>`` receiver."""
     p = _Patch("controls-out", (60, 60, 1240, 660))
-    p.text(10, 6, "GUI values -> OSC. [r divergent-*] are the scripting entry points: they "
-           "drive the GUI, so a scripted change shows and takes the same path.", 100)
+    p.text(
+        10,
+        6,
+        "GUI values -> OSC. [r divergent-*] are the scripting entry points: they "
+        "drive the GUI, so a scripted change shows and takes the same path.",
+        100,
+    )
     x = 10
     for name, kind, _gui, _rng in _NUMERIC:
         r_pub = p.obj(x, 50, "r", f"divergent-{name}")
@@ -516,9 +521,14 @@ def _controls_out() -> _Patch:
 def _network() -> _Patch:
     """The OSC sender (connect/disconnect by receiver) and the FUDI control port."""
     p = _Patch("network", (80, 80, 760, 440))
-    p.text(10, 6, "[netsend -u -b] sends the OSC packets of every [s $0-osc]. "
-           "divergent-connect HOST PORT reconnects (default 127.0.0.1 9000) and asks for "
-           "the status at once.", 90)
+    p.text(
+        10,
+        6,
+        "[netsend -u -b] sends the OSC packets of every [s $0-osc]. "
+        "divergent-connect HOST PORT reconnects (default 127.0.0.1 9000) and asks for "
+        "the status at once.",
+        90,
+    )
     # The default waits one tick: Pd handles -send messages after loadbang but before the
     # first tick, so an address given at start closes the gate and the default never runs.
     lb = p.obj(10, 50, "loadbang")
@@ -549,9 +559,14 @@ def _network() -> _Patch:
     send = p.obj(80, 275, "netsend", "-u", "-b")
     for b in (disc, conn, ask, r_osc):
         p.wire(b, 0, send)
-    p.text(10, 320, "FUDI control port, off until divergent-control PORT: one message "
-           "'receiver args;' per UDP packet, ending in a newline, "
-           "for example divergent-divergence 0.8; - listens on 127.0.0.1 only.", 90)
+    p.text(
+        10,
+        320,
+        "FUDI control port, off until divergent-control PORT: one message "
+        "'receiver args;' per UDP packet, ending in a newline, "
+        "for example divergent-divergence 0.8; - listens on 127.0.0.1 only.",
+        90,
+    )
     r_ctl = p.obj(420, 50, "r", "divergent-control")
     listen = p.msg(420, 75, "listen", "$1", "127.0.0.1")
     fudi = p.obj(420, 100, "netreceive", "-u")
@@ -583,9 +598,14 @@ def _staircase(p: _Patch, src: int, x: int, y: int, names: Sequence[str], width:
 def _replies_in() -> _Patch:
     """OSC replies -> printed lines, readout atoms, the GUIs' state and the online light."""
     p = _Patch("replies-in", (100, 100, 1100, 620))
-    p.text(10, 6, "Replies from the server (its --osc-reply address). Every reply is "
-           "printed (the Pd console, or stderr with -stderr) and shown. "
-           "divergent-listen PORT changes the port (default 9001).", 110)
+    p.text(
+        10,
+        6,
+        "Replies from the server (its --osc-reply address). Every reply is "
+        "printed (the Pd console, or stderr with -stderr) and shown. "
+        "divergent-listen PORT changes the port (default 9001).",
+        110,
+    )
     # the default port waits one tick, so a port given by -send at start is the only one
     # ever bound (see the network subpatch)
     lb = p.obj(10, 45, "loadbang")
@@ -678,8 +698,13 @@ def _replies_in() -> _Patch:
 def _sync() -> _Patch:
     """The heartbeat's values set the GUIs (without output), so they show the server."""
     p = _Patch("sync-gui", (120, 120, 860, 300))
-    p.text(10, 6, "Each heartbeat sets the controls to the server's values without sending "
-           "them back: another client (MQTT , a second patch) shows here too.", 100)
+    p.text(
+        10,
+        6,
+        "Each heartbeat sets the controls to the server's values without sending "
+        "them back: another client (MQTT , a second patch) shows here too.",
+        100,
+    )
     x = 10
     for name, _kind, _gui, _rng in _NUMERIC:
         r = p.obj(x, 50, "r", f"$0-{name}-now")
@@ -706,8 +731,13 @@ def _sync() -> _Patch:
 def _midi() -> _Patch:
     """[notein] -> /divergent/note (gated by the GUI toggle); /divergent/out/note -> [noteout]."""
     p = _Patch("midi", (140, 140, 620, 330))
-    p.text(10, 6, "Pd's MIDI input -> the server's OSC note transport (no JACK or virtual "
-           "port needed); the machine's notes from OSC -> Pd's MIDI output.", 80)
+    p.text(
+        10,
+        6,
+        "Pd's MIDI input -> the server's OSC note transport (no JACK or virtual "
+        "port needed); the machine's notes from OSC -> Pd's MIDI output.",
+        80,
+    )
     nin = p.obj(10, 50, "notein")
     ch = p.obj(110, 75, "-", 1)  # Pd numbers the channels of a 2nd port 17..32: fold to 1..16
     mod = p.obj(110, 100, "mod", 16)
@@ -733,8 +763,13 @@ def _midi() -> _Patch:
 def build_divergent_pd() -> str:
     """The text of ``max_patches/divergent.pd``."""
     p = _Patch("divergent", (40, 40, 900, 640))
-    p.text(20, 10, "divergent - live control surface (Pd vanilla 0.51+). OSC to the "
-           "divergent server: see max_patches/README.md and docs/osc.md.", 110)
+    p.text(
+        20,
+        10,
+        "divergent - live control surface (Pd vanilla 0.51+). OSC to the "
+        "divergent server: see max_patches/README.md and docs/osc.md.",
+        110,
+    )
     # left column: the knobs
     p.text(20, 40, "CONTROLS", 20)
     y = 80
@@ -753,8 +788,13 @@ def build_divergent_pd() -> str:
     _tgl(p, 20, y, "record", "$0-record-ui", "$0-record-set")
     _bng(p, 100, y - 4, "generate", "$0-generate-ui", "$0-generate-set")
     _bng(p, 200, y - 4, "stop", "$0-stop-ui", "$0-stop-set")
-    p.text(20, y + 30, "server values are shown beside each control and the controls follow "
-           "the server's heartbeat.", 45)
+    p.text(
+        20,
+        y + 30,
+        "server values are shown beside each control and the controls follow "
+        "the server's heartbeat.",
+        45,
+    )
     # middle column: server state and the last answer
     x = 330
     p.text(x, 40, "SERVER", 20)
@@ -771,12 +811,21 @@ def build_divergent_pd() -> str:
     p.text(x, 40, "CONNECTION (click to apply , edit to change)", 30)
     p.msg(x, 80, ";", "divergent-connect", "127.0.0.1", 9000)
     p.msg(x, 120, ";", "divergent-listen", 9001)
-    p.text(x, 155, "server address (its --osc-port) and this patch's port (the server's "
-           "--osc-reply).", 34)
+    p.text(
+        x,
+        155,
+        "server address (its --osc-port) and this patch's port (the server's --osc-reply).",
+        34,
+    )
     p.text(x, 215, "MIDI", 20)
     _tgl(p, x, 240, "notein-to-server", "$0-midi-thru", "empty", init=1)
-    p.text(x, 265, "Pd's MIDI in -> /divergent/note; /divergent/out/note -> Pd's MIDI "
-           "out (Pd's MIDI settings pick the devices).", 34)
+    p.text(
+        x,
+        265,
+        "Pd's MIDI in -> /divergent/note; /divergent/out/note -> Pd's MIDI "
+        "out (Pd's MIDI settings pick the devices).",
+        34,
+    )
     # plumbing
     p.text(20, 440, "PLUMBING", 20)
     p.sub(20, 470, _controls_out())
@@ -784,15 +833,22 @@ def build_divergent_pd() -> str:
     p.sub(230, 470, _replies_in())
     p.sub(340, 470, _sync())
     p.sub(430, 470, _midi())
-    p.text(20, 505, "Scripting: every control has a receiver divergent-NAME (divergence "
-           "temperature bars tempo mode clock quantize record take generate stop note "
-           "connect listen control) , e.g. pd -send 'divergent-divergence 0.8'.", 110)
+    p.text(
+        20,
+        505,
+        "Scripting: every control has a receiver divergent-NAME (divergence "
+        "temperature bars tempo mode clock quantize record take generate stop note "
+        "connect listen control) , e.g. pd -send 'divergent-divergence 0.8'.",
+        110,
+    )
     return p.render()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write max_patches/divergent.pd, or with --check report whether it is up to date."""
-    ap = argparse.ArgumentParser(prog="python -m export.pdpatch", description=main.__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m divergent.export.pdpatch", description=main.__doc__
+    )
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 if different")
     ap.add_argument("--out", type=Path, default=PATCH_PATH)
     a = ap.parse_args(argv)

@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model.bad_config import METHODS, BadConfig
-from model.critic import PhraseBank, class_of_works, load_critic
-from model.tokenizer import Vocab
-from model.train import load_model
-from model.transformer import Block, DivergentModel
+from divergent.model.bad_config import METHODS, BadConfig
+from divergent.model.critic import PhraseBank, class_of_works, load_critic
+from divergent.model.tokenizer import Vocab
+from divergent.model.train import load_model
+from divergent.model.transformer import Block, DivergentModel
 
 log = logging.getLogger(__name__)
 

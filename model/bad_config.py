@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from model.configs import StrictConfig
+from divergent.model.configs import StrictConfig
 
 __all__ = ["METHODS", "BadConfig"]
 

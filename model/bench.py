@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from model.generate import Generator
-from model.runtime import IncrementalDecoder, OnnxModel, default_model_dir
+from divergent.model.generate import Generator
+from divergent.model.runtime import IncrementalDecoder, OnnxModel, default_model_dir
 
 __all__ = ["bench_model"]
 
@@ -50,8 +50,8 @@ def _torch_step(model_dir: Path) -> Any:
     try:
         import torch
 
-        from model.train import load_model
-        from model.transformer import StepModel
+        from divergent.model.train import load_model
+        from divergent.model.transformer import StepModel
     except ImportError:
         return None
     ckpt = model_dir / "model.pt"
@@ -105,7 +105,7 @@ def bench_model(
         steps[ctx] = ort_run
         ort_ms[str(ctx)] = _time(ort_run, repeats)
     # bar generation on the bundled example prompt (4/4), sampling and grammar included
-    from model.generate import read_prompt
+    from divergent.model.generate import read_prompt
 
     example = Path(__file__).resolve().parent / "examples" / "prompt.mid"
     _, prompt_ids = read_prompt(example, model)

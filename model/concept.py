@@ -56,8 +56,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from model.runtime import OnnxModel
-    from model.tokenizer import DivergentTokenizer, Vocab
+    from divergent.model.runtime import OnnxModel
+    from divergent.model.tokenizer import DivergentTokenizer, Vocab
 
 __all__ = [
     "ActiveConcept",
@@ -713,7 +713,7 @@ def reference_ids(refs: Sequence[str | Path], tokenizer: DivergentTokenizer) -> 
     """REMI ids of reference MIDI files (clear errors for missing or empty files)."""
     import symusic
 
-    from model.tokenizer import TokenizerError
+    from divergent.model.tokenizer import TokenizerError
 
     out = []
     for r in refs:
@@ -757,7 +757,7 @@ class _Windows:
         return np.stack([self.ids[s : s + self.T + 1] for s in self.starts[pick]])
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
-        from model.data import transpose_ids
+        from divergent.model.data import transpose_ids
 
         rows = []
         for s in rng.choice(self.starts, size=self.cfg.batch):
@@ -778,8 +778,8 @@ def general_windows(
     music in the base model's own distribution, the prior-preservation data that keeps a
     concept from changing what the model does when the concept is not called.
     """
-    from model.grammar import RemiGrammar, Sampler
-    from model.runtime import IncrementalDecoder, OnnxModel
+    from divergent.model.grammar import RemiGrammar, Sampler
+    from divergent.model.runtime import IncrementalDecoder, OnnxModel
 
     if n == 0:
         return np.zeros((0, length + 1), np.int64)
@@ -1148,9 +1148,9 @@ def learn_concept(
         raise ConceptError(
             "learning concepts needs torch: pip install 'divergent[train]' (torch==2.13.0 first)"
         ) from e
-    from model.runtime import default_model_dir
-    from model.tokenizer import load_tokenizer
-    from model.train import load_model
+    from divergent.model.runtime import default_model_dir
+    from divergent.model.tokenizer import load_tokenizer
+    from divergent.model.train import load_model
 
     root = Path(model_dir) if model_dir else default_model_dir()
     ckpt = Path(checkpoint) if checkpoint else root / "model.pt"

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from model.concept import (
+from divergent.model.concept import (
     ActiveConcept,
     BaseWeights,
     Concept,
@@ -61,8 +61,8 @@ from model.concept import (
     pivotal_names,
     torch_weights_hash,
 )
-from model.grammar import NoteEvent
-from model.readout import FeatureReference, features, interval_ngrams
+from divergent.model.grammar import NoteEvent
+from divergent.model.readout import FeatureReference, features, interval_ngrams
 
 __all__ = ["ConceptProtocol", "evaluate_concept", "style_distance", "write_report"]
 
@@ -172,7 +172,7 @@ def _val_references(
 ) -> tuple[list[tuple[str, np.ndarray]], list[np.ndarray]]:
     """(name, ids) of held-out works of different collections, and neutral prompts
     (2-bar openings of validation works of yet other collections)."""
-    from model.data import load_split
+    from divergent.model.data import load_split
 
     manifest = json.loads((data / "manifest.json").read_text())
     val_ids, offsets = load_split(data, "val")
@@ -208,7 +208,7 @@ def _val_references(
 
 
 def _retention_windows(data: Path, p: ConceptProtocol) -> np.ndarray:
-    from model.data import load_split
+    from divergent.model.data import load_split
 
     val_ids, _ = load_split(data, "val")
     T = p.retention_len
@@ -220,7 +220,7 @@ def _nll(model: Any, windows: np.ndarray) -> float:
     """Mean next-token NLL (nats) of windows, z = posterior mean of the second half."""
     import torch
 
-    from model.transformer import encoder_mask
+    from divergent.model.transformer import encoder_mask
 
     x = torch.from_numpy(windows[:, :-1])
     y = torch.from_numpy(windows[:, 1:])
@@ -238,7 +238,7 @@ class _Answers:
     def __init__(
         self, onnx: Any, active: ActiveConcept | None, prompts: list[np.ndarray], p: ConceptProtocol
     ) -> None:
-        from model.generate import Generator
+        from divergent.model.generate import Generator
 
         gen = Generator(onnx, concept=active)
         self.feats: list[np.ndarray] = []  # one per answer
@@ -265,7 +265,7 @@ class _Answers:
 
 
 def _ref_features(ids: np.ndarray, vocab: Any) -> tuple[np.ndarray, set[int]]:
-    from model.grammar import RemiGrammar
+    from divergent.model.grammar import RemiGrammar
 
     g = RemiGrammar(vocab)
     notes = g.feed_many([int(t) for t in ids])
@@ -331,10 +331,10 @@ def evaluate_concept(
     """Run the protocol; returns the JSON (``methods``, per reference, combination)."""
     import torch
 
-    from model.concept import _learn
-    from model.played_refs import played_reference
-    from model.runtime import OnnxModel, default_model_dir
-    from model.train import load_model
+    from divergent.model.concept import _learn
+    from divergent.model.played_refs import played_reference
+    from divergent.model.runtime import OnnxModel, default_model_dir
+    from divergent.model.train import load_model
 
     p = protocol or ConceptProtocol()
     t_all = time.perf_counter()
@@ -347,7 +347,7 @@ def evaluate_concept(
     if torch_weights_hash(base_model) != base.hash:
         raise ValueError(f"{root}/model.pt is not the model of {root}")
     refs, prompts = _val_references(data, vocab.bar, p)
-    from model.generate import read_prompt
+    from divergent.model.generate import read_prompt
 
     example = root.parent / "examples" / "prompt.mid"
     if example.exists():
@@ -355,7 +355,7 @@ def evaluate_concept(
     with tempfile.TemporaryDirectory() as tmp:
         for style in p.played_references:
             path = played_reference(style, Path(tmp) / f"{style}.mid", seed=p.seed)
-            from model.concept import reference_ids
+            from divergent.model.concept import reference_ids
 
             refs.append((style, reference_ids([path], onnx.tokenizer)[0][: p.ref_tokens]))
     ret_windows = _retention_windows(data, p)

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from model.configs import StrictConfig
-from model.data import DatasetFiles, load_split, transpose_ids
-from model.tokenizer import load_tokenizer
+from divergent.model.configs import StrictConfig
+from divergent.model.data import DatasetFiles, load_split, transpose_ids
+from divergent.model.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     import torch

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from model.tokenizer import DivergentTokenizer, TokenizerError, Vocab, build_tokenizer
+from divergent.model.tokenizer import DivergentTokenizer, TokenizerError, Vocab, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -394,9 +394,9 @@ def build_readout_banks(root: str | Path) -> dict[str, Any]:
     training distribution in the readout's feature space); ``divergent export``
     copies both into the model folder, where the live readout uses them.
     """
-    from model.grammar import notes_from_ids
-    from model.readout import build_reference_and_index
-    from model.tokenizer import load_tokenizer
+    from divergent.model.grammar import notes_from_ids
+    from divergent.model.readout import build_reference_and_index
+    from divergent.model.tokenizer import load_tokenizer
 
     files = DatasetFiles(Path(root))
     tok = load_tokenizer(files.tokenizer)

@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from model.configs import StrictConfig
+from divergent.model.configs import StrictConfig
 
 __all__ = [
     "DivergenceConfig",

@@ -39,17 +39,17 @@ from typing import Any
 
 import numpy as np
 
-from model.critic import CRITIC_ONNX, OnnxCritic, mmd2
-from model.data import load_split
-from model.generate import Continuation, Generator
-from model.grammar import NoteEvent
-from model.readout import (
+from divergent.model.critic import CRITIC_ONNX, OnnxCritic, mmd2
+from divergent.model.data import load_split
+from divergent.model.generate import Continuation, Generator
+from divergent.model.grammar import NoteEvent
+from divergent.model.readout import (
     FeatureReference,
     features,
     groove_consistency,
     knn_precision_recall,
 )
-from model.runtime import OnnxModel
+from divergent.model.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class CriticSpace:
     """The critic's feature space with its real references (torch-free)."""
 
     def __init__(self, critic: OnnxCritic, data: Path, n: int, seed: int) -> None:
-        from model.critic import PhraseBank, class_of_works
+        from divergent.model.critic import PhraseBank, class_of_works
 
         self.critic = critic
         classes, labels = class_of_works(data, critic.min_works)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from model.data import load_split
-from model.runtime import OnnxModel
+from divergent.model.data import load_split
+from divergent.model.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def evaluate_nll(
     precision: str = "int8",
 ) -> dict[str, Any]:
     """Validation NLL (nats/token) of the ONNX model and of the KN baseline."""
-    from model.ngram import KneserNeyLM, select_order
+    from divergent.model.ngram import KneserNeyLM, select_order
 
     t0 = time.perf_counter()
     train, _ = load_split(data, "train")
@@ -193,7 +193,7 @@ def evaluate_latent(
     latent. If the decoder uses z, statistics vary more *between* latents than between
     seeds with the same latent: the F-like ratio (about 1 if z is ignored) is reported.
     """
-    from model.generate import Generator
+    from divergent.model.generate import Generator
 
     val, offsets = load_split(data, "val")
     model = OnnxModel(model_dir)

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.divergence import Steering, mix_logits
-from model.grammar import NoteEvent, RemiGrammar, Sampler, logsoftmax
-from model.readout import FeatureReference, NgramIndex, Readout, compute_readout
-from model.runtime import IncrementalDecoder, OnnxModel
-from model.tokenizer import TokenizerError
+from divergent.model.divergence import Steering, mix_logits
+from divergent.model.grammar import NoteEvent, RemiGrammar, Sampler, logsoftmax
+from divergent.model.readout import FeatureReference, NgramIndex, Readout, compute_readout
+from divergent.model.runtime import IncrementalDecoder, OnnxModel
+from divergent.model.tokenizer import TokenizerError
 
 if TYPE_CHECKING:
-    from model.concept import ActiveConcept
+    from divergent.model.concept import ActiveConcept
 
 __all__ = [
     "Continuation",
@@ -399,7 +399,7 @@ def generate_file(
     score, ids = read_prompt(prompt, model)
     active = None
     if concept:
-        from model.concept import activate
+        from divergent.model.concept import activate
 
         active = activate(concept, model, concepts_dir)
     gen = Generator(model, concept=active)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.tokenizer import Vocab
+from divergent.model.tokenizer import Vocab
 
 __all__ = [
     "GrammarError",

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from model.tokenizer import DivergentTokenizer, load_tokenizer
+from divergent.model.tokenizer import DivergentTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.data import load_split, transpose_ids
-from model.tokenizer import Vocab, load_tokenizer
-from model.train_config import TrainConfig
-from model.transformer import DivergentModel, ModelConfig, encoder_mask
+from divergent.model.data import load_split, transpose_ids
+from divergent.model.tokenizer import Vocab, load_tokenizer
+from divergent.model.train_config import TrainConfig
+from divergent.model.transformer import DivergentModel, ModelConfig, encoder_mask
 
 log = logging.getLogger(__name__)
 

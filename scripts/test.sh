@@ -26,5 +26,6 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[train,test]"
 ruff check .
+ruff format --check .
 mypy
 python -m pytest "$@"

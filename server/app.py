@@ -34,16 +34,24 @@ from typing import IO, Any
 
 import mido
 
-from bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, make_clock
-from bridges.exceptions import BridgeError
-from bridges.jack import jack_period_s
-from bridges.midi import MidiEvent, MidiIO, choose_backend
-from bridges.mqtt import MqttBridge, PayloadError, parse_payload
-from bridges.osc import OscBridge
-from server.config import ServeConfig
-from server.control import Arg, Control, ControlError, Reply, control, controls_of, dispatch
-from server.recorder import TakeRecorder, default_sessions_dir, recover
-from server.sender import Sender, Sent
+from divergent.bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, make_clock
+from divergent.bridges.exceptions import BridgeError
+from divergent.bridges.jack import jack_period_s
+from divergent.bridges.midi import MidiEvent, MidiIO, choose_backend
+from divergent.bridges.mqtt import MqttBridge, PayloadError, parse_payload
+from divergent.bridges.osc import OscBridge
+from divergent.server.config import ServeConfig
+from divergent.server.control import (
+    Arg,
+    Control,
+    ControlError,
+    Reply,
+    control,
+    controls_of,
+    dispatch,
+)
+from divergent.server.recorder import TakeRecorder, default_sessions_dir, recover
+from divergent.server.sender import Sender, Sent
 
 __all__ = ["REPLIES", "VERSION", "Server"]
 
@@ -385,8 +393,8 @@ class Server:
             self._panic("internal error")
 
     def _load_model(self) -> None:
-        from model.generate import Generator
-        from model.runtime import OnnxModel
+        from divergent.model.generate import Generator
+        from divergent.model.runtime import OnnxModel
 
         model = OnnxModel(self.config.model_dir, precision=self.config.precision, threads=1)
         self.generator = Generator(model)
@@ -394,7 +402,7 @@ class Server:
 
     def _warm_up(self) -> None:
         # one tiny generation so the first answer does not pay ORT's first-run costs
-        from model.generate import ids_from_notes
+        from divergent.model.generate import ids_from_notes
 
         ids = ids_from_notes(self.generator.model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
         self.generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)
@@ -683,7 +691,7 @@ class Server:
             return
         exc = fut.exception()
         if exc is not None:
-            from model.generate import GenerateError
+            from divergent.model.generate import GenerateError
 
             job.failed = True
             if not job.released:
@@ -1208,7 +1216,7 @@ class _AnswerJob:
                 self._schedule(pending)
 
     def run(self) -> Any:
-        from model.generate import ids_from_notes
+        from divergent.model.generate import ids_from_notes
 
         srv = self.server
         gen = srv.generator

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridges.jack import JackServer
-from server.livepeer import ServeProcess
+from divergent.bridges.jack import JackServer
+from divergent.server.livepeer import ServeProcess
 
 __all__ = [
     "mqtt_outage",
@@ -43,9 +43,9 @@ def _pct(xs: list[float], q: int) -> float:
 
 
 def run_peer_process(args: list[str], *, timeout: float) -> dict[str, Any]:
-    """Run the MIDI peer (``python -m server.livepeer``) and parse its JSON result."""
+    """Run the MIDI peer (``python -m divergent.server.livepeer``) and parse its JSON result."""
     r = subprocess.run(
-        [sys.executable, "-m", "server.livepeer", *args],
+        [sys.executable, "-m", "divergent.server.livepeer", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -178,7 +178,7 @@ def mqtt_outage(*, outage_s: float = 30.0, jack_period: int = 64) -> dict[str, A
             [
                 sys.executable,
                 "-m",
-                "server.livepeer",
+                "divergent.server.livepeer",
                 "listen",
                 "--server",
                 client,

@@ -6,7 +6,7 @@ separate process, and OSC over UDP to the server's address with replies on a fix
 They deliberately use python-rtmidi and python-osc directly, not ``bridges/``, so a bug
 in the server's own bridges cannot hide itself in a test.
 
-The MIDI peer runs as ``python -m server.livepeer MODE ...`` and prints one JSON object.
+The MIDI peer runs as ``python -m divergent.server.livepeer MODE ...`` and prints one JSON object.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class ServeProcess:
         self.args = [
             sys.executable,
             "-m",
-            "server.cli",
+            "divergent",
             "serve",
             "--osc-port",
             str(self.osc_port),
@@ -220,7 +220,7 @@ def _open_named(port: Any, client: str, suffix: str, what: str) -> None:
 
 def run_peer(argv: Sequence[str] | None = None) -> int:
     """The MIDI peer: ``phrases`` (play phrases, record the answers) or ``flood``."""
-    p = argparse.ArgumentParser(prog="python -m server.livepeer")
+    p = argparse.ArgumentParser(prog="python -m divergent.server.livepeer")
     p.add_argument("mode", choices=("phrases", "flood", "listen"))
     p.add_argument("--server", default="divergent", help="the server's JACK client name")
     p.add_argument("--phrases", type=int, default=10)
@@ -240,7 +240,7 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
     def poll() -> None:
         # polled, not rtmidi's callback: a callback runs Python in JACK's real-time thread,
         # where waiting for the GIL makes xruns for every client (see bridges.midi)
-        from bridges.midi import ArrivalClock
+        from divergent.bridges.midi import ArrivalClock
 
         clock = ArrivalClock()  # arrival on CLOCK_MONOTONIC, the clock JACK itself uses
         while not stop.is_set():

@@ -1,4 +1,4 @@
-"""``python -m server.oscdoc``: print ``docs/osc.md`` from the server's own declarations.
+"""``python -m divergent.server.oscdoc``: print ``docs/osc.md`` from the server's own declarations.
 
 The OSC (and MQTT) address space is declared next to its handlers in ``server.app``;
 this renders it, and ``tests/server/test_oscdoc.py`` fails when the committed file drifts.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from server.app import REPLIES, Server
-from server.control import controls_of, generate_osc_doc
+from divergent.server.app import REPLIES, Server
+from divergent.server.control import controls_of, generate_osc_doc
 
 __all__ = ["DOC_PATH", "render"]
 

@@ -97,7 +97,7 @@ TINY = dict(
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.data import build_dataset
+    from divergent.model.data import build_dataset
 
     out = tmp_path_factory.mktemp("ds")
     build_dataset(out, sources=["airdsAirs"], limit_per_source=60, workers=1, progress=False)
@@ -106,8 +106,8 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.train import train
-    from model.train_config import TrainConfig
+    from divergent.model.train import train
+    from divergent.model.train_config import TrainConfig
 
     out = tmp_path_factory.mktemp("run")
     metrics = train(TrainConfig(data=str(tiny_dataset), out=str(out), max_steps=20, **TINY))  # type: ignore[arg-type]
@@ -117,7 +117,7 @@ def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_run: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from export.onnx_export import export_checkpoint
+    from divergent.export.onnx_export import export_checkpoint
 
     out = tmp_path_factory.mktemp("model")
     report = export_checkpoint(
@@ -129,7 +129,7 @@ def tiny_model(tiny_run: Path, tiny_dataset: Path, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def two_class_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two collections (Scottish airs, Essen folksongs): what the critic tells apart."""
-    from model.data import build_dataset
+    from divergent.model.data import build_dataset
 
     out = tmp_path_factory.mktemp("ds2")
     build_dataset(
@@ -144,7 +144,7 @@ def two_class_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def two_class_critic(two_class_dataset: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from model.critic import CriticConfig, train_critic
+    from divergent.model.critic import CriticConfig, train_critic
 
     out = tmp_path_factory.mktemp("critic")
     cfg = CriticConfig(
@@ -196,7 +196,7 @@ def jack_server():  # type: ignore[no-untyped-def]
     """A JACK dummy server (JACK_PERIOD_FRAMES at 48 kHz) for the session, or the one
     running."""
     require_tool("jackd", "jack_lsp")
-    from bridges.jack import JackServer
+    from divergent.bridges.jack import JackServer
 
     server = JackServer(rate=JACK_RATE, period=JACK_PERIOD_FRAMES)
     server.start()

@@ -12,7 +12,7 @@ import time
 import mido
 import pytest
 
-from bridges.clock import (
+from divergent.bridges.clock import (
     Clock,
     InternalClock,
     LinkClock,

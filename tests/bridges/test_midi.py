@@ -17,9 +17,9 @@ from pathlib import Path
 import mido
 import pytest
 
-from bridges.clock import MidiClockFollower
-from bridges.exceptions import BridgeError, MidiBackendError, MidiPortError
-from bridges.midi import (
+from divergent.bridges.clock import MidiClockFollower
+from divergent.bridges.exceptions import BridgeError, MidiBackendError, MidiPortError
+from divergent.bridges.midi import (
     MIDI_BACKENDS,
     MidiEvent,
     MidiIO,
@@ -367,7 +367,8 @@ def test_follows_jack_midi_clock_from_another_process(
             break
     else:
         not_judged(
-            request, "the follower's predictions",
+            request,
+            "the follower's predictions",
             "JACK's clock never kept its tempo for 3 beats in 4 tries",
         )
 

@@ -19,8 +19,8 @@ from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from bridges.exceptions import OscError
-from bridges.osc import OscBridge, OscPacketError, decode_packet, encode_message
+from divergent.bridges.exceptions import OscError
+from divergent.bridges.osc import OscBridge, OscPacketError, decode_packet, encode_message
 from tests.conftest import require_tool
 
 Received = tuple[str, tuple[Any, ...], tuple[str, int]]
@@ -59,8 +59,7 @@ class Collector:
     def bridge(self, **kw: Any) -> OscBridge:
         kw.setdefault("port", 0)
         kw.setdefault("reply_port", free_udp_port())
-        return OscBridge(host="127.0.0.1", on_message=self.on_message, on_error=self.on_error,
-                         **kw)
+        return OscBridge(host="127.0.0.1", on_message=self.on_message, on_error=self.on_error, **kw)
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -76,8 +75,11 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 async def oscsend(port: int, address: str, *typed: str) -> None:
     await asyncio.to_thread(
-        subprocess.run, ["oscsend", "localhost", str(port), address, *typed],
-        check=True, timeout=10, capture_output=True,
+        subprocess.run,
+        ["oscsend", "localhost", str(port), address, *typed],
+        check=True,
+        timeout=10,
+        capture_output=True,
     )
 
 
@@ -128,8 +130,12 @@ def test_liblo_char_type_is_refused_not_misparsed() -> None:
 def test_replies_reach_oscdump_at_the_fixed_reply_port() -> None:
     require_tool("oscsend", "oscdump")
     reply_port = free_udp_port()
-    dump = subprocess.Popen(["stdbuf", "-oL", "oscdump", "-L", str(reply_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    dump = subprocess.Popen(
+        ["stdbuf", "-oL", "oscdump", "-L", str(reply_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     lines: queue.Queue[str] = queue.Queue()
 
     def read() -> None:
@@ -211,8 +217,11 @@ def _deep_bundle(depth: int) -> bytes:
     return inner
 
 
-@pytest.mark.parametrize("data", [*MALFORMED, _deep_bundle(2000)],
-                         ids=[*(repr(m[:16]) for m in MALFORMED), "deep_bundle"])
+@pytest.mark.parametrize(
+    "data",
+    [*MALFORMED, _deep_bundle(2000)],
+    ids=[*(repr(m[:16]) for m in MALFORMED), "deep_bundle"],
+)
 def test_decode_packet_refuses_malformed(data: bytes) -> None:
     with pytest.raises(OscPacketError):
         decode_packet(data)
@@ -261,8 +270,9 @@ def test_transport_survives_random_and_malformed_packets(caplog: pytest.LogCaptu
     # nothing escaped into asyncio's exception handler ("Exception in callback ...")
     assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
     # one warning for the first junk packet, the rest at debug level
-    warnings = [r for r in caplog.records if r.name == "divergent.osc"
-                and r.levelno >= logging.WARNING]
+    warnings = [
+        r for r in caplog.records if r.name == "divergent.osc" and r.levelno >= logging.WARNING
+    ]
     assert len(warnings) == 1
 
 
@@ -278,8 +288,9 @@ def test_handler_exception_is_counted_and_the_bridge_goes_on(
             raise RuntimeError("handler bug")
 
     async def main() -> None:
-        osc = OscBridge(port=0, reply_port=free_udp_port(), on_message=on_message,
-                        on_error=c.on_error)
+        osc = OscBridge(
+            port=0, reply_port=free_udp_port(), on_message=on_message, on_error=c.on_error
+        )
         async with osc:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.sendto(msg("/divergent/boom"), ("127.0.0.1", osc.port))
@@ -314,7 +325,9 @@ def test_bundles_are_unpacked_and_time_tags_ignored() -> None:
 
     run(main())
     assert [(a, args) for a, args, _ in c.messages] == [
-        ("/divergent/a", (1,)), ("/divergent/b", (2.5,)), ("/divergent/c", (3,))
+        ("/divergent/a", (1,)),
+        ("/divergent/b", (2.5,)),
+        ("/divergent/c", (3,)),
     ]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from export.amxd import (
+from divergent.export.amxd import (
     AmxdError,
     amxdtype,
     build_amxd,
@@ -81,7 +81,7 @@ def test_committed_device_read_with_the_module() -> None:
 
 
 def test_committed_device_is_a_fresh_build() -> None:
-    assert DEVICE.read_bytes() == build_file(SOURCE), "run: python -m export.amxd"
+    assert DEVICE.read_bytes() == build_file(SOURCE), "run: python -m divergent.export.amxd"
 
 
 def test_round_trip(built: bytes, source_doc: dict[str, Any]) -> None:
@@ -218,7 +218,7 @@ def test_cli_reports_a_broken_source(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_module_entry_point_checks_the_committed_device() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "export.amxd", "--check"],
+        [sys.executable, "-m", "divergent.export.amxd", "--check"],
         cwd=REPO,
         capture_output=True,
         text=True,

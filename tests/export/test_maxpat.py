@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from export.maxpat import (
+from divergent.export.maxpat import (
     MAX_OBJECTS,
     MaxpatError,
     box_args,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import load_split
-from model.train_config import TrainConfig
+from divergent.model.data import load_split
+from divergent.model.train_config import TrainConfig
 from tests.conftest import TINY
 
 
@@ -33,7 +33,7 @@ def test_training_learns_and_logs(trained: Path) -> None:
 def test_resume_continues_from_checkpoint(dataset: Path, trained: Path, tmp_path: Path) -> None:
     import shutil
 
-    from model.train import train
+    from divergent.model.train import train
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -80,8 +80,8 @@ def test_export_parity(exported) -> None:  # type: ignore[no-untyped-def]
 def test_runtime_matches_torch(exported, trained: Path, dataset: Path) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from model.runtime import IncrementalDecoder, OnnxModel
-    from model.train import load_model
+    from divergent.model.runtime import IncrementalDecoder, OnnxModel
+    from divergent.model.train import load_model
 
     out, _ = exported
     model, _ = load_model(trained / "model.pt")
@@ -102,7 +102,7 @@ def test_runtime_matches_torch(exported, trained: Path, dataset: Path) -> None: 
 
 
 def test_decoder_slides_past_block_size(exported) -> None:  # type: ignore[no-untyped-def]
-    from model.runtime import IncrementalDecoder, OnnxModel
+    from divergent.model.runtime import IncrementalDecoder, OnnxModel
 
     out, _ = exported
     m = OnnxModel(out)
@@ -129,7 +129,7 @@ def test_step_graph_uses_a_shared_kv_buffer(exported) -> None:  # type: ignore[n
 
 def test_decoder_batch_rows_chunks_and_rewind(exported, dataset: Path) -> None:  # type: ignore[no-untyped-def]
     """A steered/base pair (batch 2) equals two single decoders; chunks equal steps."""
-    from model.runtime import IncrementalDecoder, OnnxModel
+    from divergent.model.runtime import IncrementalDecoder, OnnxModel
 
     out, _ = exported
     m = OnnxModel(out, precision="fp32")

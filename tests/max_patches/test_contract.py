@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from export.maxpat import box_class, boxes, load_patcher, osc_usage, tokenize
-from server.app import REPLIES, Server
-from server.control import Arg, Control, ControlError, controls_of, validate
+from divergent.export.maxpat import box_class, boxes, load_patcher, osc_usage, tokenize
+from divergent.server.app import REPLIES, Server
+from divergent.server.control import Arg, Control, ControlError, controls_of, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_PATCHES = [
@@ -46,7 +46,7 @@ def _patch_usages() -> list[tuple[str, list[tuple[str, list[str]]], list[str]]]:
     for path in MAX_PATCHES:
         sent, routed = osc_usage(load_patcher(path))
         out.append((path.name, sent, routed))
-    from export.pdpatch import osc_usage as pd_usage
+    from divergent.export.pdpatch import osc_usage as pd_usage
 
     sent, routed = pd_usage(ROOT / "max_patches" / "divergent.pd")
     out.append(("divergent.pd", sent, routed))

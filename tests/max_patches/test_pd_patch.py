@@ -26,7 +26,7 @@ from typing import Any
 import mido
 import pytest
 
-from export.pdpatch import (
+from divergent.export.pdpatch import (
     VANILLA_CLASSES,
     PdObject,
     build_divergent_pd,
@@ -34,7 +34,7 @@ from export.pdpatch import (
     parse_pd,
     parse_pd_text,
 )
-from server.livepeer import OscClient, free_udp_port
+from divergent.server.livepeer import OscClient, free_udp_port
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,8 @@ README = ROOT / "max_patches" / "README.md"
 
 def test_committed_patch_is_what_the_writer_builds() -> None:
     assert PATCH.read_text(encoding="utf-8") == build_divergent_pd(), (
-        "max_patches/divergent.pd differs from export/pdpatch.py: run python -m export.pdpatch"
+        "max_patches/divergent.pd differs from export/pdpatch.py:"
+        " run python -m divergent.export.pdpatch"
     )
 
 
@@ -178,7 +179,7 @@ def test_local_names_pair_up_and_public_receivers_are_documented() -> None:
     sends, recvs = _names(objects)
     local_s = {n for n in sends if n.startswith("$0-")}
     local_r = {n for n in recvs if n.startswith("$0-")}
-    assert local_s == local_r, (local_s ^ local_r)  # a typo'd name would be a dead end
+    assert local_s == local_r, local_s ^ local_r  # a typo'd name would be a dead end
     public = sorted(n for n in recvs if not n.startswith("$0-"))
     assert all(n.startswith("divergent-") for n in public), public
     assert "divergent-divergence" in public and "divergent-control" in public
@@ -334,7 +335,7 @@ def live(tmp_path: Path, jack_server: Any) -> Iterator[Live]:
     name = f"dvpd{os.getpid() % 10000}x{random.randrange(10**6)}"
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--mode", "off", "--midi-backend", "jack",
+        [sys.executable, "-m", "divergent", "serve", "--mode", "off", "--midi-backend", "jack",
          "--midi-client", name, "--osc-port", str(osc_port),
          "--osc-reply", f"127.0.0.1:{pd_port}", "--sessions", str(tmp_path / "sessions"),
          "--bpm", "240", "--bars", "1", "--quantize", "off", "--seed", "7"],
@@ -446,7 +447,11 @@ def test_defaults_connect_listen_and_ask_for_status_at_load(tmp_path: Path) -> N
 
 def test_patch_drives_a_real_server_and_shows_its_replies(live: Live) -> None:
     pd, send, server, tmp_path, serve_log = (
-        live.pd, live.send, live.server, live.tmp_path, live.serve_log
+        live.pd,
+        live.send,
+        live.server,
+        live.tmp_path,
+        live.serve_log,
     )
     t_start = time.monotonic()
 
@@ -462,13 +467,20 @@ def test_patch_drives_a_real_server_and_shows_its_replies(live: Live) -> None:
 
     # every control through the FUDI control port: GUI -> [oscformat] -> [netsend] -> server
     t = time.monotonic()
-    for m in ("divergent-temperature 1.5", "divergent-bars 2", "divergent-tempo 150",
-              "divergent-quantize beat", "divergent-mode call", "divergent-divergence 0.35"):
+    for m in (
+        "divergent-temperature 1.5",
+        "divergent-bars 2",
+        "divergent-tempo 150",
+        "divergent-quantize beat",
+        "divergent-mode call",
+        "divergent-divergence 0.35",
+    ):
         send(m)  # fmt: skip
     want = _matches(temperature=1.5, bars=2.0, tempo=150.0, quantize="beat", mode="call",
                     divergence=0.35)  # fmt: skip
     assert pd.wait_printed("divergent-status", after=t, where=want, timeout=3), (
-        pd.printed("divergent-status", t), serve_log()
+        pd.printed("divergent-status", t),
+        serve_log(),
     )
 
     # a refused value comes back on /divergent/error and shows in the patch
@@ -485,8 +497,12 @@ def test_patch_drives_a_real_server_and_shows_its_replies(live: Live) -> None:
     send("divergent-clock internal")
     send("divergent-mode 2")  # index 2 = off
     send("divergent-record 0")
-    assert pd.wait_printed("divergent-status", after=t, timeout=3,
-                           where=_matches(clock="internal", mode="off", recording=0.0))
+    assert pd.wait_printed(
+        "divergent-status",
+        after=t,
+        timeout=3,
+        where=_matches(clock="internal", mode="off", recording=0.0),
+    )
     t = time.monotonic()
     send("divergent-record 1")
     assert pd.wait_printed("divergent-status", after=t, timeout=3, where=_matches(recording=1.0))

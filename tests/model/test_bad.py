@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.bad_config import METHODS, BadConfig
+from divergent.model.bad_config import METHODS, BadConfig
 
 
 @pytest.fixture(scope="module")
 def bad_setup(tiny_run: Path, two_class_dataset: Path, two_class_critic):  # type: ignore[no-untyped-def]
     import torch
 
-    from model.bad import _prompts, _Real, banned_tokens, sample
-    from model.critic import PhraseBank, class_of_works, load_critic
-    from model.train import load_model
+    from divergent.model.bad import _prompts, _Real, banned_tokens, sample
+    from divergent.model.critic import PhraseBank, class_of_works, load_critic
+    from divergent.model.train import load_model
 
     torch.manual_seed(0)
     model, _ = load_model(tiny_run / "model.pt")
@@ -59,7 +59,7 @@ def test_one_bad_step_lowers_its_loss_on_a_tiny_model(bad_setup, method: str) ->
 
     import torch
 
-    from model.bad import _loss, _trainable
+    from divergent.model.bad import _loss, _trainable
 
     model0, critic, real, prompt, z, gen_ids = bad_setup
     model = copy.deepcopy(model0)
@@ -90,9 +90,9 @@ def test_one_bad_step_lowers_its_loss_on_a_tiny_model(bad_setup, method: str) ->
 def test_bad_train_checkpoints_resumes_and_exports(  # type: ignore[no-untyped-def]
     tiny_run: Path, tiny_model, two_class_dataset: Path, two_class_critic, tmp_path: Path
 ) -> None:
-    from export.onnx_export import export_diverged
-    from model.bad import train_bad
-    from model.runtime import OnnxModel
+    from divergent.export.onnx_export import export_diverged
+    from divergent.model.bad import train_bad
+    from divergent.model.runtime import OnnxModel
 
     cfg = _tiny_bad(tiny_run, two_class_dataset, two_class_critic, tmp_path, steps=2)
     res = train_bad(cfg, progress=False)
@@ -136,8 +136,8 @@ def diverged_model(  # type: ignore[no-untyped-def]
     tiny_run: Path, tiny_model, two_class_dataset: Path, two_class_critic, tmp_path_factory
 ) -> Path:
     """The tiny model with a (briefly, strongly) BAD-tuned decoder added."""
-    from export.onnx_export import export_diverged
-    from model.bad import train_bad
+    from divergent.export.onnx_export import export_diverged
+    from divergent.model.bad import train_bad
 
     tmp = tmp_path_factory.mktemp("diverged")
     cfg = _tiny_bad(tiny_run, two_class_dataset, two_class_critic, tmp, steps=3, lr=3e-3)
@@ -149,15 +149,15 @@ def diverged_model(  # type: ignore[no-untyped-def]
 
 
 def _prompt(model) -> np.ndarray:  # type: ignore[no-untyped-def]
-    from model.generate import ids_from_notes
+    from divergent.model.generate import ids_from_notes
 
     notes = [(i * 0.5, 60 + (i * 5) % 12, 0.5, 90) for i in range(16)]
     return ids_from_notes(model, notes)
 
 
 def test_knob_at_zero_is_plain_sampling(diverged_model: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
-    from model.generate import Generator
-    from model.runtime import OnnxModel
+    from divergent.model.generate import Generator
+    from divergent.model.runtime import OnnxModel
 
     with_bad = OnnxModel(diverged_model)
     without = OnnxModel(tiny_model[0])
@@ -173,9 +173,9 @@ def test_knob_at_zero_is_plain_sampling(diverged_model: Path, tiny_model) -> Non
 def test_knob_departs_monotonically_from_the_base_model(diverged_model: Path) -> None:
     """KL(knob(d) || base) of the next-token distribution rises with d, and at d > 0 the
     answers come from the learned divergence (they differ from the base decoder's)."""
-    from model.divergence import mix_logits
-    from model.generate import Generator
-    from model.runtime import IncrementalDecoder, OnnxModel
+    from divergent.model.divergence import mix_logits
+    from divergent.model.generate import Generator
+    from divergent.model.runtime import IncrementalDecoder, OnnxModel
 
     m = OnnxModel(diverged_model)
     prompt = _prompt(m)
@@ -204,7 +204,7 @@ def test_knob_departs_monotonically_from_the_base_model(diverged_model: Path) ->
 
 
 def test_matched_temperature_search_on_a_toy_curve() -> None:
-    from model.divergence_eval import matched_temperature
+    from divergent.model.divergence_eval import matched_temperature
 
     temps = [1.0, 1.5, 2.0, 3.0]
     novelty = [0.1, 0.3, 0.5, 0.9]
@@ -221,8 +221,8 @@ def test_knob_answers_are_deterministic_per_seed_with_the_diverged_decoder(
     diverged_model: Path,
 ) -> None:
     """At d > 0 the diverged decoder runs on a worker thread: same seed, same answer."""
-    from model.generate import Generator
-    from model.runtime import OnnxModel
+    from divergent.model.generate import Generator
+    from divergent.model.runtime import OnnxModel
 
     m = OnnxModel(diverged_model)
     prompt = _prompt(m)

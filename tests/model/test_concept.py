@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model.concept import (
+from divergent.model.concept import (
     MAX_FILE_BYTES,
     BaseWeights,
     Concept,
@@ -30,9 +30,9 @@ from model.concept import (
     remove_concept,
     torch_weights_hash,
 )
-from model.generate import Generator, read_prompt
-from model.played_refs import played_reference
-from model.runtime import OnnxModel
+from divergent.model.generate import Generator, read_prompt
+from divergent.model.played_refs import played_reference
+from divergent.model.runtime import OnnxModel
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "model" / "bundled"
@@ -79,7 +79,7 @@ def learned(tiny_base, reference: Path, tmp_path_factory: pytest.TempPathFactory
 def _torch_model(ckpt: Path):  # type: ignore[no-untyped-def]
     import torch
 
-    from model.train import load_model
+    from divergent.model.train import load_model
 
     torch.set_num_threads(1)
     return load_model(ckpt)[0]
@@ -111,7 +111,7 @@ def test_learn_config_round_trip_and_validation() -> None:
 def test_mask_keeps_the_stated_fraction(tiny_base: Any, reference: Path) -> None:
     import torch
 
-    from model.concept import _Windows, reference_ids
+    from divergent.model.concept import _Windows, reference_ids
 
     _, ckpt, onnx = tiny_base
     model = _torch_model(ckpt)
@@ -134,7 +134,7 @@ def test_mask_keeps_the_stated_fraction(tiny_base: Any, reference: Path) -> None
 
 
 def test_learning_leaves_frozen_weights_bit_identical(tiny_base: Any, reference: Path) -> None:
-    from model.concept import _learn, reference_ids
+    from divergent.model.concept import _learn, reference_ids
 
     _, ckpt, onnx = tiny_base
     model = _torch_model(ckpt)
@@ -247,8 +247,8 @@ def test_remove_concept(learned: Any, tmp_path: Path) -> None:
 
 
 def test_prior_preservation_samples_are_valid_and_seeded(tiny_base: Any) -> None:
-    from model.concept import general_windows
-    from model.grammar import notes_from_ids
+    from divergent.model.concept import general_windows
+    from divergent.model.grammar import notes_from_ids
 
     root, _, onnx = tiny_base
     a = general_windows(root, 2, 40, seed=5)
@@ -269,9 +269,9 @@ def test_serving_a_concept_does_not_import_torch(learned: Any, tiny_base: Any) -
     root, _, _ = tiny_base
     code = (
         "import sys\n"
-        "from model.runtime import OnnxModel\n"
-        "from model.concept import activate\n"
-        "from model.generate import Generator\n"
+        "from divergent.model.runtime import OnnxModel\n"
+        "from divergent.model.concept import activate\n"
+        "from divergent.model.generate import Generator\n"
         f"m = OnnxModel({str(root)!r})\n"
         f"Generator(m, concept=activate('riff', m, {str(folder)!r}))\n"
         "print('torch' in sys.modules)\n"
@@ -283,7 +283,7 @@ def test_serving_a_concept_does_not_import_torch(learned: Any, tiny_base: Any) -
 
 
 def test_evaluation_protocol_round_trip_and_style_distance() -> None:
-    from model.concept_eval import ConceptProtocol, style_distance
+    from divergent.model.concept_eval import ConceptProtocol, style_distance
 
     p = ConceptProtocol(only=("ppt",), learn={"lr": 5e-3})
     assert ConceptProtocol.from_dict(json.loads(json.dumps(p.to_dict()))) == p
@@ -332,7 +332,7 @@ def test_a_zero_concept_leaves_the_decoder_bit_identical(tiny_base: Any, learned
 def test_cli_concept_list_learn_remove(
     learned: Any, tiny_base: Any, reference: Path, tmp_path: Path, capsys: Any
 ) -> None:
-    from server.cli import main
+    from divergent.server.cli import main
 
     concept, *_ = learned
     concept.save(tmp_path / "riff.concept.npz")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.critic import (
+from divergent.model.critic import (
     CriticConfig,
     OnnxCritic,
     PhraseBank,
@@ -41,7 +41,7 @@ def test_critic_trains_beats_chance_and_its_onnx_twin_agrees(
 ) -> None:
     import torch
 
-    from model.critic import load_critic
+    from divergent.model.critic import load_critic
 
     folder, card = two_class_critic
     assert card["classes"] == ["airdsAirs", "essenFolksong"]

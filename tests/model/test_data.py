@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import (
+from divergent.model.data import (
     _split_abc,
     build_dataset,
     is_validation,
@@ -15,7 +15,7 @@ from model.data import (
     list_midi_works,
     load_split,
 )
-from model.tokenizer import load_tokenizer
+from divergent.model.tokenizer import load_tokenizer
 
 
 def test_split_is_deterministic_and_by_work() -> None:

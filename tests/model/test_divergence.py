@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.divergence import (
+from divergent.model.divergence import (
     DivergenceConfig,
     LatentBank,
     ReferenceBigram,
     Steering,
     build_reference_bigram,
 )
-from model.generate import GenerateError, Generator
-from model.grammar import notes_from_ids
-from model.runtime import OnnxModel
+from divergent.model.generate import GenerateError, Generator
+from divergent.model.grammar import notes_from_ids
+from divergent.model.runtime import OnnxModel
 from tests.conftest import chord_score
 
 LEVELS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -148,7 +148,7 @@ def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def
     import json
     import shutil
 
-    from model.divergence_eval import EvalProtocol, evaluate_divergence
+    from divergent.model.divergence_eval import EvalProtocol, evaluate_divergence
 
     p = EvalProtocol(
         prompts=4,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from model.evaluate import evaluate_latent, evaluate_nll
+from divergent.model.evaluate import evaluate_latent, evaluate_nll
 
 
 def test_evaluate_nll_reports_bounds_and_baseline(tiny_model, tiny_dataset) -> None:  # type: ignore[no-untyped-def]

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.generate import GenerateError, Generator, generate_file, read_prompt
-from model.grammar import notes_from_ids
-from model.runtime import ModelError, OnnxModel
+from divergent.model.generate import GenerateError, Generator, generate_file, read_prompt
+from divergent.model.grammar import notes_from_ids
+from divergent.model.runtime import ModelError, OnnxModel
 from tests.conftest import chord_score
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def test_generate_file_writes_prompt_and_answer(tiny_model, tmp_path: Path) -> N
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [sys.executable, "-m", "divergent", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -131,7 +131,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 # Make `import torch` fail in the child: generation must not need it.
 NO_TORCH = (
     "import sys, runpy; sys.modules['torch'] = None; "
-    "sys.argv = ['divergent'] + sys.argv[1:]; runpy.run_module('server.cli', run_name='__main__')"
+    "sys.argv = ['divergent'] + sys.argv[1:]; runpy.run_module('divergent', run_name='__main__')"
 )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import symusic
 
-from model.grammar import (
+from divergent.model.grammar import (
     GrammarError,
     NoteEvent,
     RemiGrammar,
@@ -20,7 +20,7 @@ from model.grammar import (
     logsoftmax,
     notes_from_ids,
 )
-from model.tokenizer import DivergentTokenizer, build_tokenizer
+from divergent.model.tokenizer import DivergentTokenizer, build_tokenizer
 
 ABC_TUNES = {
     "4/4": "X:1\nM:4/4\nL:1/8\nK:C\nCDEF GABc|c4 G4|(3cBA G2 z4|[CEG]4 [CEGc]4|\n",
@@ -415,6 +415,6 @@ def test_sampler_rejects_bad_input():
 def test_grammar_module_does_not_import_torch():
     code = (
         "import sys, model.grammar, model.tokenizer; "
-        "model.tokenizer.build_tokenizer(); assert 'torch' not in sys.modules"
+        "divergent.model.tokenizer.build_tokenizer(); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

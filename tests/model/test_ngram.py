@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from model.ngram import MIN_DISCOUNT, KneserNeyLM, select_order
+from divergent.model.ngram import MIN_DISCOUNT, KneserNeyLM, select_order
 
 
 class RefKN:

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model import readout as R
-from model.grammar import NoteEvent
-from model.readout import (
+from divergent.model import readout as R
+from divergent.model.grammar import NoteEvent
+from divergent.model.readout import (
     FEATURE_NAMES,
     N_FEATURES,
     FeatureReference,
@@ -533,8 +533,8 @@ def test_build_reference_and_index_from_synthetic_works():
 def test_build_from_grammar_notes_of_real_tunes():
     import symusic
 
-    from model.grammar import notes_from_ids
-    from model.tokenizer import build_tokenizer
+    from divergent.model.grammar import notes_from_ids
+    from divergent.model.tokenizer import build_tokenizer
     from tests.conftest import ABC_TUNES
 
     tok = build_tokenizer()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import transpose_ids
-from model.tokenizer import (
+from divergent.model.data import transpose_ids
+from divergent.model.tokenizer import (
     TokenizerError,
     TokenizerSpec,
     build_tokenizer,
@@ -154,7 +154,7 @@ def test_transpose_ids(tok, abc_scores, k: int) -> None:  # type: ignore[no-unty
 
 def test_import_miditok_does_not_load_torch() -> None:
     code = (
-        "import sys; from model.tokenizer import build_tokenizer; build_tokenizer();"
+        "import sys; from divergent.model.tokenizer import build_tokenizer; build_tokenizer();"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run(

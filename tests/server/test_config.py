@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.config import (
+from divergent.server.config import (
     ConfigError,
     ServeConfig,
     add_serve_arguments,
@@ -31,15 +31,24 @@ def test_defaults_are_valid_and_as_documented() -> None:
     assert (c.mode, c.quantize, c.clock, c.bpm, c.bars) == ("call", "off", "internal", 120.0, 4)
     assert (c.divergence, c.temperature, c.top_p, c.seed) == (0.0, 1.0, 0.95, None)
     assert (c.phrase_silence_s, c.bar_ends_phrase, c.max_note_s) == (0.6, False, 8.0)
-    assert (c.midi_backend, c.midi_in, c.midi_out, c.midi_client) == (None, None, None,
-                                                                      "divergent")
+    assert (c.midi_backend, c.midi_in, c.midi_out, c.midi_client) == (None, None, None, "divergent")
     assert (c.osc_host, c.osc_port, c.osc_reply) == ("127.0.0.1", 9000, "127.0.0.1:9001")
     assert c.reply_address == ("127.0.0.1", 9001)
     assert (c.heartbeat_s, c.sessions, c.record, c.model_dir, c.precision) == (
-        1.0, None, True, None, "auto")
+        1.0,
+        None,
+        True,
+        None,
+        "auto",
+    )
     assert (c.channel, c.velocity) == (1, 0)
     assert (c.mqtt, c.mqtt_username, c.mqtt_password, c.mqtt_tls, c.mqtt_cafile) == (
-        None, None, None, False, None)
+        None,
+        None,
+        None,
+        False,
+        None,
+    )
     assert c.mqtt_address is None
     assert (c.instance, c.trace, c.log_level) == ("default", None, "info")
 
@@ -102,8 +111,9 @@ INVALID: list[tuple[str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "fragment"), INVALID,
-                         ids=[f"{n}={v!r}" for n, v, _ in INVALID])
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"), INVALID, ids=[f"{n}={v!r}" for n, v, _ in INVALID]
+)
 def test_every_invalid_field_is_named(name: str, value: Any, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         ServeConfig(**{name: value})
@@ -121,8 +131,9 @@ def test_every_field_has_an_invalid_case() -> None:
 
 
 def test_conversions_and_parsed_addresses() -> None:
-    c = ServeConfig(bpm=96, divergence=1, heartbeat_s=0, osc_reply="[::1]:9101",
-                    mqtt="broker.local", seed=0)
+    c = ServeConfig(
+        bpm=96, divergence=1, heartbeat_s=0, osc_reply="[::1]:9101", mqtt="broker.local", seed=0
+    )
     assert isinstance(c.bpm, float) and c.bpm == 96.0
     assert isinstance(c.divergence, float)
     assert c.reply_address == ("::1", 9101)
@@ -157,13 +168,39 @@ def test_parse_host_port_errors(text: str) -> None:
 
 def custom() -> ServeConfig:
     return ServeConfig(
-        mode="jam", quantize="bar", clock="link", bpm=97.5, bars=8, divergence=0.3,
-        temperature=0.9, top_p=0.9, seed=7, phrase_silence_s=0.4, bar_ends_phrase=True,
-        max_note_s=4.0, midi_backend="jack", midi_in="keys", midi_out="synth",
-        midi_client="dv", osc_host="0.0.0.0", osc_port=9100, osc_reply="10.0.0.2:9201",
-        heartbeat_s=0.5, sessions="/tmp/takes", record=False, model_dir="m", precision="fp32",
-        channel=10, velocity=100, mqtt="broker:1884", mqtt_username="u", mqtt_password="p w",
-        mqtt_tls=True, mqtt_cafile="ca.pem", instance="stage-left", trace="t.jsonl",
+        mode="jam",
+        quantize="bar",
+        clock="link",
+        bpm=97.5,
+        bars=8,
+        divergence=0.3,
+        temperature=0.9,
+        top_p=0.9,
+        seed=7,
+        phrase_silence_s=0.4,
+        bar_ends_phrase=True,
+        max_note_s=4.0,
+        midi_backend="jack",
+        midi_in="keys",
+        midi_out="synth",
+        midi_client="dv",
+        osc_host="0.0.0.0",
+        osc_port=9100,
+        osc_reply="10.0.0.2:9201",
+        heartbeat_s=0.5,
+        sessions="/tmp/takes",
+        record=False,
+        model_dir="m",
+        precision="fp32",
+        channel=10,
+        velocity=100,
+        mqtt="broker:1884",
+        mqtt_username="u",
+        mqtt_password="p w",
+        mqtt_tls=True,
+        mqtt_cafile="ca.pem",
+        instance="stage-left",
+        trace="t.jsonl",
         log_level="debug",
     )
 
@@ -240,15 +277,38 @@ def test_flags_default_to_none() -> None:
 def test_flags_override_the_file(tmp_path: Path) -> None:
     path = tmp_path / "serve.toml"
     path.write_text(custom().to_toml(), encoding="utf-8")
-    args = parser().parse_args([
-        "--config", str(path), "--mode", "call", "--bpm", "140", "--no-record",
-        "--phrase-silence", "1.5", "--max-note-s", "2", "--channel", "3",
-        "--osc-reply", "127.0.0.1:9301", "--midi-in", "Launchkey MK3", "--no-mqtt-tls",
-        "--bar-ends-phrase",
-    ])
+    args = parser().parse_args(
+        [
+            "--config",
+            str(path),
+            "--mode",
+            "call",
+            "--bpm",
+            "140",
+            "--no-record",
+            "--phrase-silence",
+            "1.5",
+            "--max-note-s",
+            "2",
+            "--channel",
+            "3",
+            "--osc-reply",
+            "127.0.0.1:9301",
+            "--midi-in",
+            "Launchkey MK3",
+            "--no-mqtt-tls",
+            "--bar-ends-phrase",
+        ]
+    )
     c = config_from_args(args)
     assert (c.mode, c.bpm, c.record, c.phrase_silence_s, c.max_note_s, c.channel) == (
-        "call", 140.0, False, 1.5, 2.0, 3)
+        "call",
+        140.0,
+        False,
+        1.5,
+        2.0,
+        3,
+    )
     assert c.reply_address == ("127.0.0.1", 9301)
     assert c.midi_in == "Launchkey MK3"
     # what the flags did not mention comes from the file
@@ -258,25 +318,106 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 
 
 def test_every_serve_flag_reaches_its_field(tmp_path: Path) -> None:
-    args = parser().parse_args([
-        "--mode", "jam", "--quantize", "beat", "--clock", "midi", "--bpm", "90", "--bars", "2",
-        "--divergence", "0.7", "--temperature", "1.2", "--top-p", "0.8", "--seed", "3",
-        "--midi-backend", "jack", "--midi-in", "i", "--midi-out", "o", "--osc-host", "0.0.0.0",
-        "--osc-port", "0", "--osc-reply", "h:1", "--sessions", "s", "--record",
-        "--model-dir", "m", "--precision", "int8", "--mqtt", "b:2", "--mqtt-username", "u",
-        "--mqtt-password", "p", "--mqtt-tls", "--mqtt-cafile", "ca", "--instance", "x",
-        "--trace", "t.jsonl", "--phrase-silence", "0.3", "--channel", "16",
-        "--max-note-s", "5", "--velocity", "64", "--log-level", "warning",
-        "--no-bar-ends-phrase", "--print-config",
-    ])
+    args = parser().parse_args(
+        [
+            "--mode",
+            "jam",
+            "--quantize",
+            "beat",
+            "--clock",
+            "midi",
+            "--bpm",
+            "90",
+            "--bars",
+            "2",
+            "--divergence",
+            "0.7",
+            "--temperature",
+            "1.2",
+            "--top-p",
+            "0.8",
+            "--seed",
+            "3",
+            "--midi-backend",
+            "jack",
+            "--midi-in",
+            "i",
+            "--midi-out",
+            "o",
+            "--osc-host",
+            "0.0.0.0",
+            "--osc-port",
+            "0",
+            "--osc-reply",
+            "h:1",
+            "--sessions",
+            "s",
+            "--record",
+            "--model-dir",
+            "m",
+            "--precision",
+            "int8",
+            "--mqtt",
+            "b:2",
+            "--mqtt-username",
+            "u",
+            "--mqtt-password",
+            "p",
+            "--mqtt-tls",
+            "--mqtt-cafile",
+            "ca",
+            "--instance",
+            "x",
+            "--trace",
+            "t.jsonl",
+            "--phrase-silence",
+            "0.3",
+            "--channel",
+            "16",
+            "--max-note-s",
+            "5",
+            "--velocity",
+            "64",
+            "--log-level",
+            "warning",
+            "--no-bar-ends-phrase",
+            "--print-config",
+        ]
+    )
     c = config_from_args(args)
     assert c == ServeConfig(
-        mode="jam", quantize="beat", clock="midi", bpm=90, bars=2, divergence=0.7,
-        temperature=1.2, top_p=0.8, seed=3, midi_backend="jack", midi_in="i", midi_out="o",
-        osc_host="0.0.0.0", osc_port=0, osc_reply="h:1", sessions="s", record=True,
-        model_dir="m", precision="int8", mqtt="b:2", mqtt_username="u", mqtt_password="p",
-        mqtt_tls=True, mqtt_cafile="ca", instance="x", trace="t.jsonl", phrase_silence_s=0.3,
-        channel=16, max_note_s=5, velocity=64, log_level="warning", bar_ends_phrase=False,
+        mode="jam",
+        quantize="beat",
+        clock="midi",
+        bpm=90,
+        bars=2,
+        divergence=0.7,
+        temperature=1.2,
+        top_p=0.8,
+        seed=3,
+        midi_backend="jack",
+        midi_in="i",
+        midi_out="o",
+        osc_host="0.0.0.0",
+        osc_port=0,
+        osc_reply="h:1",
+        sessions="s",
+        record=True,
+        model_dir="m",
+        precision="int8",
+        mqtt="b:2",
+        mqtt_username="u",
+        mqtt_password="p",
+        mqtt_tls=True,
+        mqtt_cafile="ca",
+        instance="x",
+        trace="t.jsonl",
+        phrase_silence_s=0.3,
+        channel=16,
+        max_note_s=5,
+        velocity=64,
+        log_level="warning",
+        bar_ends_phrase=False,
     )
     assert args.print_config is True
 

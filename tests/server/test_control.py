@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from server.control import (
+from divergent.server.control import (
     Arg,
     Control,
     ControlError,
@@ -26,8 +26,11 @@ class Sample:
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
 
-    @control("/divergent/divergence", Arg("value", "f", lo=0.0, hi=1.0, clamp=True),
-             doc="The divergence knob d: 0 plays like the training data, 1 strays furthest.")
+    @control(
+        "/divergent/divergence",
+        Arg("value", "f", lo=0.0, hi=1.0, clamp=True),
+        doc="The divergence knob d: 0 plays like the training data, 1 strays furthest.",
+    )
     def _set_divergence(self, value: float) -> None:
         self.calls.append(("divergence", (value,)))
 
@@ -35,8 +38,9 @@ class Sample:
     def _set_bars(self, bars: int) -> None:
         self.calls.append(("bars", (bars,)))
 
-    @control("/divergent/mode", Arg("mode", "s", choices=("call", "jam", "off")),
-             doc="call | jam | off")
+    @control(
+        "/divergent/mode", Arg("mode", "s", choices=("call", "jam", "off")), doc="call | jam | off"
+    )
     def _set_mode(self, mode: str) -> None:
         self.calls.append(("mode", (mode,)))
 
@@ -59,8 +63,11 @@ class Sample:
     def _ping(self) -> None:
         self.calls.append(("ping", ()))
 
-    @control("/divergent/chord", Arg("pitches", "i", lo=0, hi=127, repeat=True),
-             doc="Any number of pitches.")
+    @control(
+        "/divergent/chord",
+        Arg("pitches", "i", lo=0, hi=127, repeat=True),
+        doc="Any number of pitches.",
+    )
     def _chord(self, *pitches: int) -> None:
         self.calls.append(("chord", pitches))
 
@@ -74,8 +81,11 @@ class Sample:
 
 SAMPLE_REPLIES = (
     Reply("/divergent/pong", (("version", "s"),), doc="Answer to /divergent/ping."),
-    Reply("/divergent/out/note", (Arg("pitch", "i", lo=0, hi=127), ("velocity", "i")),
-          doc="Every machine note | as it sounds."),
+    Reply(
+        "/divergent/out/note",
+        (Arg("pitch", "i", lo=0, hi=127), ("velocity", "i")),
+        doc="Every machine note | as it sounds.",
+    ),
 )
 
 
@@ -154,10 +164,14 @@ def test_two_handlers_for_one_address_is_an_error() -> None:
         (lambda: Control("/other/x", (), "", "h"), "must look like /divergent/"),
         (lambda: Control("/divergent/", (), "", "h"), "must look like"),
         (lambda: Control("/divergent/a*", (), "", "h"), "pattern characters"),
-        (lambda: Control("/divergent/x", (Arg("a", "i", optional=True), Arg("b", "i")), "", "h"),
-         "follows an optional"),
-        (lambda: Control("/divergent/x", (Arg("a", "i", repeat=True), Arg("b", "i")), "", "h"),
-         "only the last"),
+        (
+            lambda: Control("/divergent/x", (Arg("a", "i", optional=True), Arg("b", "i")), "", "h"),
+            "follows an optional",
+        ),
+        (
+            lambda: Control("/divergent/x", (Arg("a", "i", repeat=True), Arg("b", "i")), "", "h"),
+            "only the last",
+        ),
         (lambda: Control("/divergent/x", (Arg("a", "i"), Arg("a", "i")), "", "h"), "repeat"),
         (lambda: Reply("/divergent/x", (("a", "q"),)), "type must be"),
     ],
@@ -198,8 +212,12 @@ CASES: list[tuple[str, list[object], list[object] | None, str | None]] = [
     ("/divergent/divergence", [1], [1.0], None),
     ("/divergent/divergence", [0], [0.0], None),
     # clamped, with a warning naming the address, the value and the result
-    ("/divergent/divergence", [1.5], [1.0], "/divergent/divergence: value 1.5 is out of range "
-                                             "0..1: clamped to 1.0 (applied)"),
+    (
+        "/divergent/divergence",
+        [1.5],
+        [1.0],
+        "/divergent/divergence: value 1.5 is out of range 0..1: clamped to 1.0 (applied)",
+    ),
     ("/divergent/divergence", [-3], [0.0], "clamped to 0.0"),
     ("/divergent/gain", [6.0], [0.0], "out of range <= 0: clamped to 0.0"),
     ("/divergent/gain", [-60.0], [-60.0], None),
@@ -227,9 +245,14 @@ CASES: list[tuple[str, list[object], list[object] | None, str | None]] = [
     # counts: optional may be left off, missing and extra refused
     ("/divergent/note", [60, 100], [60, 100], None),
     ("/divergent/note", [60.0, 100, 2.0], [60, 100, 2], None),
-    ("/divergent/note", [60], None, "takes `pitch` i 0..127 (else refused) `velocity` i 0..127 "
-                                    "(else refused) [`channel` i 1..16 (else refused)]; "
-                                    "got 1 argument (rejected)"),
+    (
+        "/divergent/note",
+        [60],
+        None,
+        "takes `pitch` i 0..127 (else refused) `velocity` i 0..127 "
+        "(else refused) [`channel` i 1..16 (else refused)]; "
+        "got 1 argument (rejected)",
+    ),
     ("/divergent/note", [60, 100, 1, 1], None, "got 4 arguments"),
     ("/divergent/ping", [], [], None),
     ("/divergent/ping", [1], None, "takes no arguments; got 1 argument"),
@@ -248,10 +271,14 @@ CASES: list[tuple[str, list[object], list[object] | None, str | None]] = [
 ]
 
 
-@pytest.mark.parametrize(("address", "args", "values", "message"), CASES,
-                         ids=[f"{a.rsplit('/', 1)[1]}-{args!r}" for a, args, _, _ in CASES])
-def test_validate(address: str, args: list[object], values: list[object] | None,
-                  message: str | None) -> None:
+@pytest.mark.parametrize(
+    ("address", "args", "values", "message"),
+    CASES,
+    ids=[f"{a.rsplit('/', 1)[1]}-{args!r}" for a, args, _, _ in CASES],
+)
+def test_validate(
+    address: str, args: list[object], values: list[object] | None, message: str | None
+) -> None:
     c = ctrl(address)
     if values is None:
         with pytest.raises(ControlError) as info:
@@ -270,8 +297,12 @@ def test_validate(address: str, args: list[object], values: list[object] | None,
 
 
 def test_two_clamps_give_one_warning() -> None:
-    c = Control("/divergent/xy", (Arg("x", "f", lo=0, hi=1, clamp=True),
-                                  Arg("y", "f", lo=0, hi=1, clamp=True)), "", "h")
+    c = Control(
+        "/divergent/xy",
+        (Arg("x", "f", lo=0, hi=1, clamp=True), Arg("y", "f", lo=0, hi=1, clamp=True)),
+        "",
+        "h",
+    )
     values, warning = validate(c, [2.0, -1.0])
     assert values == [1.0, 0.0]
     assert warning is not None and "x 2.0" in warning and "y -1.0" in warning
@@ -333,8 +364,9 @@ def test_handler_exceptions_propagate() -> None:
 def test_reply_declarations() -> None:
     r = SAMPLE_REPLIES[1]
     assert [(a.name, a.type) for a in r.args] == [("pitch", "i"), ("velocity", "i")]
-    assert SAMPLE_REPLIES[0] == Reply("/divergent/pong", [Arg("version", "s")],
-                                      doc="Answer to /divergent/ping.")
+    assert SAMPLE_REPLIES[0] == Reply(
+        "/divergent/pong", [Arg("version", "s")], doc="Answer to /divergent/ping."
+    )
 
 
 def test_osc_doc_is_deterministic_and_complete() -> None:

@@ -24,8 +24,8 @@ from typing import Any
 import mido
 import pytest
 
-from server.bench_live import onset_errors, response_times, run_peer_process
-from server.livepeer import ServeProcess, stuck_notes
+from divergent.server.bench_live import onset_errors, response_times, run_peer_process
+from divergent.server.livepeer import ServeProcess, stuck_notes
 from tests.conftest import JACK_PERIOD_S, not_judged, on_clean_jack, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,9 +54,7 @@ def serve_factory(tmp_path: Path, jack_server: Any):  # type: ignore[no-untyped-
         sp.stop(signal.SIGKILL if sp.proc and sp.proc.poll() is None else signal.SIGTERM)
 
 
-def _osc_notes(
-    sp: ServeProcess, pitches: list[int], gap: float = 0.08, velocity: int = 90
-) -> None:
+def _osc_notes(sp: ServeProcess, pitches: list[int], gap: float = 0.08, velocity: int = 90) -> None:
     for p in pitches:
         sp.osc.send("/divergent/note", p, velocity, 1)
         time.sleep(gap)
@@ -111,8 +109,17 @@ def _call_exchange(serve_factory: Any) -> tuple[int, dict[str, Any], list[Any], 
     announced, the peer's result, the server's trace and log."""
     name = _name()
     sp = serve_factory(
-        "--mode", "call", "--quantize", "off", "--bpm", "240", "--bars", "1",
-        "--phrase-silence", "0.25", name=name,
+        "--mode",
+        "call",
+        "--quantize",
+        "off",
+        "--bpm",
+        "240",
+        "--bars",
+        "1",
+        "--phrase-silence",
+        "0.25",
+        name=name,
     )
     peer = run_peer_process(["phrases", "--server", name, "--phrases", "4"], timeout=60)
     _wait_silent(sp)
@@ -126,7 +133,10 @@ def test_call_mode_answers_each_phrase_through_jack(
     serve_factory: Any, jack_server: Any, request: pytest.FixtureRequest
 ) -> None:
     (answers, peer, trace, log), xruns, clean = on_clean_jack(
-        request, jack_server, lambda: _call_exchange(serve_factory), max_xruns=30,
+        request,
+        jack_server,
+        lambda: _call_exchange(serve_factory),
+        max_xruns=30,
         what="at the peer: every phrase answered, nothing stuck, response and onset times",
     )
     # the server's own account holds whatever JACK delivered: a note-off for every note-on
@@ -203,8 +213,9 @@ def test_ten_thousand_bad_packets_and_every_wrong_message_answered(serve_factory
         if i % 3 == 0:
             data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
         elif i % 3 == 1:
-            data = b"/divergent/divergence\x00\x00\x00,f\x00\x00" + bytes(rng.randrange(256)
-                                                                      for _ in range(3))
+            data = b"/divergent/divergence\x00\x00\x00,f\x00\x00" + bytes(
+                rng.randrange(256) for _ in range(3)
+            )
         else:
             data = b"#bundle\x00" + bytes(rng.randrange(256) for _ in range(rng.randrange(30)))
         sock.sendto(data, addr)
@@ -272,9 +283,20 @@ def test_sigterm_mid_answer_leaves_no_stuck_notes_and_a_complete_take(
     name = _name()
     sp = serve_factory("--mode", "off", "--bars", "8", "--bpm", "120", name=name)
     listener = subprocess.Popen(
-        [sys.executable, "-m", "server.livepeer", "listen", "--server", name, "--no-send",
-         "--seconds", "4"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "divergent.server.livepeer",
+            "listen",
+            "--server",
+            name,
+            "--no-send",
+            "--seconds",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     time.sleep(0.5)
     _osc_notes(sp, [62, 65, 69, 72, 74, 72, 69, 65], gap=0.1)
@@ -315,8 +337,11 @@ def test_sigkill_leaves_a_take_with_everything_older_than_a_second(serve_factory
     sp.proc.wait()
     t_kill = time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-m", "server.cli", "sessions", "--sessions", str(sp.sessions), "--json"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        [sys.executable, "-m", "divergent", "sessions", "--sessions", str(sp.sessions), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     takes = json.loads(r.stdout)
     assert len(takes) == 1 and takes[0]["recovered"]
@@ -329,20 +354,25 @@ def test_link_peer_sets_the_tempo(serve_factory: Any) -> None:
     """An aalink peer in another process sets 133 BPM: the server follows within a beat."""
     sp = serve_factory("--clock", "link", "--bpm", "120", "--mode", "off")
     peer = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import asyncio, time, aalink\n"
-            "async def main():\n"
-            "    link = aalink.Link(120)\n"
-            "    link.enabled = True\n"
-            "    while link.num_peers < 1:\n"
-            "        await asyncio.sleep(0.01)\n"
-            "    await asyncio.sleep(0.2)\n"
-            "    link.tempo = 133.0\n"
-            "    print(time.monotonic(), flush=True)\n"
-            "    await asyncio.sleep(5.0)\n"
-            "asyncio.run(main())\n"
-        )],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            (
+                "import asyncio, time, aalink\n"
+                "async def main():\n"
+                "    link = aalink.Link(120)\n"
+                "    link.enabled = True\n"
+                "    while link.num_peers < 1:\n"
+                "        await asyncio.sleep(0.01)\n"
+                "    await asyncio.sleep(0.2)\n"
+                "    link.tempo = 133.0\n"
+                "    print(time.monotonic(), flush=True)\n"
+                "    await asyncio.sleep(5.0)\n"
+                "asyncio.run(main())\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert peer.stdout is not None
@@ -370,8 +400,9 @@ def test_link_peer_sets_the_tempo(serve_factory: Any) -> None:
 def test_without_midi_the_osc_note_transport_still_plays(tmp_path: Path) -> None:
     # ALSA cannot work on a machine without a sound card; elsewhere it opens real ports:
     # either way the OSC note transport must answer
-    sp = ServeProcess(["--midi-backend", "alsa", "--mode", "off", "--bpm", "240"],
-                      workdir=tmp_path, name=_name())
+    sp = ServeProcess(
+        ["--midi-backend", "alsa", "--mode", "off", "--bpm", "240"], workdir=tmp_path, name=_name()
+    )
     sp.start()
     try:
         _osc_notes(sp, [60, 62, 64, 65, 67])
@@ -392,20 +423,34 @@ def test_jam_mode_plays_along(serve_factory: Any) -> None:
 
 
 def test_print_config_round_trips(tmp_path: Path) -> None:
-    from server.config import ServeConfig
+    from divergent.server.config import ServeConfig
 
     r = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--print-config", "--bpm", "100",
-         "--mode", "jam"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "divergent",
+            "serve",
+            "--print-config",
+            "--bpm",
+            "100",
+            "--mode",
+            "jam",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     path = tmp_path / "divergent.toml"
     path.write_text(r.stdout)
     cfg = ServeConfig.from_toml(path)
     assert cfg.bpm == 100.0 and cfg.mode == "jam"
     bad = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--bpm", "1000"],
-        capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-m", "divergent", "serve", "--bpm", "1000"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert bad.returncode == 2 and "bpm" in bad.stderr
 
@@ -414,29 +459,64 @@ def _clock_exchange(serve_factory: Any) -> tuple[list[Any], dict[str, Any]]:
     """jack_midi_clock at 137 BPM into a server following MIDI clock, two phrases from a
     peer that also listens to the clock: the server's status then, the peer's result."""
     name = _name()
-    sp = serve_factory("--clock", "midi", "--quantize", "beat", "--mode", "call", "--bars", "2",
-                       "--phrase-silence", "0.3", name=name)
+    sp = serve_factory(
+        "--clock",
+        "midi",
+        "--quantize",
+        "beat",
+        "--mode",
+        "call",
+        "--bars",
+        "2",
+        "--phrase-silence",
+        "0.3",
+        name=name,
+    )
     in_port = f"{name}:divergent in"
-    clock = subprocess.Popen(["jack_midi_clock", "-b", "137", in_port],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clock = subprocess.Popen(
+        ["jack_midi_clock", "-b", "137", in_port],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(0.3)
         # jack_midi_clock ticks only while JACK's transport rolls (commands on stdin)
-        subprocess.run(["jack_transport"], input="stop\nlocate 0\nplay\nquit\n", text=True,
-                       capture_output=True, timeout=10, check=False)
+        subprocess.run(
+            ["jack_transport"],
+            input="stop\nlocate 0\nplay\nquit\n",
+            text=True,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
         time.sleep(1.0)
         t = time.monotonic()
         sp.osc.send("/divergent/status")
         st = sp.osc.wait_for("/divergent/status", after=t)
         assert st is not None
         peer = run_peer_process(
-            ["phrases", "--server", name, "--phrases", "2", "--answer-wait", "5",
-             "--clock-port", "jack_midi_clock:mclk_out"],
+            [
+                "phrases",
+                "--server",
+                name,
+                "--phrases",
+                "2",
+                "--answer-wait",
+                "5",
+                "--clock-port",
+                "jack_midi_clock:mclk_out",
+            ],
             timeout=60,
         )
     finally:
-        subprocess.run(["jack_transport"], input="stop\nquit\n", text=True, capture_output=True,
-                       timeout=10, check=False)
+        subprocess.run(
+            ["jack_transport"],
+            input="stop\nquit\n",
+            text=True,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
         clock.terminate()
         clock.wait(timeout=5)
         sp.stop()
@@ -449,7 +529,10 @@ def test_midi_clock_master_drives_the_grid(
     """jack_midi_clock at 137 BPM leads: answer onsets land on its ticks (<= 3 ms)."""
     require_tool("jack_midi_clock", "jack_transport", "jack_connect")
     (status, peer), _, clean = on_clean_jack(
-        request, jack_server, lambda: _clock_exchange(serve_factory), max_xruns=30,
+        request,
+        jack_server,
+        lambda: _clock_exchange(serve_factory),
+        max_xruns=30,
         what="the followed tempo, answer onsets on the master's ticks",
     )
     assert status[2] == "midi"
@@ -492,11 +575,13 @@ def test_output_routed_back_to_input_does_not_answer_itself(serve_factory: Any) 
     this); the machine's own notes must not count as a phrase to answer."""
     require_tool("jack_connect", "jack_lsp")
     name = _name()
-    sp = serve_factory("--mode", "call", "--bpm", "240", "--bars", "1",
-                       "--phrase-silence", "0.25", name=name)
+    sp = serve_factory(
+        "--mode", "call", "--bpm", "240", "--bars", "1", "--phrase-silence", "0.25", name=name
+    )
     ports = subprocess.run(["jack_lsp"], capture_output=True, text=True, check=True).stdout
-    out_port = next(p for p in ports.splitlines() if p.startswith(name) and
-                    p.endswith(":divergent out"))
+    out_port = next(
+        p for p in ports.splitlines() if p.startswith(name) and p.endswith(":divergent out")
+    )
     subprocess.run(["jack_connect", out_port, f"{name}:divergent in"], check=True)
     t = time.monotonic()
     _osc_notes(sp, [60, 62, 64, 65, 67])
@@ -509,8 +594,7 @@ def test_output_routed_back_to_input_does_not_answer_itself(serve_factory: Any) 
 def test_a_lost_note_off_does_not_block_call_mode(serve_factory: Any) -> None:
     """A note-on whose note-off never comes (a dropped MIDI event, a stuck key): after a
     few silent seconds it counts as released and the phrase is answered."""
-    sp = serve_factory("--mode", "call", "--bpm", "240", "--bars", "1",
-                       "--phrase-silence", "0.3")
+    sp = serve_factory("--mode", "call", "--bpm", "240", "--bars", "1", "--phrase-silence", "0.3")
     t = time.monotonic()
     _osc_notes(sp, [60, 62, 64])
     sp.osc.send("/divergent/note", 67, 90, 1)  # and no note-off

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from server.bench_live import onset_errors
-from server.livepeer import ServeProcess
+from divergent.server.bench_live import onset_errors
+from divergent.server.livepeer import ServeProcess
 from tests.bridges.test_mqtt import Broker, free_tcp_port
 from tests.conftest import not_judged, require_tool
 
@@ -26,9 +26,20 @@ class Subscriber:
 
     def __init__(self, port: int, instance: str) -> None:
         self.proc = subprocess.Popen(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-v",
-             "-t", f"divergent/{instance}/#"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+            [
+                "mosquitto_sub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-v",
+                "-t",
+                f"divergent/{instance}/#",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
         )
         self.lines: list[tuple[float, str, str]] = []
         self._t = threading.Thread(target=self._read, daemon=True)
@@ -57,8 +68,11 @@ class Subscriber:
 
 
 def _pub(port: int, topic: str, payload: str) -> None:
-    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", topic,
-                    "-m", payload], check=True, timeout=10)
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", topic, "-m", payload],
+        check=True,
+        timeout=10,
+    )
 
 
 @pytest.fixture
@@ -76,9 +90,22 @@ def test_mqtt_controls_answers_errors_and_a_broker_outage(
     inst = "stage1"
     name = f"dvmq{int(time.time() * 1000) % 100000}"
     sp = ServeProcess(
-        ["--midi-backend", "jack", "--mode", "off", "--bpm", "240", "--bars", "2",
-         "--mqtt", f"127.0.0.1:{mqtt_broker.port}", "--instance", inst],
-        workdir=tmp_path, name=name,
+        [
+            "--midi-backend",
+            "jack",
+            "--mode",
+            "off",
+            "--bpm",
+            "240",
+            "--bars",
+            "2",
+            "--mqtt",
+            f"127.0.0.1:{mqtt_broker.port}",
+            "--instance",
+            inst,
+        ],
+        workdir=tmp_path,
+        name=name,
     )
     sp.start()
     sub = Subscriber(mqtt_broker.port, inst)
@@ -106,9 +133,20 @@ def test_mqtt_controls_answers_errors_and_a_broker_outage(
         # the broker dies during a jam: the music stays on time
         xruns = jack_server.xruns()
         listener = subprocess.Popen(
-            [sys.executable, "-m", "server.livepeer", "listen", "--server", name,
-             "--no-send", "--seconds", "7"],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "divergent.server.livepeer",
+                "listen",
+                "--server",
+                name,
+                "--no-send",
+                "--seconds",
+                "7",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
         )
         time.sleep(0.4)
         sp.osc.send("/divergent/mode", "jam")

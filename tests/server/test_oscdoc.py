@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from server.app import REPLIES, Server
-from server.control import controls_of
-from server.oscdoc import DOC_PATH, render
+from divergent.server.app import REPLIES, Server
+from divergent.server.control import controls_of
+from divergent.server.oscdoc import DOC_PATH, render
 
 
 def test_docs_osc_md_matches_the_declarations() -> None:
     assert DOC_PATH.read_text() == render(), (
-        "docs/osc.md is out of date: run `python -m server.oscdoc --write`"
+        "docs/osc.md is out of date: run `python -m divergent.server.oscdoc --write`"
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import mido
 import pytest
 
-from server.recorder import (
+from divergent.server.recorder import (
     JOURNAL_SUFFIX,
     TICKS_PER_BEAT,
     TakeRecorder,
@@ -89,13 +89,23 @@ def balanced(track: mido.MidiTrack) -> bool:
 )
 def test_round_trip(tmp_path: Path, bpm0: float, bpm1: float, ts: tuple[int, int]) -> None:
     start = 1000.0  # explicit monotonic times: no sleeping, exact expectations
-    rec = TakeRecorder(folder=tmp_path, name="round trip", bpm=bpm0, start=start,
-                       meta={"model": "bundled-int8", "divergent": "0.1.0"}, time_signature=ts)
+    rec = TakeRecorder(
+        folder=tmp_path,
+        name="round trip",
+        bpm=bpm0,
+        start=start,
+        meta={"model": "bundled-int8", "divergent": "0.1.0"},
+        time_signature=ts,
+    )
     rec.control(start, "divergence", 0.0)
     rec.control(start, "temperature", 1.0)
     rec.control(start, "mode", "call")
-    performer = [(0.5, on(60)), (1.0, off(60)), (1.25, on(64, 90, channel=2)),
-                 (2.75, off(64, channel=2))]
+    performer = [
+        (0.5, on(60)),
+        (1.0, off(60)),
+        (1.25, on(64, 90, channel=2)),
+        (2.75, off(64, channel=2)),
+    ]
     machine = [(3.0, on(67)), (3.5, off(67)), (4.0, on(72)), (5.5, off(72))]
     for t, msg in performer:
         rec.note(start + t, "performer", msg)
@@ -149,13 +159,19 @@ def test_round_trip(tmp_path: Path, bpm0: float, bpm1: float, ts: tuple[int, int
             assert msg.channel == want.channel
             assert abs(tick - expected_tick(t, bpm0, change)) <= 1.0
     # ... and so do the seconds a reader computes.
-    secs = {(m.type, m.note, m.channel): s for s, m in seconds(mid)
-            if m.type in ("note_on", "note_off")}
+    secs = {
+        (m.type, m.note, m.channel): s for s, m in seconds(mid) if m.type in ("note_on", "note_off")
+    }
     for t, msg in performer + machine:
         assert secs[(msg.type, msg.note, msg.channel)] == pytest.approx(t, abs=0.001)
 
     assert [m.type for _, m in perf if m.type not in ("note_on", "note_off")] == [
-        "track_name", "control_change", "control_change", "pitchwheel", "end_of_track"]
+        "track_name",
+        "control_change",
+        "control_change",
+        "pitchwheel",
+        "end_of_track",
+    ]
     assert [m.pitch for _, m in perf if m.type == "pitchwheel"] == [-2000]
     assert sum(m.type == "note_on" for _, m in perf) == 2
     assert sum(m.type == "note_on" for _, m in mach) == 2
@@ -173,8 +189,14 @@ def test_round_trip(tmp_path: Path, bpm0: float, bpm1: float, ts: tuple[int, int
     started = next(t for t in at_zero if t.startswith("divergent.started="))
     assert started.split("=", 1)[1][:4].isdigit()
     assert [text for _, text in texts if "=" in text and "." not in text.split("=")[0]] == [
-        "divergence=0", "temperature=1", "mode=call", "divergence=0.5", "divergence=1",
-        "temperature=2", "bars=4"]
+        "divergence=0",
+        "temperature=1",
+        "mode=call",
+        "divergence=0.5",
+        "divergence=1",
+        "temperature=2",
+        "bars=4",
+    ]
 
     ccs = [(m.control, m.value, m.channel) for _, m in ctl if m.type == "control_change"]
     assert ccs == [(20, 0, 15), (21, 64, 15), (20, 64, 15), (20, 127, 15), (21, 127, 15)]
@@ -264,11 +286,17 @@ def test_hanging_notes_are_closed_at_the_end(tmp_path: Path, finish: str) -> Non
     mid = load(path)
     assert balanced(mid.tracks[1]) and balanced(mid.tracks[2])
     end_tick = round(end_s * 2 * TICKS_PER_BEAT)
-    closing = [(m.type, m.channel, m.note) for tick, m in absolute(mid.tracks[2])
-               if tick == end_tick and m.type == "note_off"]
+    closing = [
+        (m.type, m.channel, m.note)
+        for tick, m in absolute(mid.tracks[2])
+        if tick == end_tick and m.type == "note_off"
+    ]
     assert sorted(closing) == [("note_off", 0, 60), ("note_off", 3, 64)]
-    pedal = [(tick, m.value) for tick, m in absolute(mid.tracks[1])
-             if m.type == "control_change" and m.control == 64]
+    pedal = [
+        (tick, m.value)
+        for tick, m in absolute(mid.tracks[1])
+        if m.type == "control_change" and m.control == 64
+    ]
     assert pedal == [(round(1.1 * 2 * TICKS_PER_BEAT), 100), (end_tick, 0)]
 
 
@@ -279,7 +307,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
     import mido
-    from server.recorder import TakeRecorder
+    from divergent.server.recorder import TakeRecorder
 
     t0 = time.monotonic()
     rec = TakeRecorder(folder=Path(sys.argv[1]), name="crash", bpm=120, start=t0,
@@ -301,8 +329,14 @@ CRASH_SCRIPT = textwrap.dedent("""
 
 def test_sigkill_loses_at_most_the_last_second(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == -9, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines()]
     kill_s = float(lines[-1][1])
@@ -338,15 +372,27 @@ def write_journal(folder: Path, name: str, lines: list[str], cut: int = 0) -> Pa
     return journal
 
 
-HEADER = json.dumps({"format": "divergent-take-journal", "version": 1,
-                     "started": "2026-01-02T03:04:05+00:00", "bpm": 120.0,
-                     "time_signature": [4, 4], "meta": {}})
+HEADER = json.dumps(
+    {
+        "format": "divergent-take-journal",
+        "version": 1,
+        "started": "2026-01-02T03:04:05+00:00",
+        "bpm": 120.0,
+        "time_signature": [4, 4],
+        "meta": {},
+    }
+)
 
 
 @pytest.mark.parametrize(("cut", "last_kept"), [(1, True), (2, False), (5, False), (12, False)])
 def test_truncated_last_line_is_skipped(tmp_path: Path, cut: int, last_kept: bool) -> None:
-    lines = [HEADER, '[0.5,"p",144,60,100]', '[1.0,"p",128,60,0]', '[1.5,"M","answer 1"]',
-             '[2.0,"m",144,62,100]']
+    lines = [
+        HEADER,
+        '[0.5,"p",144,60,100]',
+        '[1.0,"p",128,60,0]',
+        '[1.5,"M","answer 1"]',
+        '[2.0,"m",144,62,100]',
+    ]
     write_journal(tmp_path, "cut", lines, cut=cut)
     [path] = recover(tmp_path)
     mid = load(path)
@@ -359,8 +405,16 @@ def test_truncated_last_line_is_skipped(tmp_path: Path, cut: int, last_kept: boo
 
 
 def test_journal_with_garbage_and_without_header(tmp_path: Path) -> None:
-    lines = ['{"format": "divergent-take-jou', '[0.25,"p",144,60,100]', "not json",
-             '["x","p",1]', '[0.5,"p",144,200,100]', '[0.75,"p",128,60,0]', "[]", '{"a": 1}']
+    lines = [
+        '{"format": "divergent-take-jou',
+        '[0.25,"p",144,60,100]',
+        "not json",
+        '["x","p",1]',
+        '[0.5,"p",144,200,100]',
+        '[0.75,"p",128,60,0]',
+        "[]",
+        '{"a": 1}',
+    ]
     write_journal(tmp_path, "garbage", lines)
     write_journal(tmp_path, "empty", [])
     paths = recover(tmp_path)
@@ -444,8 +498,9 @@ def test_note_is_cheap(tmp_path: Path) -> None:
 
 def test_list_takes(tmp_path: Path) -> None:
     sessions = tmp_path / "sessions"
-    a = TakeRecorder(folder=sessions, name="b-second", bpm=120, start=time.monotonic() - 60,
-                     meta={"model": "m1"})
+    a = TakeRecorder(
+        folder=sessions, name="b-second", bpm=120, start=time.monotonic() - 60, meta={"model": "m1"}
+    )
     a.note(a._start + 0.5, "performer", on(60))
     a.note(a._start + 1.0, "performer", off(60))
     a.marker(a._start + 1.0, "answer 1")
@@ -541,7 +596,8 @@ def test_default_sessions_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert default_sessions_dir() == default
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "user-dirs.dirs").write_text(
-        '# written by xdg-user-dirs-update\nXDG_MUSIC_DIR="$HOME/Musik"\n', encoding="utf-8")
+        '# written by xdg-user-dirs-update\nXDG_MUSIC_DIR="$HOME/Musik"\n', encoding="utf-8"
+    )
     assert default_sessions_dir() == tmp_path / "Musik" / "divergent" / "sessions"
     monkeypatch.setenv("XDG_MUSIC_DIR", str(tmp_path / "tunes"))
     assert default_sessions_dir() == tmp_path / "tunes" / "divergent" / "sessions"

@@ -22,7 +22,7 @@ from typing import Any
 import mido
 import pytest
 
-from server.sender import Sender, Sent
+from divergent.server.sender import Sender, Sent
 from tests.conftest import JACK_PERIOD_S as PERIOD_S
 from tests.conftest import not_judged, require_tool
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PEER_SCRIPT = r"""
 import json, sys, threading, time
 import rtmidi
-from bridges.midi import ArrivalClock
+from divergent.bridges.midi import ArrivalClock
 
 # polled, not a callback: a Python callback runs in JACK's real-time thread and waits
 # for the GIL there; arrival times are rtmidi's own stamps (CLOCK_MONOTONIC deltas)
@@ -261,9 +261,7 @@ def test_onset_precision_through_jack(
         assert min(signed) > -PERIOD_S * 1000 - 0.5
 
 
-def _judge(
-    request: pytest.FixtureRequest, p50: float, p90: float, p99: float, xruns: int
-) -> None:
+def _judge(request: pytest.FixtureRequest, p50: float, p90: float, p99: float, xruns: int) -> None:
     """The median always (each xrun disturbs a note or two of 100); p90 with at most 10
     xruns in the run, p99 with at most 3."""
     p50_max, p90_max = _bounds_ms()
@@ -273,8 +271,11 @@ def _judge(
     if xruns <= 3:
         assert p99 <= 8.0, f"p99 onset error {p99:.2f} ms"
     else:
-        not_judged(request, "onset error p99" + (", p90" if xruns > 10 else ""),
-                   f"JACK had {xruns} xruns in the best of 3 tries")
+        not_judged(
+            request,
+            "onset error p99" + (", p90" if xruns > 10 else ""),
+            f"JACK had {xruns} xruns in the best of 3 tries",
+        )
 
 
 def test_onset_precision_with_a_busy_python_thread(
@@ -333,9 +334,7 @@ def _panic_once(out: Any, peer: JackPeer) -> tuple[Counter[tuple[int, int]], set
     assert sender.panic(wait=1.0)
     assert sender.sounding() == 0
     sender.close()
-    peer.wait_for(
-        lambda ev: sum(1 for _, d in ev if d[0] & 0xF0 == 0xB0 and d[1] == 123) >= 2, 2.0
-    )
+    peer.wait_for(lambda ev: sum(1 for _, d in ev if d[0] & 0xF0 == 0xB0 and d[1] == 123) >= 2, 2.0)
     time.sleep(0.05)
     balance: Counter[tuple[int, int]] = Counter()
     for _, d in peer.events:
@@ -552,7 +551,7 @@ def test_raising_sink_does_not_kill_the_thread(caplog: pytest.LogCaptureFixture)
         calls += 1
         raise OSError("port went away")
 
-    caplog.set_level(logging.ERROR, logger="server.sender")
+    caplog.set_level(logging.ERROR, logger="divergent.server.sender")
     with Sender(sinks=[broken, sink]) as sender:
         t0 = time.monotonic() + 0.01
         for i in range(5):

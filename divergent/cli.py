@@ -23,7 +23,7 @@ class CLIError(Exception):
 
 
 def _cmd_data_build(args: argparse.Namespace) -> int:
-    from model.data import build_dataset
+    from divergent.model.data import build_dataset
 
     summary = build_dataset(
         args.out,
@@ -39,14 +39,14 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_index(args: argparse.Namespace) -> int:
-    from model.data import build_readout_banks
+    from divergent.model.data import build_readout_banks
 
     print(json.dumps(build_readout_banks(args.out), indent=1))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from model.train import TrainConfig, train
+    from divergent.model.train import TrainConfig, train
 
     cfg = TrainConfig.from_args(args)
     train(cfg)
@@ -54,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_checkpoint
+    from divergent.export.onnx_export import export_checkpoint
 
     report = export_checkpoint(
         Path(args.checkpoint), Path(args.out), data=args.data, parity_windows=args.parity_windows
@@ -64,7 +64,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_critic_train(args: argparse.Namespace) -> int:
-    from model.critic import CriticConfig, train_critic
+    from divergent.model.critic import CriticConfig, train_critic
 
     _ensure_dataset(args.data)
     cfg = CriticConfig(
@@ -76,7 +76,7 @@ def _cmd_critic_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bad_train(args: argparse.Namespace) -> int:
-    from model.bad import BadConfig, train_bad
+    from divergent.model.bad import BadConfig, train_bad
 
     _ensure_dataset(args.data)
     try:
@@ -107,7 +107,7 @@ def _cmd_bad_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bad_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_diverged
+    from divergent.export.onnx_export import export_diverged
 
     if not Path(args.checkpoint).exists():
         raise CLIError(f"not found: {args.checkpoint}")
@@ -119,9 +119,9 @@ def _cmd_bad_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from model.concept import ConceptError
-    from model.generate import GenerateError, generate_file
-    from model.runtime import ModelError
+    from divergent.model.concept import ConceptError
+    from divergent.model.generate import GenerateError, generate_file
+    from divergent.model.runtime import ModelError
 
     try:
         result = generate_file(
@@ -151,7 +151,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from server.config import ConfigError, config_from_args
+    from divergent.server.config import ConfigError, config_from_args
 
     try:
         config = config_from_args(args)
@@ -160,9 +160,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_toml(), end="")
         return 0
-    from bridges.exceptions import BridgeError
-    from model.runtime import ModelError
-    from server.app import Server
+    from divergent.bridges.exceptions import BridgeError
+    from divergent.model.runtime import ModelError
+    from divergent.server.app import Server
 
     try:
         asyncio.run(Server(config).serve())
@@ -172,8 +172,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_ports(args: argparse.Namespace) -> int:
-    from bridges.exceptions import BridgeError
-    from bridges.midi import choose_backend, list_ports
+    from divergent.bridges.exceptions import BridgeError
+    from divergent.bridges.midi import choose_backend, list_ports
 
     try:
         backend = choose_backend(args.midi_backend)
@@ -194,7 +194,7 @@ def _cmd_ports(args: argparse.Namespace) -> int:
 def _cmd_sessions(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from server.recorder import default_sessions_dir, list_takes
+    from divergent.server.recorder import default_sessions_dir, list_takes
 
     folder = Path(args.sessions) if args.sessions else default_sessions_dir()
     takes = list_takes(folder)
@@ -216,7 +216,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_live(args: argparse.Namespace) -> int:
-    from server.bench_live import mqtt_outage, run_bench_live
+    from divergent.server.bench_live import mqtt_outage, run_bench_live
 
     if args.mqtt_outage:
         res = mqtt_outage(outage_s=args.mqtt_outage, jack_period=args.jack_period)
@@ -229,7 +229,7 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_nll(args: argparse.Namespace) -> int:
-    from model.evaluate import evaluate_nll
+    from divergent.model.evaluate import evaluate_nll
 
     _ensure_dataset(args.data)
     res = evaluate_nll(
@@ -249,14 +249,14 @@ def _cmd_evaluate_nll(args: argparse.Namespace) -> int:
 def _ensure_dataset(data: str) -> None:
     """Build the dataset first when it is missing, so one command reproduces a report."""
     if not (Path(data) / "manifest.json").exists():
-        from model.data import build_dataset
+        from divergent.model.data import build_dataset
 
         log.info("no dataset at %s: building it from music21's corpus first (~11 min)", data)
         build_dataset(data)
 
 
 def _cmd_evaluate_divergence(args: argparse.Namespace) -> int:
-    from model.divergence_eval import EvalProtocol, evaluate_divergence
+    from divergent.model.divergence_eval import EvalProtocol, evaluate_divergence
 
     _ensure_dataset(args.data)
     res = evaluate_divergence(
@@ -270,7 +270,7 @@ def _cmd_evaluate_divergence(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_latent(args: argparse.Namespace) -> int:
-    from model.evaluate import evaluate_latent
+    from divergent.model.evaluate import evaluate_latent
 
     _ensure_dataset(args.data)
     res = evaluate_latent(data=Path(args.data), model_dir=Path(args.model) if args.model else None)
@@ -279,7 +279,7 @@ def _cmd_evaluate_latent(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_model(args: argparse.Namespace) -> int:
-    from model.bench import bench_model
+    from divergent.model.bench import bench_model
 
     res = bench_model(model_dir=Path(args.model) if args.model else None, repeats=args.repeats)
     print(json.dumps(res, indent=None if args.json else 1))
@@ -291,8 +291,8 @@ def _concepts_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_concept_learn(args: argparse.Namespace) -> int:
-    from model.concept import ConceptError, LearnConfig, learn_concept
-    from model.runtime import ModelError
+    from divergent.model.concept import ConceptError, LearnConfig, learn_concept
+    from divergent.model.runtime import ModelError
 
     try:
         cfg = LearnConfig(
@@ -319,7 +319,7 @@ def _cmd_concept_learn(args: argparse.Namespace) -> int:
 
 
 def _cmd_concept_list(args: argparse.Namespace) -> int:
-    from model.concept import default_concepts_dir, list_concepts
+    from divergent.model.concept import default_concepts_dir, list_concepts
 
     folder = _concepts_dir(args) or default_concepts_dir()
     concepts = list_concepts(folder)
@@ -342,7 +342,7 @@ def _cmd_concept_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_concept_remove(args: argparse.Namespace) -> int:
-    from model.concept import ConceptError, remove_concept
+    from divergent.model.concept import ConceptError, remove_concept
 
     try:
         path = remove_concept(args.name, _concepts_dir(args))
@@ -353,7 +353,7 @@ def _cmd_concept_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_concept(args: argparse.Namespace) -> int:
-    from model.concept_eval import ConceptProtocol, evaluate_concept
+    from divergent.model.concept_eval import ConceptProtocol, evaluate_concept
 
     _ensure_dataset(args.data)
     res = evaluate_concept(
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix.set_defaults(func=_cmd_data_index)
 
     t = sub.add_parser("train", help="train the transformer (needs the train extra)")
-    from model.train_config import add_train_arguments
+    from divergent.model.train_config import add_train_arguments
 
     add_train_arguments(t)
     t.set_defaults(func=_cmd_train)
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--json", action="store_true")
     ct.set_defaults(func=_cmd_critic_train)
 
-    from model.bad_config import METHODS
+    from divergent.model.bad_config import METHODS
 
     bd = sub.add_parser("bad", help="Bounded Adversarial Divergence fine-tuning of the decoder")
     bdsub = bd.add_subparsers(dest="bad_command", required=True)
@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     ec.set_defaults(func=_cmd_evaluate_concept)
 
     sv = sub.add_parser("serve", help="the live server: MIDI/OSC in, answers out, recorded")
-    from server.config import add_serve_arguments
+    from divergent.server.config import add_serve_arguments
 
     add_serve_arguments(sv)
     sv.set_defaults(func=_cmd_serve)
@@ -576,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # our own loggers at INFO; libraries (ONNX Runtime's quantizer logs on the root
     # logger) only from WARNING
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("divergent", "model", "server", "bridges", "export"):
+    for name in ("divergent",):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
