@@ -5,9 +5,11 @@ stamps with too); every beat is a quarter note. The server converts both ways:
 ``beat_at(t)`` places a played note on the beat grid, ``time_at(beat)`` tells the sender
 when a generated note is due.
 
-None of these classes locks: feed and read each one from one thread (the event loop).
-:class:`LinkClock` is the exception that may be read from any thread, because Link
-itself is thread-safe for reading.
+None of these classes locks. Feed or set each one from one thread (the event loop); read
+it from any thread: :class:`InternalClock` and :class:`MidiClockFollower` publish what
+readers need as one immutable snapshot, swapped in a single assignment, so a reader on
+the worker thread sees the line before an update or after it, never half of each (a new
+slope with an old offset). :class:`LinkClock` reads Link, which is thread-safe for reading.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import statistics
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import mido
@@ -70,29 +73,41 @@ class Clock(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Tempo:
+    """A steady tempo anchored at (``t0``, ``beat0``): what an InternalClock's readers see."""
+
+    t0: float
+    beat0: float
+    bpm: float
+
+    def beat_at(self, t: float) -> float:
+        return self.beat0 + (t - self.t0) * self.bpm / 60.0
+
+
 class InternalClock:
     """A steady tempo of our own: beat 0 at ``start`` (default: now)."""
 
     source: str = "internal"
 
     def __init__(self, *, bpm: float = 120.0, start: float | None = None) -> None:
-        self._bpm = _check_bpm(bpm)
-        # the line is anchored at (t0, beat0); a tempo change moves the anchor so the
-        # beat position never jumps
-        self._t0 = time.monotonic() if start is None else float(start)
-        self._beat0 = 0.0
+        # a tempo change moves the anchor so the beat position never jumps; anchor and
+        # tempo change together, in one assignment (readers may be on another thread)
+        t0 = time.monotonic() if start is None else float(start)
+        self._line = _Tempo(t0=t0, beat0=0.0, bpm=_check_bpm(bpm))
 
     def bpm(self) -> float:
         """Current tempo in BPM."""
-        return self._bpm
+        return self._line.bpm
 
     def beat_at(self, t: float) -> float:
         """Beat position at monotonic time ``t``."""
-        return self._beat0 + (t - self._t0) * self._bpm / 60.0
+        return self._line.beat_at(t)
 
     def time_at(self, beat: float) -> float:
         """Monotonic time of beat position ``beat``."""
-        return self._t0 + (beat - self._beat0) * 60.0 / self._bpm
+        line = self._line
+        return line.t0 + (beat - line.beat0) * 60.0 / line.bpm
 
     def running(self) -> bool:
         """Always true: the internal clock never stops."""
@@ -105,9 +120,24 @@ class InternalClock:
         """
         new = _check_bpm(bpm)
         t = time.monotonic() if at is None else float(at)
-        self._beat0 = self.beat_at(t)
-        self._t0 = t
-        self._bpm = new
+        self._line = _Tempo(t0=t, beat0=self._line.beat_at(t), bpm=new)
+
+
+@dataclass(frozen=True, slots=True)
+class _Grid:
+    """What a MidiClockFollower's readers see, published whole after each message.
+
+    Tick ``k`` arrives at ``a + b * k``; while ``running``, tick ``k`` is at song position
+    ``k - k0`` ticks; while stopped, the position is ``stopped_pos``; ``t_alive`` is the
+    last sign of life while running.
+    """
+
+    a: float
+    b: float
+    k0: int
+    running: bool
+    stopped_pos: int
+    t_alive: float | None
 
 
 class MidiClockFollower:
@@ -165,29 +195,46 @@ class MidiClockFollower:
         self._reported_bpm: float | None = None
         self.ticks = 0
         self.outliers = 0
+        self._grid = self._snapshot()
+
+    def _snapshot(self) -> _Grid:
+        return _Grid(
+            a=self._a,
+            b=self._b,
+            k0=self._k0,
+            running=self._running,
+            stopped_pos=self._stopped_pos,
+            t_alive=self._t_alive,
+        )
 
     # ------------------------------------------------------------------ reading
 
+    # Readers take one reference to the published snapshot and compute from it alone:
+    # the fields below it (_a, _b, _k0, ...) belong to the feeding thread.
+
     def bpm(self) -> float:
         """Tempo from the fitted tick period."""
-        return 60.0 / (self._b * PPQN)
+        return 60.0 / (self._grid.b * PPQN)
 
     def beat_at(self, t: float) -> float:
         """Beat position at ``t``; while stopped, the position where Continue resumes."""
-        if not self._running:
-            return self._stopped_pos / PPQN
-        return ((t - self._a) / self._b - self._k0) / PPQN
+        g = self._grid
+        if not g.running:
+            return g.stopped_pos / PPQN
+        return ((t - g.a) / g.b - g.k0) / PPQN
 
     def time_at(self, beat: float) -> float:
         """Predicted arrival time of the tick at ``beat`` (meaningful while running)."""
-        return self._a + self._b * (self._k0 + beat * PPQN)
+        g = self._grid
+        return g.a + g.b * (g.k0 + beat * PPQN)
 
     def running(self, now: float | None = None) -> bool:
         """Started (or continued), not stopped, and a tick within ``timeout`` of ``now``."""
-        if not self._running or self._t_alive is None:
+        g = self._grid
+        if not g.running or g.t_alive is None:
             return False
         t = time.monotonic() if now is None else now
-        return t - self._t_alive < self.timeout
+        return t - g.t_alive < self.timeout
 
     # ------------------------------------------------------------------ feeding
 
@@ -197,7 +244,14 @@ class MidiClockFollower:
         Returns ``"tick"`` (a clock tick), ``"tempo"`` (a tick that moved the tempo by
         0.5 BPM or more since the last ``"tempo"``), ``"start"``, ``"continue"``,
         ``"stop"``, ``"songpos"``, or None for messages that are not about the clock.
+        Readers see the message's whole effect at once, when it is published at the end.
         """
+        what = self._take(t, message)
+        if what is not None:
+            self._grid = self._snapshot()
+        return what
+
+    def _take(self, t: float, message: mido.Message) -> str | None:
         kind = message.type
         if kind == "clock":
             return self._tick(t)

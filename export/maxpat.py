@@ -25,6 +25,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from divergent.export.atoms import MAX_ATOMS
+
 __all__ = [
     "MAX_OBJECTS",
     "MaxpatError",
@@ -236,32 +238,7 @@ def tokenize(text: str) -> list[str]:
     Quotes are removed (``midiout "divergent in"`` gives ``["midiout", "divergent in"]``)
     and a backslash escapes the next character, as in Max's own text format.
     """
-    atoms: list[str] = []
-    cur: list[str] = []
-    in_quote = False
-    started = False
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            cur.append(text[i + 1])
-            started = True
-            i += 2
-            continue
-        if c == '"':
-            in_quote = not in_quote
-            started = True
-        elif c.isspace() and not in_quote:
-            if started:
-                atoms.append("".join(cur))
-                cur, started = [], False
-        else:
-            cur.append(c)
-            started = True
-        i += 1
-    if started:
-        atoms.append("".join(cur))
-    return atoms
+    return MAX_ATOMS.split(text)
 
 
 def box_class(box: Box) -> str:

@@ -28,11 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from divergent.model.files import (
+    BIGRAM_FILE,
+    COPY_INDEX_FILE,
+    ENCODER_FILE,
+    EXPORT_REPORT_FILE,
+    FEATURE_REFERENCE_FILE,
+    LATENTS_FILE,
+    TOKENIZER_FILE,
+    decoder_file,
+)
+
 log = logging.getLogger(__name__)
 
 __all__ = ["export_checkpoint", "parity_report"]
-
-CONFIG_NAME = "config.json"
 
 
 def _step_graph(model: Any) -> Any:
@@ -160,7 +169,7 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
     L = cfg.n_layer
     past_names = [f"past_{kv}_{i}" for i in range(L) for kv in ("k", "v")]
     present_names = [f"present_{kv}_{i}" for i in range(L) for kv in ("k", "v")]
-    onnx.save(_step_graph(model), str(out / "decoder.fp32.onnx"))
+    onnx.save(_step_graph(model), str(out / decoder_file("fp32")))
     # Example sizes avoid 0 and 1 so no dynamic axis is specialised during tracing.
     B, T = 2, 3
     ids = torch.randint(0, cfg.vocab_size, (B, T))
@@ -172,7 +181,7 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
         torch.onnx.export(
             enc,
             (ids, torch.ones(B, T)),
-            str(out / "encoder.onnx"),
+            str(out / ENCODER_FILE),
             input_names=["input_ids", "mask"],
             output_names=["mu", "logvar"],
             dynamic_axes={
@@ -184,7 +193,7 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
             opset_version=17,
             dynamo=False,
         )
-    quantize_int8(onnx.load(str(out / "decoder.fp32.onnx")), out / "decoder.int8.onnx")
+    quantize_int8(onnx.load(str(out / decoder_file("fp32"))), out / decoder_file("int8"))
     return {
         "past_names": past_names,
         "present_names": present_names,
@@ -317,12 +326,7 @@ def write_divergence_banks(
     import torch
 
     from divergent.model.data import load_split
-    from divergent.model.divergence import (
-        BIGRAM_FILE,
-        LATENTS_FILE,
-        LatentBank,
-        build_reference_bigram,
-    )
+    from divergent.model.divergence import LatentBank, build_reference_bigram
 
     train_ids, _ = load_split(data, "train")
     rng = np.random.default_rng(0)
@@ -356,12 +360,13 @@ def export_checkpoint(
     model, blob = load_model(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     io = _export_graphs(model, out)
-    tok_src = Path(checkpoint).parent / "tokenizer.json"
-    if data is not None and (Path(data) / "tokenizer.json").exists() and not tok_src.exists():
-        tok_src = Path(data) / "tokenizer.json"
-    if tok_src.resolve() != (out / "tokenizer.json").resolve():
-        shutil.copyfile(tok_src, out / "tokenizer.json")
-    tok = load_tokenizer(out / "tokenizer.json")
+    files = ModelFiles(out)
+    tok_src = Path(checkpoint).parent / TOKENIZER_FILE
+    if data is not None and (Path(data) / TOKENIZER_FILE).exists() and not tok_src.exists():
+        tok_src = Path(data) / TOKENIZER_FILE
+    if tok_src.resolve() != files.tokenizer.resolve():
+        shutil.copyfile(tok_src, files.tokenizer)
+    tok = load_tokenizer(files.tokenizer)
     if tok.hash != blob.get("tokenizer_hash", tok.hash):
         raise ValueError("the checkpoint was trained with another tokenizer")
     config = {
@@ -375,8 +380,8 @@ def export_checkpoint(
             "metrics": blob.get("metrics"),
         },
     }
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-    ModelFiles(out).check()
+    files.config.write_text(json.dumps(config, indent=1))
+    files.check()
 
     # parity on validation windows (or random ids when no dataset is at hand)
     rng = np.random.default_rng(0)
@@ -393,12 +398,10 @@ def export_checkpoint(
     report = parity_report(model, out, windows)
     if data is not None and (Path(data) / "train.bin").exists():
         write_divergence_banks(model, Path(data), out)
-        from divergent.model.data import COPY_INDEX_FILE, FEATURE_REFERENCE_FILE
-
         for name in (COPY_INDEX_FILE, FEATURE_REFERENCE_FILE):
             if (Path(data) / name).exists():
                 shutil.copyfile(Path(data) / name, out / name)
     sizes = {p.name: p.stat().st_size for p in sorted(out.glob("*.onnx"))}
     report_all = {"parity": report, "files": sizes}
-    (out / "export_report.json").write_text(json.dumps(report_all, indent=1))
+    (out / EXPORT_REPORT_FILE).write_text(json.dumps(report_all, indent=1))
     return report_all

@@ -46,6 +46,7 @@ from torch.nn import functional as F
 
 from divergent.model.bad_config import METHODS, BadConfig
 from divergent.model.critic import PhraseBank, class_of_works, load_critic
+from divergent.model.files import CHECKPOINT_FILE, WEIGHTS_FILE
 from divergent.model.tokenizer import Vocab
 from divergent.model.train import load_model
 from divergent.model.transformer import Block, DivergentModel
@@ -281,7 +282,7 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
     params = _trainable(model)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     step = 0
-    ckpt = out / "ckpt.pt"
+    ckpt = out / CHECKPOINT_FILE
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -299,7 +300,7 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
     )
     logf = (out / "log.jsonl").open("a")
 
-    def save(kind: str) -> None:
+    def save(name: str) -> None:
         meta = {
             "model": model.state_dict(),
             "model_config": blob["model_config"],
@@ -308,11 +309,11 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
             "step": step,
             "critic_classes": cblob["classes"],
         }
-        if kind == "ckpt":
+        if name == CHECKPOINT_FILE:
             meta["optimizer"] = opt.state_dict()
-        tmp = out / f"{kind}.pt.tmp"
+        tmp = out / f"{name}.tmp"
         torch.save(meta, tmp)
-        tmp.replace(out / f"{kind}.pt")  # atomic: a killed run never leaves half a file
+        tmp.replace(out / name)  # atomic: a killed run never leaves half a file
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"BAD {cfg.method}", disable=not progress)
     t_start = time.perf_counter()
@@ -354,11 +355,11 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
         )
         logf.flush()
         if step % cfg.checkpoint_every == 0:
-            save("ckpt")
-            save("model")
+            save(CHECKPOINT_FILE)
+            save(WEIGHTS_FILE)
     bar.close()
-    save("ckpt")
-    save("model")
+    save(CHECKPOINT_FILE)
+    save(WEIGHTS_FILE)
     model.eval()
     after = probe(
         model, base, critic, real, probe_prompts, probe_z, cfg.gen_tokens, banned, cfg.sigma

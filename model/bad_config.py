@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from divergent.model.configs import StrictConfig
+from divergent.model.files import CRITIC_PT_FILE, WEIGHTS_FILE
 
 __all__ = ["METHODS", "BadConfig"]
 
@@ -20,8 +21,8 @@ METHODS = ("expected", "gumbel_st", "policy_gradient")
 class BadConfig(StrictConfig):
     config_name: ClassVar[str] = "BAD options"
     data: str = "data/dataset"
-    base: str = "model/bundled/model.pt"
-    critic: str = "runs/critic/critic.pt"
+    base: str = f"model/bundled/{WEIGHTS_FILE}"
+    critic: str = f"runs/critic/{CRITIC_PT_FILE}"
     out: str = "runs/bad"
     method: str = "expected"
     steps: int = 400

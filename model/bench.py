@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from divergent.model.files import WEIGHTS_FILE
 from divergent.model.generate import Generator
 from divergent.model.runtime import IncrementalDecoder, OnnxModel, default_model_dir
 
@@ -54,7 +55,7 @@ def _torch_step(model_dir: Path) -> Any:
         from divergent.model.transformer import StepModel
     except ImportError:
         return None
-    ckpt = model_dir / "model.pt"
+    ckpt = model_dir / WEIGHTS_FILE
     if not ckpt.exists():
         return None
     torch.set_num_threads(1)

@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from divergent.model.files import LATENTS_FILE, TOKENIZER_FILE, WEIGHTS_FILE, decoder_file
+
 if TYPE_CHECKING:
     from divergent.model.runtime import OnnxModel
     from divergent.model.tokenizer import DivergentTokenizer, Vocab
@@ -549,7 +551,7 @@ class BaseWeights:
 
     def __init__(self, model_dir: str | Path, n_layer: int) -> None:
         self.root = Path(model_dir)
-        fp32 = self.root / "decoder.fp32.onnx"
+        fp32 = self.root / decoder_file("fp32")
         if not fp32.exists():
             raise ConceptError(f"concepts need {fp32} (the fp32 decoder) in the model folder")
         graph_names = [
@@ -569,7 +571,7 @@ class BaseWeights:
     def graph_names(self, precision: str) -> set[str]:
         if precision not in self._graph_names:
             self._graph_names[precision] = onnx_initializer_names(
-                self.root / f"decoder.{precision}.onnx"
+                self.root / decoder_file(precision)
             )
         return self._graph_names[precision]
 
@@ -786,7 +788,7 @@ def general_windows(
     onnx = OnnxModel(model_dir, threads=threads)
     v = onnx.tokenizer.vocab
     rng = np.random.default_rng(seed)
-    bank = Path(model_dir) / "latents.npy"
+    bank = Path(model_dir) / LATENTS_FILE
     if bank.exists():
         lat = np.load(bank)
         zs = lat[rng.choice(len(lat), size=n)].astype(np.float32)
@@ -1153,10 +1155,10 @@ def learn_concept(
     from divergent.model.train import load_model
 
     root = Path(model_dir) if model_dir else default_model_dir()
-    ckpt = Path(checkpoint) if checkpoint else root / "model.pt"
+    ckpt = Path(checkpoint) if checkpoint else root / WEIGHTS_FILE
     if not ckpt.exists():
         raise ConceptError(f"learning needs the torch weights {ckpt}")
-    tok = load_tokenizer(root / "tokenizer.json")
+    tok = load_tokenizer(root / TOKENIZER_FILE)
     ids = reference_ids(refs, tok)
     model, _ = load_model(ckpt)
     base_hash = torch_weights_hash(model)

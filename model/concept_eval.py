@@ -16,7 +16,7 @@ A fixed, seeded protocol (:class:`ConceptProtocol`):
 Metrics (per reference, then the mean over references):
 
 - ``style_distance``: the mean over three histograms (pitch class in canonical rotation,
-  melodic interval, inter-onset interval; ``model.readout.features``) of the total
+  melodic interval, inter-onset interval; ``model.features.features``) of the total
   variation distance between the answers' mean histogram and the reference phrases'.
   ``fidelity`` = 1 - style_distance / base's style_distance (the share by which it fell;
   0 for base). ``knn_precision``: share of answers inside some reference phrase's k-NN
@@ -61,8 +61,11 @@ from divergent.model.concept import (
     pivotal_names,
     torch_weights_hash,
 )
+from divergent.model.copy_index import interval_ngrams
+from divergent.model.feature_reference import FeatureReference
+from divergent.model.features import features
+from divergent.model.files import FEATURE_REFERENCE_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from divergent.model.grammar import NoteEvent
-from divergent.model.readout import FeatureReference, features, interval_ngrams
 
 __all__ = ["ConceptProtocol", "evaluate_concept", "style_distance", "write_report"]
 
@@ -137,7 +140,7 @@ def _mean_hist(feats: np.ndarray) -> np.ndarray:
 
 def style_distance(answers: np.ndarray, reference: np.ndarray) -> float:
     """Mean total variation distance of the pitch-class, interval and IOI histograms of
-    two sets of feature vectors (rows of ``model.readout.features``)."""
+    two sets of feature vectors (rows of ``model.features.features``)."""
     a, r = _mean_hist(answers), _mean_hist(reference)
     return float(
         np.mean([0.5 * np.abs(a[b] / a[b].sum() - r[b] / r[b].sum()).sum() for b in _BLOCKS])
@@ -174,7 +177,7 @@ def _val_references(
     (2-bar openings of validation works of yet other collections)."""
     from divergent.model.data import load_split
 
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = json.loads((data / MANIFEST_FILE).read_text())
     val_ids, offsets = load_split(data, "val")
     works = [w for w in manifest["works"] if w.get("split") == "val"]
     if len(works) != len(offsets) - 1:
@@ -342,10 +345,10 @@ def evaluate_concept(
     root = Path(model_dir) if model_dir else default_model_dir()
     onnx = OnnxModel(root)
     vocab = onnx.tokenizer.vocab
-    base_model, _ = load_model(root / "model.pt")
+    base_model, _ = load_model(root / WEIGHTS_FILE)
     base = BaseWeights(root, base_model.cfg.n_layer)
     if torch_weights_hash(base_model) != base.hash:
-        raise ValueError(f"{root}/model.pt is not the model of {root}")
+        raise ValueError(f"{root / WEIGHTS_FILE} is not the model of {root}")
     refs, prompts = _val_references(data, vocab.bar, p)
     from divergent.model.generate import read_prompt
 
@@ -360,11 +363,8 @@ def evaluate_concept(
             refs.append((style, reference_ids([path], onnx.tokenizer)[0][: p.ref_tokens]))
     ret_windows = _retention_windows(data, p)
     base_nll = _nll(base_model, ret_windows)
-    ref_std = (
-        FeatureReference.load(root / "feature_reference.npz")
-        if (root / "feature_reference.npz").exists()
-        else None
-    )
+    ref_path = root / FEATURE_REFERENCE_FILE
+    ref_std = FeatureReference.load(ref_path) if ref_path.exists() else None
     cfg = LearnConfig.from_dict(
         {**LearnConfig().to_dict(), "steps": p.steps, "threads": p.threads, "seed": p.seed}
         | p.learn

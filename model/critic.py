@@ -37,6 +37,7 @@ import numpy as np
 
 from divergent.model.configs import StrictConfig
 from divergent.model.data import DatasetFiles, load_split, transpose_ids
+from divergent.model.files import CRITIC_CARD_FILE, CRITIC_ONNX_FILE, CRITIC_PT_FILE
 from divergent.model.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CRITIC_ONNX",
-    "CRITIC_PT",
     "CriticConfig",
     "OnnxCritic",
     "PhraseBank",
@@ -55,9 +54,6 @@ __all__ = [
     "train_critic",
 ]
 
-CRITIC_PT = "critic.pt"
-CRITIC_ONNX = "critic.onnx"
-CRITIC_CARD = "critic.json"
 #: tokens in a critic phrase: about four bars of REMI (25-33 tokens a 4/4 bar)
 PHRASE_TOKENS = 128
 OTHER = "other"
@@ -299,10 +295,10 @@ def train_critic(cfg: CriticConfig, *, progress: bool = True) -> dict[str, Any]:
             "tokenizer_hash": tok_hash,
             "card": card,
         },
-        out / CRITIC_PT,
+        out / CRITIC_PT_FILE,
     )
-    export_critic_onnx(net, V, out / CRITIC_ONNX, cfg.phrase_tokens)
-    (out / CRITIC_CARD).write_text(json.dumps(card, indent=1))
+    export_critic_onnx(net, V, out / CRITIC_ONNX_FILE, cfg.phrase_tokens)
+    (out / CRITIC_CARD_FILE).write_text(json.dumps(card, indent=1))
     return card
 
 
@@ -351,7 +347,7 @@ class OnnxCritic:
         import onnxruntime as ort
 
         path = Path(path)
-        card = json.loads((path.parent / CRITIC_CARD).read_text())
+        card = json.loads((path.parent / CRITIC_CARD_FILE).read_text())
         self.classes: list[str] = list(card["classes"])
         self.phrase_tokens = int(card["config"]["phrase_tokens"])
         self.min_works = int(card["config"]["min_works"])

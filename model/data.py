@@ -36,6 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from divergent.model.files import (
+    COPY_INDEX_FILE,
+    FEATURE_REFERENCE_FILE,
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+)
 from divergent.model.tokenizer import DivergentTokenizer, TokenizerError, Vocab, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -257,11 +263,11 @@ class DatasetFiles:
 
     @property
     def manifest(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST_FILE
 
     @property
     def tokenizer(self) -> Path:
-        return self.root / "tokenizer.json"
+        return self.root / TOKENIZER_FILE
 
     def tokens(self, split: str) -> Path:
         return self.root / f"{split}.bin"
@@ -382,10 +388,6 @@ def build_dataset(
     return summary
 
 
-COPY_INDEX_FILE = "copy_index.npz"
-FEATURE_REFERENCE_FILE = "feature_reference.npz"
-
-
 def build_readout_banks(root: str | Path) -> dict[str, Any]:
     """The copy-rate index and feature reference of a built dataset's training split.
 
@@ -395,7 +397,7 @@ def build_readout_banks(root: str | Path) -> dict[str, Any]:
     copies both into the model folder, where the live readout uses them.
     """
     from divergent.model.grammar import notes_from_ids
-    from divergent.model.readout import build_reference_and_index
+    from divergent.model.readout_build import build_reference_and_index
     from divergent.model.tokenizer import load_tokenizer
 
     files = DatasetFiles(Path(root))

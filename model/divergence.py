@@ -31,6 +31,7 @@ from typing import ClassVar
 import numpy as np
 
 from divergent.model.configs import StrictConfig
+from divergent.model.files import BIGRAM_FILE, CONFIG_FILE, LATENTS_FILE
 
 __all__ = [
     "DivergenceConfig",
@@ -41,9 +42,6 @@ __all__ = [
     "knob_config",
     "mix_logits",
 ]
-
-LATENTS_FILE = "latents.npy"
-BIGRAM_FILE = "reference_bigram.npy"
 
 
 @dataclass(frozen=True)
@@ -157,7 +155,7 @@ def knob_config(root: str | Path) -> DivergenceConfig:
     defaults. A model with a BAD-tuned decoder ships the settings its evaluation chose."""
     import json
 
-    path = Path(root) / "config.json"
+    path = Path(root) / CONFIG_FILE
     if not path.exists():
         return DivergenceConfig()
     try:

@@ -39,16 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from divergent.model.critic import CRITIC_ONNX, OnnxCritic, mmd2
+from divergent.model.critic import OnnxCritic, mmd2
 from divergent.model.data import load_split
+from divergent.model.feature_reference import FeatureReference
+from divergent.model.features import features, groove_consistency
+from divergent.model.files import COPY_INDEX_FILE, CRITIC_ONNX_FILE, FEATURE_REFERENCE_FILE
 from divergent.model.generate import Continuation, Generator
 from divergent.model.grammar import NoteEvent
-from divergent.model.readout import (
-    FeatureReference,
-    features,
-    groove_consistency,
-    knn_precision_recall,
-)
+from divergent.model.precision_recall import knn_precision_recall
 from divergent.model.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
@@ -182,13 +180,13 @@ def evaluate_divergence(
     root = model.files.root
     gen = Generator(model)
     if gen.index is None or gen.reference is None:
-        raise FileNotFoundError(f"{root} has no copy_index.npz / feature_reference.npz")
+        raise FileNotFoundError(f"{root} has no {COPY_INDEX_FILE} / {FEATURE_REFERENCE_FILE}")
     reference: FeatureReference = gen.reference
-    if not (root / CRITIC_ONNX).exists():
+    if not (root / CRITIC_ONNX_FILE).exists():
         raise FileNotFoundError(
-            f"{root} has no {CRITIC_ONNX}: train one with `divergent critic train` and ship it"
+            f"{root} has no {CRITIC_ONNX_FILE}: train one with `divergent critic train` and ship it"
         )
-    space = CriticSpace(OnnxCritic(root / CRITIC_ONNX), Path(data), p.real_per_class, p.seed)
+    space = CriticSpace(OnnxCritic(root / CRITIC_ONNX_FILE), Path(data), p.real_per_class, p.seed)
     val, offsets = load_split(data, "val")
     prompts = _prompts(val, offsets, model.tokenizer.vocab.bar, p)
 

@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from divergent.model.copy_index import NgramIndex
 from divergent.model.divergence import Steering, mix_logits
+from divergent.model.feature_reference import FeatureReference
+from divergent.model.files import COPY_INDEX_FILE, FEATURE_REFERENCE_FILE
 from divergent.model.grammar import NoteEvent, RemiGrammar, Sampler, logsoftmax
-from divergent.model.readout import FeatureReference, NgramIndex, Readout, compute_readout
+from divergent.model.readout import Readout, compute_readout
 from divergent.model.runtime import IncrementalDecoder, OnnxModel
 from divergent.model.tokenizer import TokenizerError
 
@@ -93,14 +96,9 @@ class Generator:
         self._pool: ThreadPoolExecutor | None = None  # the diverged decoder's worker
         root = model.files.root
         # the readout's banks are optional: without them copy rate / distance are empty
-        self.index = (
-            NgramIndex.load(root / "copy_index.npz") if (root / "copy_index.npz").exists() else None
-        )
-        self.reference = (
-            FeatureReference.load(root / "feature_reference.npz")
-            if (root / "feature_reference.npz").exists()
-            else None
-        )
+        index, reference = root / COPY_INDEX_FILE, root / FEATURE_REFERENCE_FILE
+        self.index = NgramIndex.load(index) if index.exists() else None
+        self.reference = FeatureReference.load(reference) if reference.exists() else None
 
     def readout(self, cont: Continuation) -> Readout:
         """How novel an answer is (see ``model.readout``); a few milliseconds at most."""

@@ -21,6 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from divergent.model.files import (
+    CONFIG_FILE,
+    DIVERGED_DECODER_FILE,
+    ENCODER_FILE,
+    TOKENIZER_FILE,
+    decoder_file,
+)
 from divergent.model.tokenizer import DivergentTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,29 +61,33 @@ def default_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelFiles:
+    """Paths in a model folder (names from ``model.files``), and its completeness check."""
+
     root: Path
 
     @property
     def config(self) -> Path:
-        return self.root / "config.json"
+        return self.root / CONFIG_FILE
 
     @property
     def tokenizer(self) -> Path:
-        return self.root / "tokenizer.json"
+        return self.root / TOKENIZER_FILE
 
     @property
     def encoder(self) -> Path:
-        return self.root / "encoder.onnx"
+        return self.root / ENCODER_FILE
 
     @property
     def diverged(self) -> Path:
         """The BAD-tuned decoder (int8) behind the divergence knob, when shipped."""
-        return self.root / "decoder.diverged.int8.onnx"
+        return self.root / DIVERGED_DECODER_FILE
 
     def decoder(self, precision: str) -> Path:
-        if precision not in ("int8", "fp32"):
-            raise ModelError(f"precision must be int8 or fp32, got {precision!r}")
-        return self.root / f"decoder.{precision}.onnx"
+        """The decoder step in ``precision``; ModelError for one never exported."""
+        try:
+            return self.root / decoder_file(precision)
+        except ValueError as e:
+            raise ModelError(str(e)) from e
 
     def check(self, precision: str = "int8") -> dict[str, Any]:
         """The parsed config, after checking the folder has what the runtime needs."""
@@ -141,7 +152,7 @@ class OnnxModel:
         self.present_names: list[str] = list(cfg["io"]["present_names"])
         self.tokenizer: DivergentTokenizer = load_tokenizer(self.files.tokenizer)
         if self.tokenizer.hash != cfg.get("tokenizer_hash"):
-            raise ModelError("tokenizer.json does not match the model's config")
+            raise ModelError(f"{TOKENIZER_FILE} does not match the model's config")
         so = ort.SessionOptions()
         # One intra-op thread was stable here; two varied 2x between processes on 2 vCPUs.
         so.intra_op_num_threads = threads

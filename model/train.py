@@ -18,6 +18,12 @@ import numpy as np
 import torch
 
 from divergent.model.data import load_split, transpose_ids
+from divergent.model.files import (
+    CHECKPOINT_FILE,
+    TOKENIZER_FILE,
+    TRAIN_CONFIG_FILE,
+    WEIGHTS_FILE,
+)
 from divergent.model.tokenizer import Vocab, load_tokenizer
 from divergent.model.train_config import TrainConfig
 from divergent.model.transformer import DivergentModel, ModelConfig, encoder_mask
@@ -157,7 +163,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(Path(cfg.data) / "tokenizer.json")
+    tok = load_tokenizer(Path(cfg.data) / TOKENIZER_FILE)
     train_ids, _ = load_split(cfg.data, "train")
     val_ids, _ = load_split(cfg.data, "val")
     mcfg = ModelConfig(
@@ -183,7 +189,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     step = 0
     best = float("inf")
     elapsed_before = 0.0
-    ckpt_path = out / "ckpt.pt"
+    ckpt_path = out / CHECKPOINT_FILE
     if cfg.resume and ckpt_path.exists():
         blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         missing, unexpected = model.load_state_dict(blob["model"], strict=False)
@@ -198,8 +204,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         best = float(blob.get("best_val", best))
         elapsed_before = float(blob.get("train_seconds", 0.0))
         log.info("resumed from %s at step %d", ckpt_path, step)
-    (out / "train_config.json").write_text(cfg.to_json())
-    tok.save(out / "tokenizer.json")
+    (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
+    tok.save(out / TOKENIZER_FILE)
 
     batcher = Batcher(
         train_ids, cfg.seq_len, tok.vocab, transpose=cfg.transpose, seed=cfg.seed + step
@@ -234,9 +240,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             torch.save(blob, tmp)
             tmp.replace(ckpt_path)
         else:
-            tmp = (out / "model.pt").with_suffix(".tmp")
+            tmp = (out / WEIGHTS_FILE).with_suffix(".tmp")
             torch.save(blob, tmp)
-            tmp.replace(out / "model.pt")
+            tmp.replace(out / WEIGHTS_FILE)
 
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", mininterval=5)

@@ -21,18 +21,24 @@ The latent path (CVAE-style):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from divergent.model.configs import StrictConfig
+
 __all__ = ["DivergentModel", "ModelConfig", "StepModel"]
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(StrictConfig):
+    """The network's shape: ``config.json``'s ``"model"`` and a checkpoint's ``model_config``."""
+
+    config_name: ClassVar[str] = "model config"
+
     vocab_size: int = 411
     block_size: int = 640  # longest context (positions) the model is trained for
     n_layer: int = 4
@@ -48,13 +54,6 @@ class ModelConfig:
             raise ValueError("n_embd must be divisible by n_head")
         if min(self.vocab_size, self.block_size, self.n_layer, self.z_dim) <= 0:
             raise ValueError("sizes must be positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 class LayerNorm(nn.Module):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
+from typing import Any
 
 import mido
 import pytest
@@ -280,3 +282,70 @@ def test_link_in_a_running_loop_and_set_bpm() -> None:
         assert not hasattr(a, "_private_loop") or a._private_loop is None
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- readers on another thread
+
+
+class _Torn(Exception):
+    """A reader saw a state that is neither the one before a write call nor the one after."""
+
+
+def _probed(cls: type[Any], view: Callable[[Any], tuple[float, ...]]) -> Any:
+    """A subclass of ``cls`` whose every attribute write lets a "reader" look at it.
+
+    The worker thread may be scheduled between any two bytecodes of the loop's
+    ``feed``/``set_bpm``; what it can observe only changes at attribute writes, so
+    reading at every write is every interleaving a reader thread could hit, found
+    deterministically. Each view seen mid-call must equal the view before the call or
+    the one after it (what one atomic swap gives); anything else is a torn read.
+    """
+
+    class Probe(cls):
+        seen: list[tuple[float, ...]]
+
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if self.__dict__.get("_probing"):
+                self.seen.append(view(self))
+
+        def call(self, method: str, *args: object) -> None:
+            before = view(self)
+            object.__setattr__(self, "seen", [])
+            object.__setattr__(self, "_probing", True)
+            try:
+                getattr(self, method)(*args)
+            finally:
+                object.__setattr__(self, "_probing", False)
+            after = view(self)
+            for mid in self.seen:
+                if mid != before and mid != after:
+                    raise _Torn(f"{method}: {mid} is neither {before} nor {after}")
+
+    return Probe
+
+
+def _view(clock: Any, t: float) -> tuple[float, ...]:
+    """Everything a reader thread asks a clock, at probe times near ``t``."""
+    return (clock.bpm(), clock.beat_at(t), clock.time_at(clock.beat_at(t) + 1.0))
+
+
+def test_follower_readers_never_see_a_half_written_fit() -> None:
+    t_probe = 1000.5
+    follower = _probed(MidiClockFollower, lambda c: (*_view(c, t_probe), c.running(t_probe)))
+    f = follower(fallback_bpm=120.0)
+    times = _tick_times(131.0, 24 * 4)
+    f.call("feed", times[0], START)
+    for t in times:  # every tick after the first few moves both slope and offset
+        f.call("feed", t, CLOCK)
+    f.call("feed", times[-1], STOP)
+    f.call("feed", times[-1] + 0.01, mido.Message("songpos", pos=8))
+    f.call("feed", times[-1] + 1.0, CONTINUE)  # restarts the line: phase and position move
+    assert f.bpm() == pytest.approx(131.0, abs=0.2)
+
+
+def test_internal_clock_readers_never_see_a_half_set_tempo() -> None:
+    c = _probed(InternalClock, lambda c: _view(c, 101.25))(bpm=120.0, start=100.0)
+    for bpm, at in ((90.0, 100.5), (140.0, 101.0), (60.0, 101.1)):
+        c.call("set_bpm", bpm, at)
+    assert c.bpm() == 60.0

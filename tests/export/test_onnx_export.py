@@ -9,6 +9,14 @@ import numpy as np
 import pytest
 
 from divergent.model.data import load_split
+from divergent.model.files import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    ENCODER_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    decoder_file,
+)
 from divergent.model.train_config import TrainConfig
 from tests.conftest import TINY
 
@@ -27,7 +35,7 @@ def test_training_learns_and_logs(trained: Path) -> None:
     log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log] == [10, 20]
     assert log[-1]["val_ce"] < np.log(411)  # better than uniform after 20 steps
-    assert (trained / "model.pt").exists() and (trained / "ckpt.pt").exists()
+    assert (trained / WEIGHTS_FILE).exists() and (trained / CHECKPOINT_FILE).exists()
 
 
 def test_resume_continues_from_checkpoint(dataset: Path, trained: Path, tmp_path: Path) -> None:
@@ -68,11 +76,11 @@ def test_export_parity(exported) -> None:  # type: ignore[no-untyped-def]
     assert p["int8_top1_agreement"] >= 0.9
     assert abs(p["int8_nll_diff"]) < 0.05
     for name in (
-        "decoder.fp32.onnx",
-        "decoder.int8.onnx",
-        "encoder.onnx",
-        "tokenizer.json",
-        "config.json",
+        decoder_file("fp32"),
+        decoder_file("int8"),
+        ENCODER_FILE,
+        TOKENIZER_FILE,
+        CONFIG_FILE,
     ):
         assert (out / name).exists()
 
@@ -84,7 +92,7 @@ def test_runtime_matches_torch(exported, trained: Path, dataset: Path) -> None: 
     from divergent.model.train import load_model
 
     out, _ = exported
-    model, _ = load_model(trained / "model.pt")
+    model, _ = load_model(trained / WEIGHTS_FILE)
     ort_model = OnnxModel(out, precision="fp32")
     val, _ = load_split(dataset, "train")
     ids = val[:50].astype(np.int64)
@@ -118,10 +126,10 @@ def test_step_graph_uses_a_shared_kv_buffer(exported) -> None:  # type: ignore[n
     import onnx
 
     out, _ = exported
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / CONFIG_FILE).read_text())
     assert cfg["format"] == 2 and cfg["io"]["kv_cache"] == "shared_buffer"
     for kind in ("fp32", "int8"):
-        g = onnx.load(str(out / f"decoder.{kind}.onnx")).graph
+        g = onnx.load(str(out / decoder_file(kind))).graph
         ops = {n.op_type for n in g.node}
         assert "GroupQueryAttention" in ops and "Concat" not in ops
         assert [i.name for i in g.input][-2:] == ["seqlens_k", "total_sequence_length"]

@@ -46,7 +46,7 @@ def _patch_usages() -> list[tuple[str, list[tuple[str, list[str]]], list[str]]]:
     for path in MAX_PATCHES:
         sent, routed = osc_usage(load_patcher(path))
         out.append((path.name, sent, routed))
-    from divergent.export.pdpatch import osc_usage as pd_usage
+    from tests.max_patches.pdread import osc_usage as pd_usage
 
     sent, routed = pd_usage(ROOT / "max_patches" / "divergent.pd")
     out.append(("divergent.pd", sent, routed))

@@ -26,16 +26,16 @@ from typing import Any
 import mido
 import pytest
 
-from divergent.export.pdpatch import (
+from divergent.export.pdpatch import build_divergent_pd
+from divergent.server.livepeer import OscClient, free_udp_port
+from tests.conftest import require_tool
+from tests.max_patches.pdread import (
     VANILLA_CLASSES,
     PdObject,
-    build_divergent_pd,
     osc_usage,
     parse_pd,
     parse_pd_text,
 )
-from divergent.server.livepeer import OscClient, free_udp_port
-from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 PATCH = ROOT / "max_patches" / "divergent.pd"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from divergent.model.bad_config import METHODS, BadConfig
+from divergent.model.files import CONFIG_FILE, CRITIC_PT_FILE, WEIGHTS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def bad_setup(tiny_run: Path, two_class_dataset: Path, two_class_critic):  # typ
     from divergent.model.train import load_model
 
     torch.manual_seed(0)
-    model, _ = load_model(tiny_run / "model.pt")
-    critic, cblob = load_critic(two_class_critic[0] / "critic.pt")
+    model, _ = load_model(tiny_run / WEIGHTS_FILE)
+    critic, cblob = load_critic(two_class_critic[0] / CRITIC_PT_FILE)
     _, labels = class_of_works(two_class_dataset, int(cblob["config"]["min_works"]))
     bank = PhraseBank(two_class_dataset, "train", labels["train"], 32)
     real = _Real(critic, bank, 8)
@@ -40,8 +41,8 @@ def _tiny_bad(run: Path, data: Path, critic, tmp: Path, **kw) -> BadConfig:  # t
     """A BAD run small enough for a test: the tiny model, the two-class critic."""
     return BadConfig(
         data=str(data),
-        base=str(run / "model.pt"),
-        critic=str(critic[0] / "critic.pt"),
+        base=str(run / WEIGHTS_FILE),
+        critic=str(critic[0] / CRITIC_PT_FILE),
         out=str(tmp / "bad"),
         batch_size=4,
         prompt_tokens=32,
@@ -107,18 +108,18 @@ def test_bad_train_checkpoints_resumes_and_exports(  # type: ignore[no-untyped-d
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model[0], folder)
-    info = export_diverged(tmp_path / "bad" / "model.pt", folder)
+    info = export_diverged(tmp_path / "bad" / WEIGHTS_FILE, folder)
     assert info["step"] == 3
     m = OnnxModel(folder)
     assert m.diverged is not None
     # another model's fine-tune is refused
     other = tmp_path / "other"
     shutil.copytree(tiny_model[0], other)
-    cfgj = json.loads((other / "config.json").read_text())
+    cfgj = json.loads((other / CONFIG_FILE).read_text())
     cfgj["model"]["n_layer"] += 1
-    (other / "config.json").write_text(json.dumps(cfgj))
+    (other / CONFIG_FILE).write_text(json.dumps(cfgj))
     with pytest.raises(ValueError):
-        export_diverged(tmp_path / "bad" / "model.pt", other)
+        export_diverged(tmp_path / "bad" / WEIGHTS_FILE, other)
 
 
 def test_config_round_trip_and_methods() -> None:
@@ -144,7 +145,7 @@ def diverged_model(  # type: ignore[no-untyped-def]
     train_bad(cfg, progress=False)
     folder = tmp / "model"
     shutil.copytree(tiny_model[0], folder)
-    export_diverged(tmp / "bad" / "model.pt", folder)
+    export_diverged(tmp / "bad" / WEIGHTS_FILE, folder)
     return folder
 
 

@@ -30,6 +30,7 @@ from divergent.model.concept import (
     remove_concept,
     torch_weights_hash,
 )
+from divergent.model.files import WEIGHTS_FILE, decoder_file
 from divergent.model.generate import Generator, read_prompt
 from divergent.model.played_refs import played_reference
 from divergent.model.runtime import OnnxModel
@@ -49,7 +50,7 @@ FAST = LearnConfig(steps=4, batch=2, window=48, fisher_windows=2, threads=1, bf1
 @pytest.fixture(scope="module")
 def tiny_base(tiny_model, tiny_run):  # type: ignore[no-untyped-def]
     """(model folder, checkpoint, OnnxModel) of the session's tiny model."""
-    return tiny_model[0], tiny_run / "model.pt", OnnxModel(tiny_model[0])
+    return tiny_model[0], tiny_run / WEIGHTS_FILE, OnnxModel(tiny_model[0])
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +299,7 @@ def test_evaluation_protocol_round_trip_and_style_distance() -> None:
 
 def test_requantization_reproduces_the_bundled_int8_decoder() -> None:
     base = BaseWeights(BUNDLED, 4)
-    stored = read_onnx_initializers(BUNDLED / "decoder.int8.onnx")
+    stored = read_onnx_initializers(BUNDLED / decoder_file("int8"))
     for n in pivotal_names(4):
         q, s = quantize_blockwise(base.fp32[n].T)
         assert np.array_equal(q, stored[n + "_T_Q8"]), n
@@ -306,7 +307,7 @@ def test_requantization_reproduces_the_bundled_int8_decoder() -> None:
 
 
 def test_base_hash_is_the_same_from_torch_and_from_onnx() -> None:
-    model = _torch_model(BUNDLED / "model.pt")
+    model = _torch_model(BUNDLED / WEIGHTS_FILE)
     assert torch_weights_hash(model) == BaseWeights(BUNDLED, 4).hash == GOLDEN_HASH
 
 
@@ -332,7 +333,7 @@ def test_a_zero_concept_leaves_the_decoder_bit_identical(tiny_base: Any, learned
 def test_cli_concept_list_learn_remove(
     learned: Any, tiny_base: Any, reference: Path, tmp_path: Path, capsys: Any
 ) -> None:
-    from divergent.server.cli import main
+    from divergent.cli import main
 
     concept, *_ = learned
     concept.save(tmp_path / "riff.concept.npz")

@@ -15,12 +15,13 @@ from divergent.model.critic import (
     class_of_works,
     mmd2,
 )
+from divergent.model.files import CRITIC_ONNX_FILE, CRITIC_PT_FILE, MANIFEST_FILE
 
 
 def test_classes_follow_the_manifest_and_merge_small_collections(two_class_dataset: Path) -> None:
     classes, labels = class_of_works(two_class_dataset, min_works=10)
     assert classes == ["airdsAirs", "essenFolksong"]
-    manifest = json.loads((two_class_dataset / "manifest.json").read_text())
+    manifest = json.loads((two_class_dataset / MANIFEST_FILE).read_text())
     n_train = sum(1 for w in manifest["works"] if w.get("split") == "train")
     assert len(labels["train"]) == n_train
     merged, _ = class_of_works(two_class_dataset, min_works=10_000)
@@ -47,9 +48,9 @@ def test_critic_trains_beats_chance_and_its_onnx_twin_agrees(
     assert card["classes"] == ["airdsAirs", "essenFolksong"]
     # held out by work; two classes: chance is 0.5
     assert card["val_balanced_accuracy"] > card["chance_balanced_accuracy"] + 0.15
-    net, blob = load_critic(folder / "critic.pt")
+    net, blob = load_critic(folder / CRITIC_PT_FILE)
     assert all(not p.requires_grad for p in net.parameters())  # frozen
-    onnx = OnnxCritic(folder / "critic.onnx")
+    onnx = OnnxCritic(folder / CRITIC_ONNX_FILE)
     ids = np.random.default_rng(0).integers(4, blob["vocab_size"], size=(3, 50))
     with torch.no_grad():
         ref = net(torch.from_numpy(ids)).numpy()

@@ -15,6 +15,7 @@ from divergent.model.data import (
     list_midi_works,
     load_split,
 )
+from divergent.model.files import MANIFEST_FILE, TOKENIZER_FILE
 from divergent.model.tokenizer import load_tokenizer
 
 
@@ -73,16 +74,16 @@ def test_build_counts_and_failures(built) -> None:  # type: ignore[no-untyped-de
     assert summary["works"] == 4 + 4 + 3
     assert summary["failed"] == 1  # the broken MIDI file, counted, not fatal
     assert summary["converted"] == 10
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     failed = [w for w in manifest["works"] if "error" in w]
     assert [w["id"] for w in failed] == ["user/broken.mid"]
-    assert manifest["tokenizer_hash"] == load_tokenizer(out / "tokenizer.json").hash
+    assert manifest["tokenizer_hash"] == load_tokenizer(out / TOKENIZER_FILE).hash
 
 
 def test_build_writes_framed_splits(built) -> None:  # type: ignore[no-untyped-def]
     out, _ = built
-    tok = load_tokenizer(out / "tokenizer.json")
-    manifest = json.loads((out / "manifest.json").read_text())
+    tok = load_tokenizer(out / TOKENIZER_FILE)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
     for split in ("train", "val"):
         ids, offsets = load_split(out, split)
         works = [w for w in manifest["works"] if w.get("split") == split]

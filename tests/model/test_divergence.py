@@ -16,6 +16,7 @@ from divergent.model.divergence import (
     Steering,
     build_reference_bigram,
 )
+from divergent.model.files import CRITIC_CARD_FILE, CRITIC_ONNX_FILE
 from divergent.model.generate import GenerateError, Generator
 from divergent.model.grammar import notes_from_ids
 from divergent.model.runtime import OnnxModel
@@ -164,7 +165,7 @@ def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def
     shutil.copytree(tiny_model[0], folder)
     with pytest.raises(FileNotFoundError, match="critic"):
         evaluate_divergence(data=two_class_dataset, model_dir=folder, protocol=p)
-    for name in ("critic.onnx", "critic.json"):
+    for name in (CRITIC_ONNX_FILE, CRITIC_CARD_FILE):
         shutil.copyfile(two_class_critic[0] / name, folder / name)
     res = evaluate_divergence(
         data=two_class_dataset, model_dir=folder, report=tmp_path / "rep", protocol=p

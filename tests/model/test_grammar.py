@@ -414,7 +414,7 @@ def test_sampler_rejects_bad_input():
 
 def test_grammar_module_does_not_import_torch():
     code = (
-        "import sys, model.grammar, model.tokenizer; "
+        "import sys, divergent.model.grammar, divergent.model.tokenizer; "
         "divergent.model.tokenizer.build_tokenizer(); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

@@ -1,7 +1,9 @@
-"""The novelty readout and its metrics (model.readout), on hand-made phrases."""
+"""The novelty readout and its metrics (model.readout and the modules it reads), on
+hand-made phrases."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
@@ -14,22 +16,33 @@ from typing import Any
 import numpy as np
 import pytest
 
-from divergent.model import readout as R
-from divergent.model.grammar import NoteEvent
-from divergent.model.readout import (
+from divergent.model.copy_index import NgramIndex, copy_rate, interval_ngrams
+from divergent.model.feature_reference import FeatureReference
+from divergent.model.features import (
     FEATURE_NAMES,
     N_FEATURES,
-    FeatureReference,
-    NgramIndex,
-    Readout,
-    build_reference_and_index,
-    compute_readout,
-    copy_rate,
     features,
     groove_consistency,
     in_scale_rate,
-    interval_ngrams,
-    knn_precision_recall,
+)
+from divergent.model.grammar import NoteEvent
+from divergent.model.precision_recall import knn_precision_recall
+from divergent.model.readout import Readout, compute_readout
+from divergent.model.readout_build import build_reference_and_index
+
+#: the readout's rooms, each numpy-only
+MODULES = tuple(
+    f"divergent.model.{name}"
+    for name in (
+        "note_arrays",
+        "features",
+        "npz_store",
+        "copy_index",
+        "feature_reference",
+        "precision_recall",
+        "readout",
+        "readout_build",
+    )
 )
 
 C_MAJOR = [60, 62, 64, 65, 67, 69, 71, 72]
@@ -558,16 +571,18 @@ def test_build_from_grammar_notes_of_real_tunes():
     assert out.copy_rate == 1.0 and math.isfinite(out.feature_distance)
 
 
-def test_readout_module_does_not_import_torch_or_music21():
+def test_readout_modules_do_not_import_torch_or_music21():
     code = (
-        "import sys, model.readout; "
+        f"import sys, {', '.join(MODULES)}; "
         "bad = {'torch', 'music21'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
-def test_no_module_level_mutable_arrays():
-    for name in dir(R):
-        value = getattr(R, name)
+@pytest.mark.parametrize("module", MODULES)
+def test_no_module_level_mutable_arrays(module: str):
+    m = importlib.import_module(module)
+    for name in dir(m):
+        value = getattr(m, name)
         if isinstance(value, np.ndarray):
             assert not value.flags.writeable, name
