@@ -11,14 +11,16 @@ import logging
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from divergent.bridges.exceptions import BridgeError
 
-__all__ = ["JackServer", "jack_period_s", "jack_running"]
+__all__ = ["JackServer", "XrunWatch", "jack_period_s", "jack_running"]
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +168,89 @@ class JackServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class XrunWatch:
+    """Calls ``on_xrun`` whenever the JACK server reports an xrun (a cycle some client
+    missed, whose MIDI events JACK dropped or delayed).
+
+    A JACK client of its own with no ports, through JACK-Client (the maintained Python
+    binding of libjack). JACK calls the xrun callback on its notification thread, not the
+    real-time one; ``on_xrun`` is handed on to a small thread of ours, so a slow or failing
+    handler never holds up JACK. ``open`` raises :class:`BridgeError` when libjack or the
+    server is missing; the server then runs without the watch (and says so).
+    """
+
+    def __init__(self, *, client_name: str, on_xrun: Callable[[], object]) -> None:
+        self.client_name = client_name
+        self.on_xrun = on_xrun
+        self.xruns = 0
+        self.handler_errors = 0
+        self._client: Any = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> XrunWatch:
+        """Register the client and start listening (idempotent)."""
+        if self._client is not None:
+            return self
+        try:
+            import jack  # JACK-Client: cffi over libjack, loaded only here
+        except (ImportError, OSError) as e:
+            raise BridgeError(f"no JACK library for the xrun watch: {e}") from e
+        try:
+            client = jack.Client(self.client_name, no_start_server=True)
+        except jack.JackError as e:
+            raise BridgeError(f"JACK server not reachable for the xrun watch: {e}") from e
+        client.set_xrun_callback(self._on_jack_xrun)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="divergent-xruns", daemon=True)
+        self._thread.start()
+        client.activate()
+        self._client = client
+        return self
+
+    def close(self) -> None:
+        """Unregister the client and stop the handler thread (idempotent)."""
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.deactivate()
+                client.close()
+            except Exception as e:  # a JACK server already gone: nothing left to close
+                log.debug("closing the xrun watch: %r", e)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+            self._thread = None
+
+    def __enter__(self) -> XrunWatch:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _on_jack_xrun(self, delayed_usecs: float) -> None:
+        # JACK's notification thread: count and wake ours, nothing else
+        self.xruns += 1
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._stop.is_set():
+                return
+            self._wake.clear()
+            # Several xruns close together make one call: the handler re-sends a window.
+            try:
+                self.on_xrun()
+            except Exception:
+                self.handler_errors += 1
+                log.exception("xrun handler failed")

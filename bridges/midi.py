@@ -31,8 +31,8 @@ from typing import Any
 import mido
 import rtmidi
 
-from divergent.bridges.exceptions import MidiBackendError, MidiPortError
-from divergent.bridges.jack import jack_running
+from divergent.bridges.exceptions import BridgeError, MidiBackendError, MidiPortError
+from divergent.bridges.jack import XrunWatch, jack_running
 
 __all__ = [
     "MIDI_BACKENDS",
@@ -256,6 +256,7 @@ class MidiIO:
         virtual_in: str = "divergent in",
         virtual_out: str = "divergent out",
         on_event: Callable[[MidiEvent], object],
+        on_xrun: Callable[[], object] | None = None,
     ) -> None:
         # only the name here: whether rtmidi has the backend is open()'s question
         self.backend = _known(backend)
@@ -265,6 +266,10 @@ class MidiIO:
         self.virtual_in = virtual_in
         self.virtual_out = virtual_out
         self.on_event = on_event
+        # With JACK: called (on a thread of ours) after each xrun, when JACK dropped a
+        # cycle's events; the sender then repeats its recent note-offs.
+        self.on_xrun = on_xrun
+        self.xrun_watch: XrunWatch | None = None
         self.malformed = 0
         self.callback_errors = 0
         # python-rtmidi is a Cython module without type information: its objects are Any
@@ -329,8 +334,19 @@ class MidiIO:
             target=self._poll, args=(self._in,), name="divergent-midi-in", daemon=True
         )
         self._poller.start()
+        self._watch_xruns()
         log.info("MIDI (%s) in %r, out %r", self.backend, self._input_name, self._output_name)
         return self
+
+    def _watch_xruns(self) -> None:
+        if self.backend != "jack" or self.on_xrun is None:
+            return
+        watch = XrunWatch(client_name=f"{self.client_name}-xruns", on_xrun=self.on_xrun)
+        try:
+            self.xrun_watch = watch.open()
+        except BridgeError as e:
+            # MIDI still works; only the repeat of note-offs JACK may drop is missing
+            log.warning("JACK xruns not watched (lost note-offs are not re-sent): %s", e)
 
     def _open_input(self, mi: Any, lister: Any) -> str:
         # sysex off (big, unused), timing on (we follow MIDI clock), active sensing off
@@ -375,6 +391,9 @@ class MidiIO:
 
     def close(self) -> None:
         """Close both ports (idempotent). Notes still sounding are the sender's business."""
+        if self.xrun_watch is not None:
+            self.xrun_watch.close()
+            self.xrun_watch = None
         self._poll_stop.set()
         if self._poller is not None:
             # the poller must not read from a half-deleted port

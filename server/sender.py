@@ -31,6 +31,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -54,6 +55,15 @@ _ON = 2
 _PENDING = 0
 _SOUNDING = 1
 _DONE = 2
+
+# Note-offs (and release CCs) sent within this many seconds are sent again when the MIDI
+# system reports lost events (a JACK xrun drops a whole cycle's events, and its
+# notification comes a cycle or a few later); a deque bounds the memory under floods.
+RESEND_WINDOW_S = 0.5
+_RECENT_OFFS_MAX = 1024
+# A repeat lost in the next xrun is repeated again, this many times at most: xruns that
+# keep coming must not keep a note-off going out forever.
+_MAX_REPEATS = 3
 
 # A timed message sent later than this after its (lead-adjusted) time counts as late.
 _LATE_S = 0.001
@@ -100,10 +110,20 @@ class SenderStats:
     """The latest any scheduled message went out (seconds after its lead-adjusted time)."""
     max_spin_s: float
     """The longest GIL-holding spin before an event (grows when wake-ups are late)."""
+    resent: int
+    """Note-offs (and CC 123/64) sent again after the MIDI system lost events
+    (:meth:`Sender.resend_lost_offs`, on a JACK xrun)."""
     pending: int
     """Note-ons waiting to be sent."""
     sounding: int
     """Notes currently on."""
+
+
+def _is_release(msg: mido.Message) -> bool:
+    """A message whose loss leaves a note sounding: a note-off, CC 123 or sustain off."""
+    if msg.type == "note_off" or (msg.type == "note_on" and msg.velocity == 0):
+        return True
+    return msg.type == "control_change" and msg.control in (123, 64) and msg.value == 0
 
 
 class _Note:
@@ -134,9 +154,30 @@ class _Note:
         return int(self.msg_on.channel), int(self.msg_on.note)
 
 
+class _Recent:
+    """A note-off (or CC 123/64) sent lately: when it last went out, how often repeated.
+    Repeats carry it as their tag, so the sender thread updates it when they go out."""
+
+    __slots__ = ("msg", "repeats", "sent_at")
+
+    def __init__(self, sent_at: float, msg: mido.Message) -> None:
+        self.sent_at = sent_at
+        self.msg = msg
+        self.repeats = 0
+
+
+class _Resend:
+    """A repeat of a recent release; checked when due, not when asked for."""
+
+    __slots__ = ("recent",)
+
+    def __init__(self, recent: _Recent) -> None:
+        self.recent = recent
+
+
 # (due time, kind, sequence number, payload): the sequence number keeps the heap stable and
 # means the payload is never compared.
-_Entry = tuple[float, int, int, _Note | mido.Message]
+_Entry = tuple[float, int, int, _Note | _Resend | mido.Message]
 # (scheduled time, message, tag, timed): timed messages count towards lateness statistics.
 _Out = tuple[float, mido.Message, object | None, bool]
 
@@ -232,6 +273,9 @@ class Sender:
         self._n_refused = 0
         self._n_sink_errors = 0
         self._n_callback_errors = 0
+        self._n_resent = 0
+        # (sent at, message) of recent note-offs and release CCs, for resend_lost_offs
+        self._recent_offs: deque[_Recent] = deque(maxlen=_RECENT_OFFS_MAX)
         self._max_lateness = 0.0
         self._max_spin = 0.0
 
@@ -411,6 +455,29 @@ class Sender:
                 self._cond.wait(remaining)
             return self._release_done >= gen
 
+    def resend_lost_offs(self, window_s: float = RESEND_WINDOW_S) -> int:
+        """Send again every note-off (and CC 123/64) sent in the last ``window_s`` seconds:
+        the MIDI system reported lost events (a JACK xrun), and a lost note-off is a stuck
+        note at the receiver. Thread-safe; returns how many were queued.
+
+        A note-off whose pitch sounds again by the time it is due (a new note-on on that
+        channel and key) is skipped, and so is a CC 123 on a channel with a sounding note:
+        the repeat must never cut a note that started since. A repeated note-off for a
+        note already off is harmless at the receiver.
+        """
+        now = time.monotonic()
+        with self._cond:
+            if self._closed and not self._running:
+                return 0
+            recent = [
+                r
+                for r in self._recent_offs
+                if r.sent_at >= now - window_s and r.repeats < _MAX_REPEATS
+            ]
+            for r in recent:
+                self._push_locked(now, _OFF, _Resend(r))
+            return len(recent)
+
     def sounding(self) -> int:
         """How many notes are on right now."""
         with self._cond:
@@ -434,13 +501,14 @@ class Sender:
                 callback_errors=self._n_callback_errors,
                 max_lateness_s=self._max_lateness,
                 max_spin_s=self._max_spin,
+                resent=self._n_resent,
                 pending=len(self._pending),
                 sounding=len(self._sounding),
             )
 
     # --- internals (``_locked``: caller holds self._cond) ---------------------------------
 
-    def _push_locked(self, t: float, kind: int, payload: _Note | mido.Message) -> None:
+    def _push_locked(self, t: float, kind: int, payload: _Note | _Resend | mido.Message) -> None:
         entry: _Entry = (t, kind, next(self._seq), payload)
         heapq.heappush(self._heap, entry)
         # Wake the thread only when its next deadline moved earlier: every needless
@@ -510,7 +578,11 @@ class Sender:
         heap = self._heap
         while heap and heap[0][0] <= horizon:
             t, kind, _, payload = heapq.heappop(heap)
-            if isinstance(payload, _Note):
+            if isinstance(payload, _Resend):
+                if self._still_off_locked(payload.recent.msg):
+                    self._n_resent += 1
+                    out.append((t, payload.recent.msg, payload.recent, False))
+            elif isinstance(payload, _Note):
                 note = payload
                 if kind == _ON:
                     if note.state != _PENDING:
@@ -546,6 +618,13 @@ class Sender:
                 out.append((t, msg, None, False))
         return out
 
+    def _still_off_locked(self, msg: mido.Message) -> bool:
+        """Whether repeating ``msg`` (a note-off or CC) cuts nothing sounding now."""
+        channel = int(msg.channel)
+        if msg.type == "control_change":
+            return not any(ch == channel for ch, _ in self._sounding)
+        return (channel, int(msg.note)) not in self._sounding
+
     def _emit(self, out: list[_Out]) -> list[tuple[Sent, bool, list[tuple[int, Exception]]]]:
         """Call the sinks: the timing-critical part, so nothing else happens here."""
         results: list[tuple[Sent, bool, list[tuple[int, Exception]]]] = []
@@ -567,10 +646,18 @@ class Sender:
         with self._cond:
             for sent, timed, errors in results:
                 self._n_sent += 1
+                if isinstance(sent.tag, _Recent):
+                    # a repeat: not a new note-off; it may be repeated again (bounded)
+                    sent.tag.sent_at = sent.actual
+                    sent.tag.repeats += 1
+                    self._n_sink_errors += len(errors)
+                    continue
                 if sent.message.type == "note_on":
                     self._n_on += 1
                 elif sent.message.type == "note_off":
                     self._n_off += 1
+                if _is_release(sent.message):
+                    self._recent_offs.append(_Recent(sent.actual, sent.message))
                 self._n_sink_errors += len(errors)
                 if timed:
                     lateness = sent.actual - (sent.scheduled - self._lead_s)
@@ -583,6 +670,8 @@ class Sender:
             return
         n_failed = 0
         for sent, _, _ in results:
+            if isinstance(sent.tag, _Recent):
+                continue  # the take and the trace hold each note-off once
             try:
                 self._on_sent(sent)
             except Exception:

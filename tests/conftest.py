@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,14 +179,16 @@ def require_tool(*names: str) -> None:
     pytest.skip(msg)
 
 
-# The session JACK server's period. 128 frames (2.7 ms), not the 64 (1.3 ms) that
-# `divergent bench live` measures at: on these 2-vCPU VMs an idle dummy server at 64 frames
-# logged 113 xruns in 10 s (real-time threads woke more than a period late), and thousands
-# during a call-and-answer exchange, each losing that cycle's MIDI events; at 128 frames,
-# 2 idle and 0 to 75 in an exchange (measured side by side, 2026-11-21). Timing bounds
-# below are stated in periods where the period sets them.
+# The session JACK server's period: 512 frames (10.7 ms, a common DAW buffer), not the 64
+# (1.3 ms) that `divergent bench live` measures timing at. On these 2-vCPU VMs real-time
+# threads often wake 5 to 10 ms late, and each late wake-up is an xrun in which JACK drops
+# that cycle's MIDI events. Measured here (Intel Xeon, 2 vCPUs, 2026-11-26), running the
+# call exchange, the input flood and the MIDI-clock master tests: 128 frames, 377 xruns in
+# one exchange and 9,905 in one clock test; 256 frames, 362 and 69; 512 frames, 1 to 6 in
+# all three. The tests check behaviour on every run; the timing percentiles are the
+# bench's. Timing bounds below are stated in periods where the period sets them.
 JACK_RATE = 48000
-JACK_PERIOD_FRAMES = 128
+JACK_PERIOD_FRAMES = 512
 JACK_PERIOD_S = JACK_PERIOD_FRAMES / JACK_RATE
 
 
@@ -205,7 +206,6 @@ def jack_server():  # type: ignore[no-untyped-def]
 
 
 _XRUNS = pytest.StashKey[tuple[Any, int]]()
-_NOT_JUDGED = pytest.StashKey[list[str]]()
 
 
 @pytest.fixture(autouse=True)
@@ -227,49 +227,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         n = server.xruns() - before
         report.sections.append(("jack", f"jackd logged {n} xruns during this test"))
     return report
-
-
-def on_clean_jack(
-    request: pytest.FixtureRequest,
-    jack_server: Any,
-    run: Callable[[], T],
-    *,
-    what: str,
-    tries: int = 3,
-    max_xruns: int = 0,
-) -> tuple[T, int, bool]:
-    """Run ``run`` until JACK ran it with at most ``max_xruns`` xruns, ``tries`` times at
-    most: (its result, the xruns jackd logged during it, whether it was clean).
-
-    Why: on these shared VMs real-time threads sometimes wake tens of ms late, and then
-    every JACK client misses cycles by the thousand and JACK drops their MIDI events
-    (measured: idle 64-frame dummy server, 113 xruns in 10 s; an exchange, thousands).
-    What JACK did not deliver says nothing of our code, so checks that need every event
-    delivered on time (exact counts, stuck notes at a peer, timing percentiles) are made
-    on a clean run; when no try was clean, the caller makes only the checks that hold
-    anyway, and the terminal summary lists ``what`` went unjudged.
-    """
-    for _ in range(tries):
-        before = jack_server.xruns()
-        result = run()
-        xruns = jack_server.xruns() - before
-        if xruns <= max_xruns:
-            return result, xruns, True
-    not_judged(request, what, f"JACK had xruns in each of {tries} tries, {xruns} in the last")
-    return result, xruns, False
-
-
-def not_judged(request: pytest.FixtureRequest, what: str, why: str) -> None:
-    """Note for the terminal summary that this test could not judge ``what``."""
-    request.config.stash.setdefault(_NOT_JUDGED, []).append(
-        f"{request.node.nodeid}: {what} ({why})"
-    )
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """List what went unjudged because JACK could not run clean (see ``on_clean_jack``)."""
-    lines = config.stash.get(_NOT_JUDGED, [])
-    if lines:
-        terminalreporter.section("not judged: JACK dropped or delayed MIDI events (xruns)")
-        for line in lines:
-            terminalreporter.line(line)

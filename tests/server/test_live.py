@@ -26,7 +26,7 @@ import pytest
 
 from divergent.server.bench_live import onset_errors, response_times, run_peer_process
 from divergent.server.livepeer import ServeProcess, stuck_notes
-from tests.conftest import JACK_PERIOD_S, not_judged, on_clean_jack, require_tool
+from tests.conftest import JACK_PERIOD_S, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,36 +129,25 @@ def _call_exchange(serve_factory: Any) -> tuple[int, dict[str, Any], list[Any], 
     return answers, peer, trace, sp.log()[-3000:]
 
 
-def test_call_mode_answers_each_phrase_through_jack(
-    serve_factory: Any, jack_server: Any, request: pytest.FixtureRequest
-) -> None:
-    (answers, peer, trace, log), xruns, clean = on_clean_jack(
-        request,
-        jack_server,
-        lambda: _call_exchange(serve_factory),
-        max_xruns=30,
-        what="at the peer: every phrase answered, nothing stuck, response and onset times",
-    )
-    # the server's own account holds whatever JACK delivered: a note-off for every note-on
+def test_call_mode_answers_each_phrase_through_jack(serve_factory: Any, jack_server: Any) -> None:
+    xruns = jack_server.xruns()
+    answers, peer, trace, log = _call_exchange(serve_factory)
+    xruns = jack_server.xruns() - xruns
+    # the server's own account: a note-off for every note-on it sent
     assert _sent_stuck(trace) == [], "the server sent a note-on without its note-off"
-    assert answers >= 1, log
-    if clean:
-        # a few xruns (each drops one cycle's events) may cost a note of a phrase or an answer
-        stuck = [r for r in peer["received"] if r[2] in peer["stuck"]]
-        assert peer["stuck"] == [] or xruns > 0, stuck
-        answered = sum(p["count"] > 0 for p in peer["phrases"])
-        assert answered == 4 or (xruns > 0 and answered >= 3), (peer["phrases"], log)
-        assert answers == 4 or (xruns > 0 and answers >= 3), log
-        resp = sorted(response_times(trace, peer["received"]))
-        errs = onset_errors(trace, peer["received"])
-        assert len(resp) >= answered - (xruns > 0)
-        assert resp[-1 - (xruns > 0)] <= 60.0, resp  # target (bench): p99 <= 20 ms
-        assert len(errs) >= 8
-        assert _pct(errs, 0.9) <= 4.0, errs  # target (bench): p99 <= 1.8 ms
-    else:
-        # what JACK delivered says nothing here: judge the server by when it sent
-        resp = sorted(response_times(trace, _sent(trace)))
-        assert resp and resp[len(resp) // 2] <= 60.0, resp
+    # at the peer, whatever JACK dropped: the server repeats note-offs lost in an xrun
+    stuck = [r for r in peer["received"] if r[2] in peer["stuck"]]
+    assert peer["stuck"] == [], (stuck, f"{xruns} xruns")
+    answered = sum(p["count"] > 0 for p in peer["phrases"])
+    assert answered == 4, (peer["phrases"], f"{xruns} xruns", log)
+    assert answers == 4, log
+    resp = sorted(response_times(trace, peer["received"]))
+    errs = onset_errors(trace, peer["received"])
+    assert len(resp) >= 4 and len(errs) >= 8, (resp, errs)
+    # the bulk on every run; the tails (targets: response p99 <= 20 ms, onset p99 <= 1.8 ms
+    # at 64 frames) are `divergent bench live`'s, reported with JACK's xruns
+    assert _pct(resp, 0.5) <= 60.0, resp
+    assert _pct(errs, 0.5) <= JACK_PERIOD_S * 1000 / 2 + 2.0, errs
 
 
 def test_divergence_from_oscsend_reaches_readout_and_take(serve_factory: Any) -> None:
@@ -249,9 +238,7 @@ def test_ten_thousand_bad_packets_and_every_wrong_message_answered(serve_factory
     assert sp.proc is not None and sp.proc.poll() is None
 
 
-def test_flood_of_input_events_loses_nothing(
-    serve_factory: Any, jack_server: Any, request: pytest.FixtureRequest
-) -> None:
+def test_flood_of_input_events_loses_nothing(serve_factory: Any, jack_server: Any) -> None:
     name = _name()
     sp = serve_factory("--mode", "off", name=name)
 
@@ -264,20 +251,20 @@ def test_flood_of_input_events_loses_nothing(
         after = _stats(sp)
         return after[0] - before[0], res["sent"], after
 
-    (received, sent, after), xruns, clean = on_clean_jack(
-        request, jack_server, flood, max_xruns=30, what="the server's loop lag"
-    )
+    xruns = jack_server.xruns()
+    received, sent, after = flood()
+    xruns = jack_server.xruns() - xruns
     assert after[1] == 0  # nothing dropped by the server's own queue, ever
     assert sent == 6000 and received <= sent
     # all of them, but what JACK dropped: a missed cycle loses that cycle's events (about
     # 5 at 2,000/s and 2.7 ms, up to ~11 after a stall, when the peer catches up)
     assert sent - received <= 12 * xruns, (received, sent, xruns)
-    if clean:
-        assert after[2] <= 6.0  # loop lag p99 in ms; target (bench): <= 2 ms
+    # the loop lag p99 (target <= 2 ms) is `divergent bench live`'s; here, no stall
+    assert after[2] <= 50.0, after
 
 
 def test_sigterm_mid_answer_leaves_no_stuck_notes_and_a_complete_take(
-    serve_factory: Any, jack_server: Any, request: pytest.FixtureRequest
+    serve_factory: Any, jack_server: Any
 ) -> None:
     xruns = jack_server.xruns()
     name = _name()
@@ -309,10 +296,8 @@ def test_sigterm_mid_answer_leaves_no_stuck_notes_and_a_complete_take(
     res = json.loads(out.strip().splitlines()[-1])
     ons = [r for r in res["received"] if (r[1] & 0xF0) == 0x90 and r[3] > 0]
     assert ons, "the answer was playing"
-    # (a note-off JACK dropped in an xrun is JACK's: the panic's CC 123 would still end it)
-    assert res["stuck"] == [] or jack_server.xruns() > xruns, res["stuck"]
-    if res["stuck"]:
-        not_judged(request, "nothing stuck at the listener", "JACK had xruns")
+    # whatever JACK dropped: the server repeats note-offs lost in an xrun
+    assert res["stuck"] == [], (res["stuck"], f"{jack_server.xruns() - xruns} xruns")
     takes = list(sp.sessions.glob("*.mid"))
     assert len(takes) == 1 and not list(sp.sessions.glob("*.journal*"))
     mid = mido.MidiFile(takes[0])
@@ -523,33 +508,23 @@ def _clock_exchange(serve_factory: Any) -> tuple[list[Any], dict[str, Any]]:
     return st[2], peer
 
 
-def test_midi_clock_master_drives_the_grid(
-    serve_factory: Any, jack_server: Any, request: pytest.FixtureRequest
-) -> None:
+def test_midi_clock_master_drives_the_grid(serve_factory: Any, jack_server: Any) -> None:
     """jack_midi_clock at 137 BPM leads: answer onsets land on its ticks (<= 3 ms)."""
     require_tool("jack_midi_clock", "jack_transport", "jack_connect")
-    (status, peer), _, clean = on_clean_jack(
-        request,
-        jack_server,
-        lambda: _clock_exchange(serve_factory),
-        max_xruns=30,
-        what="the followed tempo, answer onsets on the master's ticks",
-    )
+    status, peer = _clock_exchange(serve_factory)
     assert status[2] == "midi"
     ticks = peer["ticks"]
     assert len(ticks) > 100
     ons = [r[0] for r in peer["received"] if (r[1] & 0xF0) == 0x90 and r[3] > 0]
     assert ons, peer["phrases"]
-    if clean:
-        assert abs(float(status[1]) - 137.0) < 3.0, status
-        assert len(ons) >= 4, peer["phrases"]
-        errs = _grid_errors(ticks, ons)
-        assert len(errs) >= max(4, len(ons) // 2), (len(errs), len(ons))
-        # on the beat grid within 3 ms (or a period, when that is longer): the bulk, because
-        # a stall of the dummy server shifts the master's phase after notes were timed
-        limit = max(3.0, _GRID_SLACK_S * 1000)
-        assert errs[int(0.75 * (len(errs) - 1))] <= limit, (len(errs), errs[-12:])
-        assert errs[-1] <= 25.0, errs[-12:]
+    assert abs(float(status[1]) - 137.0) < 3.0, status
+    assert len(ons) >= 4, peer["phrases"]
+    errs = _grid_errors(ticks, ons)
+    assert len(errs) >= max(4, len(ons) // 2), (len(errs), len(ons))
+    # on the beat grid within 3 ms (or a period, when that is longer): the bulk, because
+    # a stall of the dummy server shifts the master's phase after notes were timed
+    limit = max(3.0, _GRID_SLACK_S * 1000)
+    assert errs[len(errs) // 2] <= limit, (len(errs), errs[-12:])
 
 
 # MIDI arrives once per JACK period: a peer's stamps are the period's start

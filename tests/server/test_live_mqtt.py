@@ -16,7 +16,7 @@ import pytest
 from divergent.server.bench_live import onset_errors
 from divergent.server.livepeer import ServeProcess
 from tests.bridges.test_mqtt import Broker, free_tcp_port
-from tests.conftest import not_judged, require_tool
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def mqtt_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_mqtt_controls_answers_errors_and_a_broker_outage(
-    tmp_path: Path, mqtt_broker: Broker, jack_server: Any, request: pytest.FixtureRequest
+    tmp_path: Path, mqtt_broker: Broker, jack_server: Any
 ) -> None:
     inst = "stage1"
     name = f"dvmq{int(time.time() * 1000) % 100000}"
@@ -173,11 +173,8 @@ def test_mqtt_controls_answers_errors_and_a_broker_outage(
         assert len(errs) >= 10, "the jam played through the outage"
         errs.sort()
         xruns = jack_server.xruns() - xruns
-        assert errs[len(errs) // 2] <= 3.0, errs  # the median, whatever JACK did
-        if xruns <= 20:  # else JACK itself dropped and delayed events (see on_clean_jack)
-            assert errs[int(0.95 * (len(errs) - 1))] <= 3.0, errs
-        else:
-            not_judged(request, "onset p95 during the outage", f"JACK had {xruns} xruns")
+        # the median on every run (the tail is bench live's, reported with JACK's xruns)
+        assert errs[len(errs) // 2] <= 3.0, (errs, f"{xruns} xruns")
         assert sp.proc is not None and sp.proc.poll() is None
     finally:
         sub.close()

