@@ -160,6 +160,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_toml(), end="")
         return 0
+    if not args.verbose:
+        # --log-level (or the config file's log_level) sets how much the server says
+        logging.getLogger("divergent").setLevel(config.log_level.upper())
     from divergent.bridges.exceptions import BridgeError
     from divergent.model.runtime import ModelError
     from divergent.server.app import Server
@@ -530,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
 
     po = sub.add_parser("ports", help="list MIDI ports")
-    po.add_argument("--midi-backend", default=None, choices=("jack", "alsa", "coremidi", "winmm"))
+    from divergent.server.config import MIDI_BACKENDS
+
+    po.add_argument("--midi-backend", default=None, choices=MIDI_BACKENDS)
     po.add_argument("--json", action="store_true")
     po.set_defaults(func=_cmd_ports)
 

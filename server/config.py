@@ -20,7 +20,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,11 @@ __all__ = [
     "MODES",
     "PRECISIONS",
     "QUANTIZE",
+    "YIELD",
     "ConfigError",
     "ServeConfig",
     "add_serve_arguments",
+    "arg_range",
     "config_from_args",
     "parse_host_port",
 ]
@@ -46,6 +48,8 @@ CLOCKS = ("internal", "midi", "link")
 MIDI_BACKENDS = ("jack", "alsa", "coremidi", "winmm")
 PRECISIONS = ("auto", "int8", "fp32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Turn-taking in call mode: "on" = the machine yields at the performer's first note.
+YIELD = ("on", "off")
 
 MQTT_PORT = 1883
 MQTT_TLS_PORT = 8883
@@ -110,8 +114,10 @@ def _rule(
     choices: tuple[str, ...] | None = None,
     optional: bool = False,
     check: Callable[[Any], str | None] | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     return {
+        "key": key,
         "kind": kind,
         "doc": doc,
         "lo": lo,
@@ -189,6 +195,14 @@ class ServeConfig:
         8.0, "float", "longest note the machine holds, in seconds", lo=0.05, hi=60
     )
     channel: int = _f(1, "int", "MIDI channel the machine plays on", lo=1, hi=16)
+    yield_: str = _f(
+        "on",
+        "str",
+        "call mode: when the performer starts a new phrase while the machine answers, the "
+        "machine stops at their first note (on) or plays its answer out (off)",
+        choices=YIELD,
+        key="yield",
+    )
     velocity: int = _f(
         0,
         "int",
@@ -214,6 +228,14 @@ class ServeConfig:
     osc_port: int = _f(9000, "int", "OSC port (0: any free port)", lo=0, hi=65535)
     osc_reply: str = _f(
         "127.0.0.1:9001", "str", "fixed HOST:PORT every OSC reply goes to", check=_check_reply
+    )
+    drain_s: float = _f(
+        1.0,
+        "float",
+        "at shutdown, seconds to wait for an answer still generating (a second signal "
+        "stops waiting)",
+        lo=0,
+        hi=30,
     )
     heartbeat_s: float = _f(
         1.0, "float", "seconds between status heartbeats (0: off)", check=_check_heartbeat
@@ -252,7 +274,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            setattr(self, f.name, _validated(f.name, getattr(self, f.name), f.metadata))
+            setattr(self, f.name, _validated(_option(f), getattr(self, f.name), f.metadata))
 
     # --- derived values ----------------------------------------------------------------
 
@@ -271,12 +293,17 @@ class ServeConfig:
     # --- conversions -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields, None included."""
-        return asdict(self)
+        """All options by name (``yield``, not the attribute ``yield_``), None included."""
+        return {_option(f): getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServeConfig:
-        """Build from field names; an unknown name is a :class:`ConfigError` listing valid ones."""
+        """Build from option names; an unknown name is a :class:`ConfigError` listing valid ones."""
+        return cls(**cls._attributes(data))
+
+    @classmethod
+    def _attributes(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Option names to attribute names (an option may be a Python keyword: ``yield``)."""
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise ConfigError(
@@ -284,7 +311,8 @@ class ServeConfig:
                 f"valid options: {', '.join(cls.field_names())}",
                 unknown[0],
             )
-        return cls(**data)
+        attr = {_option(f): f.name for f in fields(cls)}
+        return {attr[k]: v for k, v in data.items()}
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ServeConfig:
@@ -312,27 +340,40 @@ class ServeConfig:
     def merged(self, overrides: Mapping[str, Any]) -> ServeConfig:
         """A new config with ``overrides`` applied; a None value means "not given"."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(given) - set(self.field_names()))
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)}; "
-                f"valid options: {', '.join(self.field_names())}",
-                unknown[0],
-            )
-        return replace(self, **given)
+        return replace(self, **self._attributes(given))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """Every option's name, in declaration order."""
-        return tuple(f.name for f in fields(cls))
+        return tuple(_option(f) for f in fields(cls))
+
+    @classmethod
+    def rule(cls, name: str) -> Mapping[str, Any]:
+        """Option ``name``'s declaration (kind, doc, lo, hi, choices, ...), read-only."""
+        for f in fields(cls):
+            if _option(f) == name:
+                return f.metadata
+        raise ConfigError(f"unknown option {name}", name)
 
     @classmethod
     def describe(cls, name: str) -> str:
         """One line saying what option ``name`` does and what it accepts (for help texts)."""
-        for f in fields(cls):
-            if f.name == name:
-                return f"{f.metadata['doc']}{_accepts(f.metadata)}"
-        raise ConfigError(f"unknown option {name}", name)
+        rule = cls.rule(name)
+        return f"{rule['doc']}{_accepts(rule)}"
+
+
+def _option(f: Any) -> str:
+    """A field's option name: its attribute name unless declared otherwise."""
+    return str(f.metadata.get("key") or f.name)
+
+
+def arg_range(name: str) -> dict[str, Any]:
+    """Option ``name``'s range or choices as keyword arguments for a control ``Arg``
+    (``lo``/``hi``, or ``choices``): the one declaration of what a live control accepts."""
+    rule = ServeConfig.rule(name)
+    if rule["choices"]:
+        return {"choices": tuple(rule["choices"])}
+    return {"lo": rule["lo"], "hi": rule["hi"]}
 
 
 def _accepts(rule: Mapping[str, Any]) -> str:
@@ -405,6 +446,7 @@ _FLAGS: tuple[tuple[str, str, str | None], ...] = (
     ("--max-note-s", "max_note_s", "S"),
     ("--channel", "channel", "N"),
     ("--velocity", "velocity", "V"),
+    ("--yield", "yield", None),
     ("--midi-backend", "midi_backend", None),
     ("--midi-in", "midi_in", "NAME"),
     ("--midi-out", "midi_out", "NAME"),
@@ -412,6 +454,7 @@ _FLAGS: tuple[tuple[str, str, str | None], ...] = (
     ("--osc-host", "osc_host", "HOST"),
     ("--osc-port", "osc_port", "PORT"),
     ("--osc-reply", "osc_reply", "HOST:PORT"),
+    ("--drain", "drain_s", "S"),
     ("--sessions", "sessions", "DIR"),
     ("--record", "record", None),
     ("--model-dir", "model_dir", "DIR"),
@@ -446,9 +489,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     defaults = ServeConfig()
     for flag, name, metavar in _FLAGS:
-        f = next(f for f in fields(ServeConfig) if f.name == name)
-        rule = f.metadata
-        default = getattr(defaults, name)
+        rule = ServeConfig.rule(name)
+        default = defaults.to_dict()[name]
         # argparse lists the choices itself; only ranges are added to the description
         described = rule["doc"] if rule["choices"] else ServeConfig.describe(name)
         help_text = f"{described}; default: {_show_default(default)}"

@@ -1,6 +1,6 @@
 """``python -m divergent.server.oscdoc``: print ``docs/osc.md`` from the server's own declarations.
 
-The OSC (and MQTT) address space is declared next to its handlers in ``server.app``;
+The OSC (and MQTT) address space is declared next to its handlers in ``server.handlers``;
 this renders it, and ``tests/server/test_oscdoc.py`` fails when the committed file drifts.
 """
 

@@ -108,6 +108,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("instance", "", "MQTT topic level"),
     ("trace", 5, "must be a string"),
     ("log_level", "loud", "one of debug, info, warning, error"),
+    ("yield", "maybe", "one of on, off"),
+    ("drain_s", -1, "0..30"),
 ]
 
 
@@ -116,7 +118,7 @@ INVALID: list[tuple[str, Any, str]] = [
 )
 def test_every_invalid_field_is_named(name: str, value: Any, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
-        ServeConfig(**{name: value})
+        ServeConfig.from_dict({name: value})  # by option name: `yield` is a Python keyword
     message = str(info.value)
     assert message.startswith(f"{name}: "), message
     assert fragment in message
@@ -439,3 +441,31 @@ def test_help_renders() -> None:
     assert "--phrase-silence S" in text and "--no-record" in text
     assert "--osc-reply HOST:PORT" in text
     assert "default: 0.6" in text
+
+
+def test_each_range_and_choice_is_declared_once() -> None:
+    """The live controls accept what the options accept, and the bridges agree."""
+    from divergent.bridges.clock import BPM_MAX, BPM_MIN, CLOCK_SOURCES
+    from divergent.bridges.midi import MIDI_BACKENDS as BRIDGE_BACKENDS
+    from divergent.server.app import Server
+    from divergent.server.config import CLOCKS, MIDI_BACKENDS, MODES, QUANTIZE, arg_range
+    from divergent.server.control import controls_of
+
+    by_address = {c.address: c.args[0] for c in controls_of(Server) if c.args}
+    for address, option in (
+        ("/divergent/tempo", "bpm"),
+        ("/divergent/divergence", "divergence"),
+        ("/divergent/temperature", "temperature"),
+        ("/divergent/bars", "bars"),
+        ("/divergent/mode", "mode"),
+        ("/divergent/quantize", "quantize"),
+        ("/divergent/clock", "clock"),
+    ):
+        arg = by_address[address]
+        want = arg_range(option)
+        got = {"choices": arg.choices} if arg.choices else {"lo": arg.lo, "hi": arg.hi}
+        assert got == want, address
+    rules = [ServeConfig.rule(name)["choices"] for name in ("mode", "quantize", "clock")]
+    assert rules == [MODES, QUANTIZE, CLOCKS]
+    assert CLOCKS == CLOCK_SOURCES and MIDI_BACKENDS == BRIDGE_BACKENDS
+    assert arg_range("bpm") == {"lo": BPM_MIN, "hi": BPM_MAX}

@@ -1,0 +1,131 @@
+"""The server's outside: the MIDI port (an injectable factory, like mido's port
+template), address lookup off the loop, the model, and the note sink the answers use."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import mido
+
+from divergent.bridges.midi import MidiEvent, MidiIO, choose_backend
+from divergent.server.config import ServeConfig
+from divergent.server.sender import Sender
+
+__all__ = [
+    "MidiPort",
+    "MidiPortFactory",
+    "SenderSink",
+    "load_generator",
+    "numeric_host",
+    "open_midi_port",
+]
+
+
+class MidiPort(Protocol):
+    """An open MIDI input and output (:class:`~divergent.bridges.midi.MidiIO`, or a fake)."""
+
+    backend: str
+
+    @property
+    def input_name(self) -> str:
+        """The input as other clients see it."""
+        ...
+
+    @property
+    def output_name(self) -> str:
+        """The output as other clients see it."""
+        ...
+
+    def send(self, msg: mido.Message) -> None:
+        """Send ``msg`` now (from the sender thread)."""
+        ...
+
+    def close(self) -> None:
+        """Close both ports."""
+        ...
+
+
+class MidiPortFactory(Protocol):
+    """Opens the MIDI port for a config. ``on_event`` may be called from any thread;
+    ``on_xrun`` when the MIDI system dropped events (a JACK xrun), from any thread. Runs
+    in a worker thread (it may start subprocesses and open devices)."""
+
+    def __call__(
+        self,
+        config: ServeConfig,
+        on_event: Callable[[MidiEvent], object],
+        *,
+        on_xrun: Callable[[], object] | None = None,
+    ) -> MidiPort: ...
+
+
+def open_midi_port(
+    config: ServeConfig,
+    on_event: Callable[[MidiEvent], object],
+    *,
+    on_xrun: Callable[[], object] | None = None,
+) -> MidiPort:
+    """The real MIDI port: rtmidi through :class:`MidiIO` (raises BridgeError)."""
+    midi = MidiIO(
+        backend=choose_backend(config.midi_backend),
+        client_name=config.midi_client,
+        in_name=config.midi_in,
+        out_name=config.midi_out,
+        on_event=on_event,
+        on_xrun=on_xrun,
+    )
+    return midi.open()
+
+
+async def numeric_host(host: str, port: int) -> str:
+    """``host`` resolved off the loop (IPv4 first, as the OSC bridge prefers), so the
+    bridge's own lookup of a numeric address never blocks."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError):
+        return host  # the bridge reports the error in its own words
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0])
+
+
+class SenderSink:
+    """The answers' note sink: the sender, once it exists (``sender()`` returns it)."""
+
+    def __init__(self, sender: Callable[[], Sender | None]) -> None:
+        self._sender = sender
+
+    def schedule_note(
+        self,
+        *,
+        on: float,
+        off: float,
+        pitch: int,
+        velocity: int,
+        channel: int = 0,
+        tag: object | None = None,
+    ) -> None:
+        sender = self._sender()
+        if sender is not None:
+            sender.schedule_note(
+                on=on, off=off, pitch=pitch, velocity=velocity, channel=channel, tag=tag
+            )
+
+    def cancel(self, tag: object | None = None) -> int:
+        sender = self._sender()
+        return sender.cancel(tag=tag) if sender is not None else 0
+
+
+def load_generator(config: ServeConfig) -> Any:
+    """The ONNX model of ``config``, warmed up (the worker thread)."""
+    from divergent.model.generate import Generator, ids_from_notes
+    from divergent.model.runtime import OnnxModel
+
+    generator = Generator(OnnxModel(config.model_dir, precision=config.precision, threads=1))
+    # one tiny generation so the first answer does not pay ORT's first-run costs
+    ids = ids_from_notes(generator.model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
+    generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)
+    return generator

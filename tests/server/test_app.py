@@ -1,0 +1,279 @@
+"""The app in-process: a fake MIDI port (the injectable factory), the bundled model, real
+UDP. Each test here was written for a bug found in review (issue 11) and failed before
+its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import mido
+import pytest
+
+from divergent.bridges.clock import MidiClockFollower
+from divergent.bridges.midi import MidiEvent
+from divergent.server.app import Server
+from divergent.server.config import ServeConfig
+from divergent.server.livepeer import free_udp_port
+
+
+class FakePort:
+    """A MIDI port that records what it is sent; ``play`` feeds its input."""
+
+    backend = "fake"
+    input_name = "fake in"
+    output_name = "fake out"
+
+    def __init__(self, on_event: Callable[[MidiEvent], object]) -> None:
+        self.on_event = on_event
+        self.sent: list[mido.Message] = []
+        self.closed = False
+
+    def send(self, msg: mido.Message) -> None:
+        self.sent.append(msg)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def play(self, pitches: list[int]) -> None:
+        t = time.monotonic()
+        for i, p in enumerate(pitches):
+            self.on_event(MidiEvent(t + i * 0.1, mido.Message("note_on", note=p, velocity=80)))
+            self.on_event(MidiEvent(t + i * 0.1 + 0.05, mido.Message("note_off", note=p)))
+
+
+class Recording:
+    """The real generator, remembering how it was asked (and optionally slow)."""
+
+    def __init__(self, generator: Any, *, hang_s: float = 0.0) -> None:
+        self.model = generator.model
+        self._g = generator
+        self.hang_s = hang_s
+        self.calls: list[dict[str, Any]] = []
+
+    def continue_ids(self, ids: Any, **kw: Any) -> Any:
+        self.calls.append(kw)
+        time.sleep(self.hang_s)  # a generation that does not stop at once
+        return self._g.continue_ids(ids, **kw)
+
+    def readout(self, cont: Any) -> Any:
+        return self._g.readout(cont)
+
+
+@pytest.fixture(scope="module")
+def generator() -> Any:
+    from divergent.model.generate import Generator
+    from divergent.model.runtime import OnnxModel
+
+    return Generator(OnnxModel(None, threads=1))
+
+
+def serve_in_process(
+    tmp_path: Path,
+    body: Callable[[Server, FakePort], Awaitable[None]],
+    *,
+    gen: Any = None,
+    shutdown: bool = True,
+    factory_delay: float = 0.0,
+    **options: Any,
+) -> Server:
+    """Start a server with a fake port, run ``body``, shut it down."""
+    config = ServeConfig.from_dict(
+        {
+            "osc_port": 0,
+            "osc_reply": f"127.0.0.1:{free_udp_port()}",
+            "sessions": str(tmp_path / "sessions"),
+            "heartbeat_s": 0,
+            "mode": "off",
+            **options,
+        }
+    )
+    ports: list[FakePort] = []
+
+    def factory(
+        cfg: ServeConfig, on_event: Callable[[MidiEvent], object], *, on_xrun: Any = None
+    ) -> FakePort:
+        time.sleep(factory_delay)  # like jack_lsp or opening a device
+        ports.append(FakePort(on_event))
+        return ports[-1]
+
+    server = Server(
+        config,
+        print_banner=False,
+        midi_factory=factory,
+        generator_factory=(lambda cfg: gen) if gen is not None else None,
+    )
+
+    async def main() -> None:
+        await server.startup()
+        try:
+            await body(server, ports[0])
+        finally:
+            if shutdown:
+                await server.shutdown()
+
+    asyncio.run(main())
+    return server
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_grid_readers_get_a_snapshot_that_never_changes() -> None:
+    server = Server(ServeConfig(clock="midi", bpm=100), print_banner=False)
+    follower = MidiClockFollower(fallback_bpm=100)
+    server.clock = follower
+    held = server.grid  # the master is stopped: free time at its tempo
+    assert held.bpm() == pytest.approx(100)
+    t = time.monotonic()
+    for k in range(30):  # ticks at 150 BPM without Start: the tempo follows, still stopped
+        follower.feed(t + k * 60 / 150 / 24, mido.Message("clock"))
+    assert server.grid.bpm() == pytest.approx(150, abs=0.5)
+    assert held.bpm() == pytest.approx(100), "a reader's grid changed under it"
+
+
+def test_top_p_reaches_the_model(tmp_path: Path, generator: Any) -> None:
+    rec = Recording(generator)
+
+    async def body(server: Server, port: FakePort) -> None:
+        port.play([60, 62, 64, 65])
+        await wait_until(lambda: server.perf.performer_notes == 4)
+        server._control("/divergent/generate", [])
+        await wait_until(lambda: len(rec.calls) == 1)
+
+    serve_in_process(tmp_path, body, gen=rec, top_p=0.5)
+    assert rec.calls[0]["top_p"] == 0.5
+
+
+def test_malformed_osc_packets_reach_the_stats(tmp_path: Path) -> None:
+    async def body(server: Server, port: FakePort) -> None:
+        assert server.osc is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"\x00garbage", ("127.0.0.1", server.osc.port))
+        await wait_until(lambda: server.stats.osc_errors >= 1, timeout=3)
+
+    server = serve_in_process(tmp_path, body)
+    assert server.stats.osc_errors == 1
+
+
+def test_startup_runs_blocking_calls_off_the_loop(tmp_path: Path) -> None:
+    """A slow port factory (jack_lsp, a device opening) must not stall the event loop."""
+    lags: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - t - 0.01)
+
+    async def body(server: Server, port: FakePort) -> None:
+        pass
+
+    config = ServeConfig.from_dict(
+        {"osc_port": 0, "sessions": str(tmp_path), "heartbeat_s": 0, "mode": "off"}
+    )
+
+    def slow(
+        cfg: ServeConfig, on_event: Callable[[MidiEvent], object], *, on_xrun: Any = None
+    ) -> FakePort:
+        time.sleep(0.5)
+        return FakePort(on_event)
+
+    async def main() -> None:
+        watcher = asyncio.get_running_loop().create_task(watch())
+        await asyncio.sleep(0.05)  # the watcher is measuring
+        server = Server(config, print_banner=False, midi_factory=slow)
+        await server.startup()
+        await server.shutdown()
+        watcher.cancel()
+
+    asyncio.run(main())
+    assert max(lags) < 0.3, f"the loop stalled {max(lags):.3f} s"
+
+
+def test_switch_interval_is_restored_at_shutdown(tmp_path: Path) -> None:
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+
+    async def body(server: Server, port: FakePort) -> None:
+        seen.append(sys.getswitchinterval())
+
+    serve_in_process(tmp_path, body)
+    assert seen == [pytest.approx(0.0005)]
+    assert sys.getswitchinterval() == before
+
+
+def _slow_answer(server: Server, port: FakePort, rec: Recording) -> Awaitable[None]:
+    port.play([60, 62, 64])
+
+    async def go() -> None:
+        await wait_until(lambda: server.perf.performer_notes == 3)
+        server._control("/divergent/generate", [])
+        await wait_until(lambda: len(rec.calls) == 1)
+
+    return go()
+
+
+def test_the_drain_timeout_is_the_configs(tmp_path: Path, generator: Any) -> None:
+    rec = Recording(generator, hang_s=3.0)
+    took: list[float] = []
+
+    async def body(server: Server, port: FakePort) -> None:
+        await _slow_answer(server, port, rec)
+        t = time.monotonic()
+        await server.shutdown()
+        took.append(time.monotonic() - t)
+
+    serve_in_process(tmp_path, body, gen=rec, shutdown=False, drain_s=0.2)
+    assert took[0] < 0.8, took
+
+
+def test_a_second_signal_stops_waiting(tmp_path: Path, generator: Any) -> None:
+    rec = Recording(generator, hang_s=3.0)
+    took: list[float] = []
+
+    async def body(server: Server, port: FakePort) -> None:
+        await _slow_answer(server, port, rec)
+        server.handle_exit()
+        t = time.monotonic()
+        down = asyncio.get_running_loop().create_task(server.shutdown())
+        await asyncio.sleep(0.1)
+        server.handle_exit()  # the impatient performer's second Ctrl-C
+        await down
+        took.append(time.monotonic() - t)
+
+    serve_in_process(tmp_path, body, gen=rec, shutdown=False, drain_s=10)
+    assert took[0] < 1.0, took
+
+
+def test_log_level_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    import divergent.server.app as app
+    from divergent.cli import main
+
+    levels: list[int] = []
+
+    class Recorder:
+        def __init__(self, config: ServeConfig, **kw: Any) -> None:
+            pass
+
+        async def serve(self) -> None:
+            levels.append(logging.getLogger("divergent.server").getEffectiveLevel())
+
+    monkeypatch.setattr(app, "Server", Recorder)
+    logger = logging.getLogger("divergent")
+    old = logger.level
+    try:
+        assert main(["serve", "--log-level", "error"]) == 0
+    finally:
+        logger.setLevel(old)
+    assert levels == [logging.ERROR]
