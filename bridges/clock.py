@@ -140,6 +140,10 @@ class _Grid:
     t_alive: float | None
 
 
+# per accepted tick: the jitter estimate forgets a burst over a few hundred ticks
+_JITTER_DECAY = 0.995
+
+
 class MidiClockFollower:
     """Follows a MIDI clock master: 24 ticks per quarter note, start/continue/stop, SPP.
 
@@ -150,9 +154,13 @@ class MidiClockFollower:
     millisecond on a steady clock.
 
     Robustness: a tick far off the line (more than a quarter of a tick period and 3 ms,
+    or 2.5x the jitter the accepted ticks have shown lately, up to 3/4 of a tick period;
     or an interval over 3x the median, e.g. a late tick after a GIL stall) still counts
     for the position but stays out of the fit; three such ticks in a row mean the master
-    really changed tempo or phase, and the line restarts from them. No tick for
+    really changed tempo or phase, and the line restarts from them (``restarts``). The
+    jitter term matters with large JACK periods: at 512 frames (10.7 ms) every tick is
+    stamped with its period's start, and a fixed 4.6 ms bound at 137 BPM took a steady
+    master for a tempo change again and again (measured: 117 BPM followed for 137). No tick for
     ``timeout`` seconds restarts the line too (and ``running()`` turns false).
 
     Position follows the MIDI spec: after Start the next tick is beat 0; after Continue
@@ -195,6 +203,9 @@ class MidiClockFollower:
         self._reported_bpm: float | None = None
         self.ticks = 0
         self.outliers = 0
+        self.restarts = 0  # lines restarted after MAX_OUTLIERS outliers in a row
+        # a slowly decaying maximum of accepted ticks' distance from the line (seconds)
+        self._jitter = 0.0
         self._grid = self._snapshot()
 
     def _snapshot(self) -> _Grid:
@@ -307,12 +318,16 @@ class MidiClockFollower:
             self.outliers += 1
             self._outliers.append((k, t))
             if len(self._outliers) >= self.MAX_OUTLIERS:
+                self.restarts += 1
                 self._window.clear()
                 self._window.extend(self._outliers)
                 self._outliers.clear()
                 # the tempo may have changed too: let the few new ticks set the slope
                 self._measured = False
         else:
+            if len(self._window) >= 2:
+                residual = abs(t - (self._a + self._b * k))
+                self._jitter = max(residual, self._jitter * _JITTER_DECAY)
             self._window.append((k, t))
             self._outliers.clear()
         self._fit()
@@ -323,7 +338,9 @@ class MidiClockFollower:
         return "tick"
 
     def _is_outlier(self, k: int, t: float, gap: float) -> bool:
-        if len(self._window) < 2:
+        if len(self._window) < 4:
+            # a line through two or three ticks stamped a JACK period apart is no line yet
+            # (two ticks in one 10.7 ms period read as 240 BPM): nothing is off it
             return False
         if len(self._window) >= 4:
             ks = [w[0] for w in self._window]
@@ -332,7 +349,8 @@ class MidiClockFollower:
             if gap > 3.0 * statistics.median(intervals):
                 return True
         residual = t - (self._a + self._b * k)
-        return abs(residual) > max(0.25 * self._b, 0.003)
+        tolerance = max(0.25 * self._b, 0.003, min(2.5 * self._jitter, 0.75 * self._b))
+        return abs(residual) > tolerance
 
     def _fit(self) -> None:
         n = len(self._window)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import subprocess
 import sys
@@ -349,3 +350,19 @@ def test_internal_clock_readers_never_see_a_half_set_tempo() -> None:
     for bpm, at in ((90.0, 100.5), (140.0, 101.0), (60.0, 101.1)):
         c.call("set_bpm", bpm, at)
     assert c.bpm() == 60.0
+
+
+def test_follower_holds_a_steady_master_stamped_once_per_large_jack_period() -> None:
+    """At 512 frames (10.7 ms) JACK stamps every tick with its period's start, up to 10.7 ms
+    early: the line averages that, and a steady master is never taken for a tempo change
+    (a fixed 4.6 ms bound at 137 BPM restarted the line again and again: 117 BPM)."""
+    period = 512 / 48000
+    tick = 60.0 / (137 * 24)
+    follower = MidiClockFollower(fallback_bpm=100.0)
+    t0 = 1000.0
+    follower.feed(t0, mido.Message("start"))
+    for k in range(24 * 8):
+        t = t0 + 0.003 + k * tick
+        follower.feed(math.floor(t / period) * period, mido.Message("clock"))
+    assert follower.restarts == 0
+    assert abs(follower.bpm() - 137.0) < 0.5, follower.bpm()
