@@ -5,8 +5,16 @@
   ``IncrementalDecoder.feed`` (Python overhead included), and torch eager
   (``StepModel``) on the same weights (the bundled checkpoint), one thread each;
 - 4/4 bar generation latency (sampling and grammar included), p50/p99;
-- end-to-end note events generated per second.
+- end-to-end note events generated per second;
+- the decoder variant and threads this host serves with (``model.host.choose_decoder``,
+  measured afresh and cached) and its per-token latency (``auto_token_ms``);
+- the floor: the host's multiply-add rate on the step's own shapes (one ONNX Runtime
+  fp32 MatMul chain of every matrix a step multiplies by, attention over the context's
+  K and V included, one thread), and ``floor_ratio`` = the served step's p50 at context
+  256 / the chain's p50, a figure that compares across machines where absolute times
+  do not (issue 13: the same step was 3x slower on another Xeon of the same kind).
 
+Figures after the step timings (bars, notes/s, the knob) run the chosen variant.
 torch is imported only here (and only if installed): the serving path never needs it.
 """
 
@@ -20,11 +28,19 @@ import numpy as np
 
 from divergent.model.files import WEIGHTS_FILE
 from divergent.model.generate import Generator
-from divergent.model.runtime import IncrementalDecoder, OnnxModel, default_model_dir
+from divergent.model.host import choose_decoder, cpu_model
+from divergent.model.runtime import (
+    IncrementalDecoder,
+    OnnxModel,
+    default_model_dir,
+    session_options,
+)
 
-__all__ = ["bench_model"]
+__all__ = ["bench_model", "floor_chain", "step_macs"]
 
 CONTEXTS = (64, 256, 512)
+#: the context the headline figures (speed-up, floor ratio) are taken at
+FLOOR_CONTEXT = 256
 
 
 def _pct(xs: list[float]) -> dict[str, float]:
@@ -44,6 +60,72 @@ def _time(fn: Any, repeats: int) -> dict[str, float]:
         fn()
         ms.append((time.perf_counter() - t) * 1000)
     return _pct(ms)
+
+
+def _step_shapes(model: OnnxModel, ctx: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(name, input shape, weight shape) of every product one decoder step computes."""
+    d, V, Z = model.n_head * model.head_size, model.vocab_size, model.z_dim
+    H, hs = model.n_head, model.head_size
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = [("wz", (1, Z), (Z, d))]
+    for i in range(model.n_layer):
+        shapes += [
+            (f"c_attn_{i}", (1, d), (d, 3 * d)),
+            (f"qk_{i}", (H, 1, hs), (H, hs, ctx)),  # scores over the cached keys
+            (f"pv_{i}", (H, 1, ctx), (H, ctx, hs)),  # weighted sum of the cached values
+            (f"attn_proj_{i}", (1, d), (d, d)),
+            (f"c_fc_{i}", (1, d), (d, 4 * d)),
+            (f"mlp_proj_{i}", (1, 4 * d), (4 * d, d)),
+        ]
+    return [*shapes, ("lm_head", (1, d), (d, V))]
+
+
+def step_macs(model: OnnxModel, ctx: int) -> int:
+    """Multiply-adds of one decoder step (batch 1) on a cache of ``ctx`` tokens."""
+    return sum(int(np.prod(x[:-1])) * int(np.prod(w[-2:])) for _, x, w in _step_shapes(model, ctx))
+
+
+def floor_chain(model: OnnxModel, ctx: int) -> Any:
+    """A callable running the step's products once: an fp32 MatMul chain, one ORT thread.
+
+    One graph of ONNX Runtime MatMuls, each of a step's shapes (random weights, the
+    sizes of the model's matrices and of its K/V cache at ``ctx``), outputs bound to
+    fixed buffers: the host's GEMV rate on exactly the work a step multiplies, with no
+    LayerNorm, attention softmax, cache update or Python between them.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    f32 = TensorProto.FLOAT
+    inputs, outputs, nodes, inits = [], [], [], []
+    feeds: dict[str, np.ndarray] = {}
+    outs: dict[str, np.ndarray] = {}
+    for name, xs, ws in _step_shapes(model, ctx):
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = (rng.standard_normal(ws) / np.sqrt(ws[-2])).astype(np.float32)
+        inputs.append(helper.make_tensor_value_info(f"{name}_x", f32, list(xs)))
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        nodes.append(helper.make_node("MatMul", [f"{name}_x", f"{name}_w"], [f"{name}_y"]))
+        y = np.zeros((*xs[:-1], ws[-1]), np.float32)
+        outputs.append(helper.make_tensor_value_info(f"{name}_y", f32, list(y.shape)))
+        feeds[f"{name}_x"], outs[f"{name}_y"] = x, y
+    graph = helper.make_graph(nodes, "floor", inputs, outputs, inits)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx_model.ir_version = 10
+    session = ort.InferenceSession(
+        onnx_model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"]
+    )
+    io = session.io_binding()
+    as_value = ort.OrtValue.ortvalue_from_numpy
+    for n, a in feeds.items():
+        io.bind_ortvalue_input(n, as_value(a))
+    for n, a in outs.items():
+        io.bind_ortvalue_output(n, as_value(a))
+
+    def run() -> None:
+        session.run_with_iobinding(io)
+
+    return run
 
 
 def _torch_step(model_dir: Path) -> Any:
@@ -82,29 +164,57 @@ def _torch_step(model_dir: Path) -> Any:
     return prepare
 
 
+def _step_timer(model: OnnxModel, ctx: int, rng: np.random.Generator) -> Any:
+    """One token on a ctx-long cache through the serving ``IncrementalDecoder.feed``.
+
+    The decoder holds ctx tokens, takes one more, then is rewound to ctx: every timed
+    call is one token on a cache of exactly ctx tokens (as torch's).
+    """
+    dec = IncrementalDecoder(model)
+    dec.feed(rng.integers(0, model.vocab_size, ctx))
+    tok = [int(rng.integers(0, model.vocab_size))]
+
+    def run() -> None:
+        dec.rewind(ctx)
+        dec.feed(tok)
+
+    return run
+
+
 def bench_model(
-    model_dir: Path | None = None, *, repeats: int = 200, bars: int = 40
+    model_dir: Path | None = None,
+    *,
+    repeats: int = 200,
+    bars: int = 40,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """Every figure above, as one JSON-able dict (``divergent bench model --json``).
+
+    ``cache_dir`` is where the host's decoder choice is cached (default: the user's).
+    """
+    import onnxruntime as ort
+
     model_dir = model_dir or default_model_dir()
+    # the host's choice, measured afresh (the bench reports this run's reasons) and
+    # cached, so that serve then runs what was measured here
+    choice = choose_decoder(model_dir, "auto", cache_dir=cache_dir, refresh=True)
     model = OnnxModel(model_dir, precision="int8", threads=1, device="cpu")
+    served = model
+    if (choice.variant, choice.threads) != ("int8", 1):
+        served = OnnxModel(
+            model_dir, precision=choice.variant, threads=choice.threads, device="cpu"
+        )
     rng = np.random.default_rng(0)
-    ort_ms: dict[str, dict[str, float]] = {}
-    steps: dict[int, Any] = {}
-    for ctx in CONTEXTS:
-        if ctx >= model.block_size:
-            continue
-        # the serving path: an IncrementalDecoder holding ctx tokens takes one more, then
-        # is rewound to ctx, so every timed call is one token on a ctx-long cache (as torch)
-        dec = IncrementalDecoder(model)
-        dec.feed(rng.integers(0, model.vocab_size, ctx))
-        tok = [int(rng.integers(0, model.vocab_size))]
-
-        def ort_run(dec: IncrementalDecoder = dec, ctx: int = ctx, tok: list[int] = tok) -> None:
-            dec.rewind(ctx)
-            dec.feed(tok)
-
-        steps[ctx] = ort_run
-        ort_ms[str(ctx)] = _time(ort_run, repeats)
+    contexts = [ctx for ctx in CONTEXTS if ctx < model.block_size]
+    ort_ms = {str(ctx): _time(_step_timer(model, ctx, rng), repeats) for ctx in contexts}
+    auto_ms = ort_ms
+    if served is not model:
+        auto_ms = {str(ctx): _time(_step_timer(served, ctx, rng), repeats) for ctx in contexts}
+    # the floor, in the same run: the step's products alone, at the headline context
+    floor_ctx = FLOOR_CONTEXT if model.block_size > FLOOR_CONTEXT else contexts[-1]
+    floor = _time(floor_chain(model, floor_ctx), repeats)
+    macs = step_macs(model, floor_ctx)
+    model = served
     # bar generation on the bundled example prompt (4/4), sampling and grammar included
     from divergent.model.generate import read_prompt
 
@@ -165,9 +275,13 @@ def bench_model(
     torch_prepare = _torch_step(model_dir)
     torch_ms: dict[str, dict[str, float]] | None = None
     if torch_prepare is not None:
-        torch_ms = {str(ctx): _time(torch_prepare(ctx), repeats) for ctx in steps}
+        torch_ms = {str(ctx): _time(torch_prepare(ctx), repeats) for ctx in contexts}
     res: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "onnxruntime": ort.__version__,
+        "decoder": choice.to_dict(),
         "ort_int8_token_ms": ort_ms,
+        "auto_token_ms": auto_ms,
         "torch_token_ms": torch_ms,
         "bar_ms": _pct(bar_ms),
         "note_events_per_s": round(notes / total_s, 1),
@@ -177,8 +291,18 @@ def bench_model(
         "readout_ms": _pct(readout_ms),
         "readout_notes": len(four.notes),
     }
+    key = str(floor_ctx)
+    res["floor"] = {
+        "context": floor_ctx,
+        "macs": macs,
+        "ms": floor,
+        "gmacs_per_s": round(macs / floor["p50"] / 1e6, 2),
+        "how": "ORT fp32 MatMul chain of the step's shapes, one thread",
+    }
+    res["floor_ratio"] = round(auto_ms[key]["p50"] / floor["p50"], 2)
     if torch_ms:
-        res["speedup_vs_torch_256"] = round(torch_ms["256"]["p50"] / ort_ms["256"]["p50"], 2)
+        # the served (auto) step against torch eager
+        res["speedup_vs_torch_256"] = round(torch_ms[key]["p50"] / auto_ms[key]["p50"], 2)
     res["notes_per_bar"] = round(bar_notes / bars, 2)
     res["note_events_counted_as"] = "notes (one note = its on/off pair)"
     return res

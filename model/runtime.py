@@ -40,6 +40,7 @@ __all__ = [
     "OnnxModel",
     "default_model_dir",
     "providers",
+    "session_options",
 ]
 
 
@@ -117,6 +118,29 @@ def providers() -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
+def session_options(threads: int = 1) -> Any:
+    """ONNX Runtime session options for a decoder (or encoder) on ``threads`` intra-op threads.
+
+    One declaration for every session of the serving path (``OnnxModel``, the host
+    self-benchmark of ``model.host``), so what is measured is what is served.
+    """
+    import onnxruntime as ort
+
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    so = ort.SessionOptions()
+    # One intra-op thread was stable here; two varied 2x between processes on 2 vCPUs:
+    # model.host measures per host whether more threads pay. With more than one, the
+    # pool spins between ops (ORT's default): measured on a 2-vCPU Xeon, two threads
+    # without spinning were no faster than one (0.79 vs 0.80 ms at context 256), with it
+    # 0.63 ms.
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
 class OnnxModel:
     """The exported model: decoder step + latent encoder + tokenizer."""
 
@@ -153,12 +177,7 @@ class OnnxModel:
         self.tokenizer: DivergentTokenizer = load_tokenizer(self.files.tokenizer)
         if self.tokenizer.hash != cfg.get("tokenizer_hash"):
             raise ModelError(f"{TOKENIZER_FILE} does not match the model's config")
-        so = ort.SessionOptions()
-        # One intra-op thread was stable here; two varied 2x between processes on 2 vCPUs.
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so = session_options(threads)
         try:
             self.decoder = ort.InferenceSession(
                 str(self.files.decoder(precision)), so, providers=prov
