@@ -33,10 +33,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 
 import mido
+
+from divergent.server.sendtypes import (
+    DONE,
+    PENDING,
+    SOUNDING,
+    Note,
+    Recent,
+    Resend,
+    SenderStats,
+    Sent,
+    is_release,
+)
 
 __all__ = ["Sender", "SenderStats", "Sent", "Sink"]
 
@@ -50,11 +61,6 @@ Sink = Callable[[mido.Message], None]
 _OFF = 0
 _RAW = 1
 _ON = 2
-
-# Note states.
-_PENDING = 0
-_SOUNDING = 1
-_DONE = 2
 
 # Note-offs (and release CCs) sent within this many seconds are sent again when the MIDI
 # system reports lost events (a JACK xrun drops a whole cycle's events, and its
@@ -71,113 +77,9 @@ _LATE_S = 0.001
 _ERROR_LOG_EVERY_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class Sent:
-    """One message handed to the sinks: when it was due and when it actually went out."""
-
-    scheduled: float
-    """The ``time.monotonic()`` time it was scheduled for (before ``lead_s``)."""
-    actual: float
-    """The ``time.monotonic()`` time just before the first sink was called."""
-    message: mido.Message
-    tag: object | None
-    """The tag given to ``schedule_note`` (``None`` for ``send_now`` and panic messages)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SenderStats:
-    """A snapshot of the sender's counters (``Sender.stats``)."""
-
-    sent: int
-    """Messages handed to the sinks (each counted once, however many sinks)."""
-    notes_on: int
-    notes_off: int
-    late: int
-    """Scheduled messages sent more than 1 ms after their lead-adjusted time."""
-    dropped_late: int
-    """Note-ons whose time had passed by more than ``late_drop_s``: dropped, never played."""
-    cancelled: int
-    """Pending note-ons dropped by ``cancel``, ``panic`` or ``close``."""
-    retriggered: int
-    """Note-ons of a pitch already sounding on that channel (a note-off went first)."""
-    clipped: int
-    """Notes shortened to ``max_note_s``."""
-    refused: int
-    """Notes and messages given after ``close`` (ignored)."""
-    sink_errors: int
-    callback_errors: int
-    max_lateness_s: float
-    """The latest any scheduled message went out (seconds after its lead-adjusted time)."""
-    max_spin_s: float
-    """The longest GIL-holding spin before an event (grows when wake-ups are late)."""
-    resent: int
-    """Note-offs (and CC 123/64) sent again after the MIDI system lost events
-    (:meth:`Sender.resend_lost_offs`, on a JACK xrun)."""
-    pending: int
-    """Note-ons waiting to be sent."""
-    sounding: int
-    """Notes currently on."""
-
-
-def _is_release(msg: mido.Message) -> bool:
-    """A message whose loss leaves a note sounding: a note-off, CC 123 or sustain off."""
-    if msg.type == "note_off" or (msg.type == "note_on" and msg.velocity == 0):
-        return True
-    return msg.type == "control_change" and msg.control in (123, 64) and msg.value == 0
-
-
-class _Note:
-    """A note's messages (built by the caller, off the timing path) and its state."""
-
-    __slots__ = ("droppable", "msg_off", "msg_on", "off", "on", "state", "tag")
-
-    def __init__(
-        self,
-        *,
-        msg_on: mido.Message,
-        msg_off: mido.Message,
-        on: float,
-        off: float,
-        tag: object | None,
-        droppable: bool,
-    ) -> None:
-        self.msg_on = msg_on
-        self.msg_off = msg_off
-        self.on = on
-        self.off = off
-        self.tag = tag
-        self.droppable = droppable
-        self.state = _PENDING
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return int(self.msg_on.channel), int(self.msg_on.note)
-
-
-class _Recent:
-    """A note-off (or CC 123/64) sent lately: when it last went out, how often repeated.
-    Repeats carry it as their tag, so the sender thread updates it when they go out."""
-
-    __slots__ = ("msg", "repeats", "sent_at")
-
-    def __init__(self, sent_at: float, msg: mido.Message) -> None:
-        self.sent_at = sent_at
-        self.msg = msg
-        self.repeats = 0
-
-
-class _Resend:
-    """A repeat of a recent release; checked when due, not when asked for."""
-
-    __slots__ = ("recent",)
-
-    def __init__(self, recent: _Recent) -> None:
-        self.recent = recent
-
-
 # (due time, kind, sequence number, payload): the sequence number keeps the heap stable and
 # means the payload is never compared.
-_Entry = tuple[float, int, int, _Note | _Resend | mido.Message]
+_Entry = tuple[float, int, int, Note | Resend | mido.Message]
 # (scheduled time, message, tag, timed): timed messages count towards lateness statistics.
 _Out = tuple[float, mido.Message, object | None, bool]
 
@@ -235,8 +137,8 @@ class Sender:
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[_Entry] = []
         self._seq = itertools.count()
-        self._pending: set[_Note] = set()
-        self._sounding: dict[tuple[int, int], _Note] = {}
+        self._pending: set[Note] = set()
+        self._sounding: dict[tuple[int, int], Note] = {}
         self._channels: set[int] = set()
         # Release (panic/close) requests, numbered: asked for, taken (sounding set emptied)
         # and done (messages sent), so panic(wait=...) can wait for the sending itself.
@@ -275,7 +177,7 @@ class Sender:
         self._n_callback_errors = 0
         self._n_resent = 0
         # (sent at, message) of recent note-offs and release CCs, for resend_lost_offs
-        self._recent_offs: deque[_Recent] = deque(maxlen=_RECENT_OFFS_MAX)
+        self._recent_offs: deque[Recent] = deque(maxlen=_RECENT_OFFS_MAX)
         self._max_lateness = 0.0
         self._max_spin = 0.0
 
@@ -365,7 +267,7 @@ class Sender:
         off = max(min(off, on + self._max_note_s), on + self.MIN_NOTE_S)
         # mido validates on construction (tens of microseconds): do it here, on the
         # caller's thread, not on the sender's timing path.
-        note = _Note(
+        note = Note(
             msg_on=mido.Message("note_on", channel=channel, note=pitch, velocity=velocity),
             msg_off=mido.Message("note_off", channel=channel, note=pitch, velocity=64),
             on=float(on),
@@ -390,10 +292,10 @@ class Sender:
         note-off for it passes through, and panic/close turn it off if it does not.
         """
         now = time.monotonic()
-        payload: _Note | mido.Message = msg
+        payload: Note | mido.Message = msg
         kind = _RAW
         if msg.type == "note_on" and msg.velocity > 0:
-            payload = _Note(
+            payload = Note(
                 msg_on=msg,
                 msg_off=mido.Message("note_off", channel=msg.channel, note=msg.note, velocity=64),
                 on=now,
@@ -420,7 +322,7 @@ class Sender:
         with self._cond:
             doomed = [n for n in self._pending if n.droppable and (tag is None or n.tag == tag)]
             for note in doomed:
-                note.state = _DONE
+                note.state = DONE
                 self._pending.discard(note)
             if doomed:
                 self._heap = [e for e in self._heap if self._live(e)]
@@ -475,7 +377,7 @@ class Sender:
                 if r.sent_at >= now - window_s and r.repeats < _MAX_REPEATS
             ]
             for r in recent:
-                self._push_locked(now, _OFF, _Resend(r))
+                self._push_locked(now, _OFF, Resend(r))
             return len(recent)
 
     def sounding(self) -> int:
@@ -508,7 +410,7 @@ class Sender:
 
     # --- internals (``_locked``: caller holds self._cond) ---------------------------------
 
-    def _push_locked(self, t: float, kind: int, payload: _Note | _Resend | mido.Message) -> None:
+    def _push_locked(self, t: float, kind: int, payload: Note | Resend | mido.Message) -> None:
         entry: _Entry = (t, kind, next(self._seq), payload)
         heapq.heappush(self._heap, entry)
         # Wake the thread only when its next deadline moved earlier: every needless
@@ -519,15 +421,15 @@ class Sender:
     @staticmethod
     def _live(entry: _Entry) -> bool:
         _, kind, _, payload = entry
-        if not isinstance(payload, _Note):
+        if not isinstance(payload, Note):
             return True
         if kind == _ON:
-            return payload.state == _PENDING
-        return payload.state != _DONE
+            return payload.state == PENDING
+        return payload.state != DONE
 
     def _drop_pending_locked(self) -> None:
         for note in self._pending:
-            note.state = _DONE
+            note.state = DONE
         self._n_cancelled += sum(1 for n in self._pending if n.droppable)
         self._pending.clear()
         # Sounding notes' note-offs are in the heap too: the release sends them now.
@@ -542,7 +444,7 @@ class Sender:
         now = time.monotonic()
         out: list[_Out] = []
         for note in self._sounding.values():
-            note.state = _DONE
+            note.state = DONE
             out.append((now, note.msg_off, note.tag, False))
         self._sounding.clear()
         if self._release_ccs:
@@ -578,34 +480,34 @@ class Sender:
         heap = self._heap
         while heap and heap[0][0] <= horizon:
             t, kind, _, payload = heapq.heappop(heap)
-            if isinstance(payload, _Resend):
+            if isinstance(payload, Resend):
                 if self._still_off_locked(payload.recent.msg):
                     self._n_resent += 1
                     out.append((t, payload.recent.msg, payload.recent, False))
-            elif isinstance(payload, _Note):
+            elif isinstance(payload, Note):
                 note = payload
                 if kind == _ON:
-                    if note.state != _PENDING:
+                    if note.state != PENDING:
                         continue
                     self._pending.discard(note)
                     if note.droppable and horizon - t > self._late_drop_s:
-                        note.state = _DONE
+                        note.state = DONE
                         self._n_dropped_late += 1
                         continue
                     prev = self._sounding.get(note.key)
                     if prev is not None:
                         # One note-off per note-on: end the sounding one first; its own
                         # scheduled note-off is then skipped.
-                        prev.state = _DONE
+                        prev.state = DONE
                         self._n_retriggered += 1
                         out.append((t, prev.msg_off, prev.tag, note.droppable))
-                    note.state = _SOUNDING
+                    note.state = SOUNDING
                     self._sounding[note.key] = note
                     out.append((t, note.msg_on, note.tag, note.droppable))
                 else:
-                    if note.state != _SOUNDING:
+                    if note.state != SOUNDING:
                         continue
-                    note.state = _DONE
+                    note.state = DONE
                     del self._sounding[note.key]
                     out.append((t, note.msg_off, note.tag, True))
             else:
@@ -614,7 +516,7 @@ class Sender:
                     # A passed-through note-off ends whatever sounds on that key.
                     ended = self._sounding.pop((int(msg.channel), int(msg.note)), None)
                     if ended is not None:
-                        ended.state = _DONE
+                        ended.state = DONE
                 out.append((t, msg, None, False))
         return out
 
@@ -646,7 +548,7 @@ class Sender:
         with self._cond:
             for sent, timed, errors in results:
                 self._n_sent += 1
-                if isinstance(sent.tag, _Recent):
+                if isinstance(sent.tag, Recent):
                     # a repeat: not a new note-off; it may be repeated again (bounded)
                     sent.tag.sent_at = sent.actual
                     sent.tag.repeats += 1
@@ -656,8 +558,8 @@ class Sender:
                     self._n_on += 1
                 elif sent.message.type == "note_off":
                     self._n_off += 1
-                if _is_release(sent.message):
-                    self._recent_offs.append(_Recent(sent.actual, sent.message))
+                if is_release(sent.message):
+                    self._recent_offs.append(Recent(sent.actual, sent.message))
                 self._n_sink_errors += len(errors)
                 if timed:
                     lateness = sent.actual - (sent.scheduled - self._lead_s)
@@ -670,7 +572,7 @@ class Sender:
             return
         n_failed = 0
         for sent, _, _ in results:
-            if isinstance(sent.tag, _Recent):
+            if isinstance(sent.tag, Recent):
                 continue  # the take and the trace hold each note-off once
             try:
                 self._on_sent(sent)
