@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,12 +165,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # --log-level (or the config file's log_level) sets how much the server says
         logging.getLogger("divergent").setLevel(config.log_level.upper())
     from divergent.bridges.exceptions import BridgeError
+    from divergent.model.concept import ConceptError
     from divergent.model.runtime import ModelError
     from divergent.server.app import Server
 
     try:
         asyncio.run(Server(config).serve())
-    except (BridgeError, ModelError, OSError) as e:
+    except (BridgeError, ModelError, ConceptError, OSError) as e:
         raise CLIError(str(e)) from e
     return 0
 
@@ -294,9 +296,17 @@ def _concepts_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_concept_learn(args: argparse.Namespace) -> int:
-    from divergent.model.concept import ConceptError, LearnConfig, learn_concept
+    from divergent.model.concept import (
+        ConceptError,
+        LearnConfig,
+        TrainingExtraMissing,
+        learn_concept,
+    )
     from divergent.model.runtime import ModelError
 
+    if args.nice > 0 and hasattr(os, "nice"):
+        # the live server learns while the music plays: the learner yields the CPU to it
+        os.nice(args.nice)
     try:
         cfg = LearnConfig(
             fraction=args.fraction, steps=args.steps, seed=args.seed, threads=args.threads
@@ -309,6 +319,10 @@ def _cmd_concept_learn(args: argparse.Namespace) -> int:
             model_dir=Path(args.model) if args.model else None,
             progress=not args.json,
         )
+    except TrainingExtraMissing as e:
+        # its own exit status: a caller running this as a process can say what to install
+        print(f"divergent: error: {e}", file=sys.stderr)
+        return TrainingExtraMissing.exit_code
     except (ConceptError, ModelError) as e:
         raise CLIError(str(e)) from e
     if args.json:
@@ -483,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     cl.add_argument("--concepts", default=None, metavar="DIR", help=concepts_help)
     cl.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
+    cl.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lower this process's priority by N first (the live server uses 10)",
+    )
     cl.set_defaults(func=_cmd_concept_learn)
     cls_ = cosub.add_parser("list", help="the learned concepts")
     cls_.add_argument("--concepts", default=None, metavar="DIR", help=concepts_help)

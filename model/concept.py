@@ -68,8 +68,10 @@ __all__ = [
     "ConceptError",
     "ConceptMeta",
     "LearnConfig",
+    "TrainingExtraMissing",
     "activate",
     "check_name",
+    "concept_names",
     "default_concepts_dir",
     "learn_concept",
     "list_concepts",
@@ -94,6 +96,17 @@ Q_BLOCK = 16
 
 class ConceptError(ValueError):
     """A concept that cannot be named, found, loaded or applied (the message says why)."""
+
+
+class TrainingExtraMissing(ConceptError):
+    """Learning needs the training extra (torch), which this Python cannot import.
+
+    ``divergent concept learn`` exits with :attr:`exit_code` for it, so a caller running
+    it as a process (the live server) can say what to install.
+    """
+
+    install = "pip install torch==2.13.0 && pip install -e '.[train]'"
+    exit_code = 3
 
 
 def pivotal_names(n_layer: int) -> list[str]:
@@ -383,6 +396,14 @@ def list_concepts(concepts_dir: str | Path | None = None) -> list[dict[str, Any]
             }
         out.append(entry)
     return out
+
+
+def concept_names(concepts_dir: str | Path | None = None) -> list[str]:
+    """The names of the concept files in the folder (name order), without reading them."""
+    folder = Path(concepts_dir) if concepts_dir else default_concepts_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(path.name[: -len(SUFFIX)] for path in folder.glob(f"*{SUFFIX}"))
 
 
 def remove_concept(name: str, concepts_dir: str | Path | None = None) -> Path:
@@ -1147,7 +1168,7 @@ def learn_concept(
     try:
         import torch  # noqa: F401  (the training extra)
     except ImportError as e:
-        raise ConceptError(
+        raise TrainingExtraMissing(
             "learning concepts needs torch: pip install 'divergent[train]' (torch==2.13.0 first)"
         ) from e
     from divergent.model.runtime import default_model_dir

@@ -25,6 +25,7 @@ import functools
 import logging
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -40,7 +41,19 @@ from divergent.bridges.jack import jack_period_s
 from divergent.bridges.midi import MidiEvent
 from divergent.bridges.mqtt import MqttBridge
 from divergent.bridges.osc import OscBridge
+from divergent.model.concept import ConceptError, default_concepts_dir
+from divergent.model.runtime import ModelError
 from divergent.server.answers import Answers
+from divergent.server.concepts import (
+    MIN_LEARN_NOTES,
+    NONE,
+    ConceptLoader,
+    LearnError,
+    PlayedNotes,
+    canonical_spec,
+    learn_in_process,
+    stop_process,
+)
 from divergent.server.conductor import Conductor
 from divergent.server.config import ServeConfig
 from divergent.server.handlers import VERSION, ControlHandlers
@@ -130,6 +143,15 @@ class Server(Conductor, ControlHandlers):
         # machine notes sounding now, by (channel, pitch): their answer's id
         self._sounding: dict[tuple[int, int], int] = {}
         self._yielded: deque[int] = deque(maxlen=8)  # answers that gave the turn back
+        # concepts: the active one, the base model's generator, the loader, what was played
+        self.concept = NONE
+        self.concepts_dir = Path(config.concepts) if config.concepts else default_concepts_dir()
+        self._base_generator: Any = None
+        self._concept_loader = ConceptLoader(folder=self.concepts_dir)
+        self._concept_seq = 0  # the latest switch request: an older one that loads later loses
+        self._played = PlayedNotes()
+        self._learning: tuple[str, asyncio.Task[None]] | None = None
+        self._learn_proc: asyncio.subprocess.Process | None = None
 
     @property
     def mode(self) -> str:
@@ -191,6 +213,9 @@ class Server(Conductor, ControlHandlers):
         self._midi_q = asyncio.Queue(maxsize=8192)
         answers = self._make_answers()
         stack.callback(answers.close)
+        stack.callback(self._concept_loader.close)
+        # a learning process still running ends with the server
+        stack.push_async_callback(self._stop_learning)
         # the model loads in the worker while MIDI and OSC come up
         model_future = answers.call_in_worker(functools.partial(self._load_model, answers))
         stack.callback(self._close_clock)
@@ -236,7 +261,13 @@ class Server(Conductor, ControlHandlers):
         return self.answers
 
     def _load_model(self, answers: Answers) -> None:
-        answers.generator = self.generator_factory(self.config)
+        self._base_generator = answers.generator = self.generator_factory(self.config)
+        if self.config.concept is not None and canonical_spec(self.config.concept) != NONE:
+            # the first answer is already in the concept (a bad one stops the start)
+            spec = canonical_spec(self.config.concept)
+            answers.generator, ms = self._concept_loader.build_now(spec, self._base_generator)
+            self.concept = spec
+            log.info("concept %s loaded in %.0f ms", spec, ms)
 
     async def _open_midi(self, loop: asyncio.AbstractEventLoop) -> None:
         def on_event(ev: MidiEvent) -> None:  # rtmidi's poller thread
@@ -348,10 +379,11 @@ class Server(Conductor, ControlHandlers):
         await self._stack.aclose()
         log.info("stopped")
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -439,6 +471,8 @@ class Server(Conductor, ControlHandlers):
                     )
                 return
             self._apply(self.perf.performer_note(t, on, msg.note, msg.velocity, msg.channel))
+            # the material /divergent/concept/learn learns from
+            self._played.add(t, on, msg.note, msg.velocity, msg.channel)
         if self.take is not None and not msg.is_meta and hasattr(msg, "channel"):
             self.take.note(t, "performer", msg)
 
@@ -520,6 +554,7 @@ class Server(Conductor, ControlHandlers):
             int(self.bars),
             self.quantize,
             int(self.stats.answers),
+            self.concept,
         )
 
     async def _heartbeat(self) -> None:
@@ -584,6 +619,7 @@ class Server(Conductor, ControlHandlers):
             ("temperature", self.temperature),
             ("bars", self.bars),
             ("mode", self.mode),
+            ("concept", self.concept),
         ):
             self.take.control(now, key, value)
         log.info("recording %s", self.take.path)
@@ -610,3 +646,112 @@ class Server(Conductor, ControlHandlers):
             self.take.control(time.monotonic(), name, value)
         if self.mqtt is not None:
             self.mqtt.publish_status(self.status_dict())
+
+    # ------------------------------------------------------------------ concepts
+
+    def _request_concept(self, spec: str) -> None:
+        self._concept_seq += 1
+        if spec == NONE:
+            self._concept_switched(NONE, self._base_generator, 0.0)
+            return
+        self._spawn(self._switch_concept(spec, self._concept_seq))
+
+    async def _switch_concept(self, spec: str, seq: int) -> None:
+        """Build the concept's generator off the loop; it applies from the next answer (an
+        answer under way keeps the generator it began with, so no note is cut)."""
+        try:
+            generator, ms = await self._concept_loader.build(spec, self._base_generator)
+        except (ConceptError, ModelError, OSError) as e:
+            self._error(f"/divergent/concept: {e} (rejected; still {self.concept})")
+            return
+        except Exception as e:  # a loading bug must not reach the music: the old one stays
+            log.exception("loading concept %s failed", spec)
+            self._error(f"/divergent/concept: internal error: {e} (rejected; still {self.concept})")
+            return
+        if seq != self._concept_seq:
+            log.info("concept %s loaded, but a later switch replaced it", spec)
+            return
+        self._concept_switched(spec, generator, ms)
+
+    def _concept_switched(self, spec: str, generator: Any, load_ms: float) -> None:
+        if self.answers is not None and generator is not None:
+            self.answers.generator = generator
+        self.concept = spec
+        log.info("concept: %s (loaded in %.0f ms)", spec, load_ms)
+        self.trace.write("concept", t=time.monotonic(), concept=spec, load_ms=load_ms)
+        self._send("/divergent/concept", spec, float(load_ms))
+        if self.mqtt is not None:
+            self.mqtt.publish("concept", {"concept": spec, "load_ms": round(load_ms, 1)})
+        self._controlled("concept", spec)  # the take's mark, the MQTT status
+
+    def _request_concept_list(self) -> None:
+        self._spawn(self._reply_concepts())
+
+    async def _reply_concepts(self) -> None:
+        names = await self._concept_loader.names()
+        self._send("/divergent/concepts", *names)
+        if self.mqtt is not None:
+            self.mqtt.publish("concepts", names, retain=True)
+
+    def _request_learn(self, name: str, seconds: float | None) -> None:
+        address = "/divergent/concept/learn"
+        if self._learning is not None:
+            self._error(f"{address}: {self._learning[0]!r} is still being learned (rejected)")
+            return
+        span = self.config.concept_learn_s if seconds is None else float(seconds)
+        now = time.monotonic()
+        events = self._played.window(now, span)
+        notes = PlayedNotes.notes(events)
+        if notes < MIN_LEARN_NOTES:
+            self._error(
+                f"{address}: too little played to learn from: {notes} notes in the last "
+                f"{span:g} s, at least {MIN_LEARN_NOTES} needed (rejected)"
+            )
+            return
+        self._learning = (name, self._spawn(self._learn(name, events, span, now)))
+
+    async def _learn(self, name: str, events: list[Any], span: float, now: float) -> None:
+        address = "/divergent/concept/learn"
+        notes = PlayedNotes.notes(events)
+        log.info("learning concept %s from %d notes (%.0f s)", name, notes, span)
+        try:
+            with tempfile.TemporaryDirectory(prefix="divergent-learn-") as tmp:
+                ref = Path(tmp) / f"{name}.mid"
+                await asyncio.to_thread(
+                    PlayedNotes.write_midi, events, ref, bpm=self.clock.bpm(), end=now
+                )
+                summary = await learn_in_process(
+                    name=name,
+                    reference=ref,
+                    folder=self.concepts_dir,
+                    steps=self.config.concept_learn_steps,
+                    model_dir=self.config.model_dir,
+                    started=functools.partial(setattr, self, "_learn_proc"),
+                )
+        except (LearnError, OSError) as e:
+            self._error(f"{address}: {e} (rejected)")
+            return
+        finally:
+            # on cancellation (shutdown) _learn_proc stays: _stop_learning ends the process
+            self._learning = None
+        self._learn_proc = None
+        loss = summary.get("loss_last")
+        figures = (
+            name,
+            float(summary.get("learn_seconds", -1.0)),
+            int(summary.get("steps", 0)),
+            -1.0 if loss is None else float(loss),
+            notes,
+            float(span),
+            int(summary.get("bytes", 0)),
+        )
+        log.info("learned concept %s: %s", name, summary)
+        self._send("/divergent/concept/learned", *figures)
+        if self.mqtt is not None:
+            self.mqtt.publish("concept/learned", {**summary, "notes": notes, "played_s": span})
+        if self.take is not None:
+            self.take.marker(time.monotonic(), f"learned concept {name} ({notes} notes)")
+        await self._reply_concepts()
+
+    async def _stop_learning(self) -> None:
+        await stop_process(self._learn_proc)

@@ -159,6 +159,18 @@ def _check_heartbeat(value: float) -> str | None:
     return None if value == 0 or 0.1 <= value <= 60 else "must be 0 (off) or in 0.1..60 seconds"
 
 
+def _check_concept(value: str) -> str | None:
+    from divergent.model.concept import ConceptError, parse_spec
+
+    if value.strip().lower() == "none":
+        return None
+    try:
+        parse_spec(value)
+    except ConceptError as e:
+        return f"must be NAME, NAME+NAME or none ({e})"
+    return None
+
+
 def _f(default: Any, kind: str, doc: str, **kw: Any) -> Any:
     return field(default=default, metadata=_rule(kind, doc, **kw))
 
@@ -247,6 +259,30 @@ class ServeConfig:
     record: bool = _f(True, "bool", "record every take automatically")
     model_dir: str | None = _f(None, "str", "model folder (none: the bundled model)", optional=True)
     precision: str = _f("auto", "str", "decoder weights", choices=PRECISIONS)
+    # concepts
+    concepts: str | None = _f(
+        None,
+        "str",
+        "concepts folder (none: $DIVERGENT_CONCEPTS, else ~/.local/share/divergent/concepts)",
+        optional=True,
+    )
+    concept: str | None = _f(
+        None,
+        "str",
+        "the concept answers start in: NAME, NAME+NAME or none",
+        optional=True,
+        check=_check_concept,
+    )
+    concept_learn_s: float = _f(
+        120.0,
+        "float",
+        "seconds of the performer's playing /divergent/concept/learn learns from by default",
+        lo=5,
+        hi=600,
+    )
+    concept_learn_steps: int = _f(
+        60, "int", "tuning steps of a concept learned live (fewer: sooner, weaker)", lo=1, hi=1000
+    )
     # MQTT
     mqtt: str | None = _f(
         None, "str", "MQTT broker HOST[:PORT] (none: no MQTT)", optional=True, check=_check_mqtt
@@ -459,6 +495,10 @@ _FLAGS: tuple[tuple[str, str, str | None], ...] = (
     ("--record", "record", None),
     ("--model-dir", "model_dir", "DIR"),
     ("--precision", "precision", None),
+    ("--concepts", "concepts", "DIR"),
+    ("--concept", "concept", "NAME[+NAME]"),
+    ("--concept-learn-seconds", "concept_learn_s", "S"),
+    ("--concept-learn-steps", "concept_learn_steps", "N"),
     ("--mqtt", "mqtt", "HOST[:PORT]"),
     ("--mqtt-username", "mqtt_username", "NAME"),
     ("--mqtt-password", "mqtt_password", "PASSWORD"),

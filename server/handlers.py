@@ -20,6 +20,8 @@ import mido
 
 from divergent.bridges.clock import Clock, InternalClock, LinkClock
 from divergent.bridges.mqtt import PayloadError, parse_payload
+from divergent.model.concept import ConceptError, check_name
+from divergent.server.concepts import canonical_spec
 from divergent.server.config import arg_range
 from divergent.server.control import (
     PREFIX,
@@ -92,6 +94,19 @@ class ControlHandlers(ABC):
     @abstractmethod
     def _on_midi(self, t: float, msg: mido.Message) -> None:
         """One incoming MIDI message."""
+
+    @abstractmethod
+    def _request_concept(self, spec: str) -> None:
+        """Switch to concept ``spec`` (checked; ``none`` for the base model) for the next
+        answer, in the background."""
+
+    @abstractmethod
+    def _request_concept_list(self) -> None:
+        """Reply /divergent/concepts, in the background."""
+
+    @abstractmethod
+    def _request_learn(self, name: str, seconds: float | None) -> None:
+        """Learn concept ``name`` from the last ``seconds`` played, in the background."""
 
     def _on_osc(self, address: str, args: tuple[Any, ...], sender: tuple[str, int]) -> None:
         self._control(address, list(args))
@@ -261,3 +276,48 @@ class ControlHandlers(ABC):
         ch = (channel or 1) - 1
         kind = "note_on" if velocity > 0 else "note_off"
         self._on_midi(t, mido.Message(kind, note=pitch, velocity=velocity, channel=ch))
+
+    @control(
+        "/divergent/concept",
+        Arg("name", "s", doc="a concept's name, A+B for two, or none"),
+        doc="Answer in a learned concept (see docs/concepts.md), two combined (A+B), or none "
+        "(the base model). The concept loads in the background and applies from the next "
+        "answer: the answer playing finishes as it began. Replies /divergent/concept when "
+        "it applies; an unknown or unreadable concept gets /divergent/error and the active "
+        "one stays.",
+    )
+    def _set_concept(self, name: str) -> None:
+        try:
+            spec = canonical_spec(name)  # a bad name is refused here, before any loading
+        except ConceptError as e:
+            raise ControlError("/divergent/concept", f"{e} (rejected)") from e
+        self._request_concept(spec)
+
+    @control("/divergent/concepts", doc="Replies /divergent/concepts: the learned concepts.")
+    def _list_concepts(self) -> None:
+        self._request_concept_list()
+
+    @control(
+        "/divergent/concept/learn",
+        Arg("name", "s", doc="the new concept's name (letters, digits, _ . -)"),
+        Arg(
+            "seconds",
+            "f",
+            **arg_range("concept_learn_s"),
+            clamp=True,
+            optional=True,
+            doc="how far back to take the performer's playing (default: the "
+            "concept_learn_s option, 120)",
+        ),
+        doc="Learn a concept from what the performer played in the last seconds, in a "
+        "separate lower-priority process (needs the training extra, torch); the music "
+        "goes on. Replies /divergent/concept/learned then /divergent/concepts; an error "
+        "(too little played, no torch, a learn already running) on /divergent/error. A "
+        "concept of the same name is replaced.",
+    )
+    def _learn_concept(self, name: str, seconds: float | None = None) -> None:
+        try:
+            check_name(name)
+        except ConceptError as e:
+            raise ControlError("/divergent/concept/learn", f"{e} (rejected)") from e
+        self._request_learn(name, seconds)

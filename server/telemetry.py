@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from divergent.server.control import Reply
+from divergent.server.control import Arg, Reply
 
 __all__ = ["REPLIES", "STATUS", "Stats", "Trace"]
 
@@ -34,9 +34,11 @@ REPLIES: tuple[Reply, ...] = (
             ("bars", "i"),
             ("quantize", "s"),
             ("answers", "i"),
+            ("concept", "s"),
         ),
         doc="The server's state: the reply to /divergent/status and the heartbeat "
-        "(about once a second). tempo is in BPM; recording is 1 or 0.",
+        "(about once a second). tempo is in BPM; recording is 1 or 0; concept is the "
+        "concept answers are made in (A+B for two), none without one.",
     ),
     Reply(
         "/divergent/answer",
@@ -66,6 +68,33 @@ REPLIES: tuple[Reply, ...] = (
         (("pitch", "i"), ("velocity", "i"), ("channel", "i")),
         doc="Every machine note as it sounds (velocity 0 = note off): the OSC note "
         "transport, for patches and Max for Live (no virtual MIDI port needed).",
+    ),
+    Reply(
+        "/divergent/concept",
+        (("concept", "s"), ("load_ms", "f")),
+        doc="A concept switch applied (the next answer uses it): the active concept (none "
+        "for the base model) and how long loading took in ms (0 for none).",
+    ),
+    Reply(
+        "/divergent/concepts",
+        (Arg("names", "s", repeat=True),),
+        doc="Answer to /divergent/concepts (and after a concept is learned): the learned "
+        "concepts' names, in name order (no arguments when there are none).",
+    ),
+    Reply(
+        "/divergent/concept/learned",
+        (
+            ("name", "s"),
+            ("seconds", "f"),
+            ("steps", "i"),
+            ("loss", "f"),
+            ("notes", "i"),
+            ("played_s", "f"),
+            ("bytes", "i"),
+        ),
+        doc="A concept learned live: its name, the learning time in s, the tuning steps, "
+        "the final training loss (-1 when unknown), the performer notes and seconds of "
+        "playing it was learned from, and its file size.",
     ),
     Reply(
         "/divergent/stats",

@@ -110,6 +110,11 @@ INVALID: list[tuple[str, Any, str]] = [
     ("log_level", "loud", "one of debug, info, warning, error"),
     ("yield", "maybe", "one of on, off"),
     ("drain_s", -1, "0..30"),
+    ("concepts", 3, "must be a string"),
+    ("concept", "../x", "NAME, NAME+NAME or none"),
+    ("concept", "riff+riff", "names a concept twice"),
+    ("concept_learn_s", 1, "in 5..600"),
+    ("concept_learn_steps", 0, "in 1..1000"),
 ]
 
 
@@ -130,6 +135,21 @@ def test_every_field_has_an_invalid_case() -> None:
     free_text = {"model_dir", "midi_out", "mqtt_username", "mqtt_password", "mqtt_cafile"}
     covered = {n for n, _, _ in INVALID} | free_text
     assert covered == set(ServeConfig.field_names())
+
+
+def test_concept_options_from_flags_and_toml(tmp_path: Path) -> None:
+    from divergent.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--concepts", "/c", "--concept", "riff+waltz", "--concept-learn-steps", "3"]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.concepts, cfg.concept, cfg.concept_learn_steps) == ("/c", "riff+waltz", 3)
+    assert cfg.concept_learn_s == 120.0
+    path = tmp_path / "serve.toml"
+    path.write_text(cfg.to_toml())
+    assert ServeConfig.from_toml(path) == cfg
+    assert ServeConfig(concept="None").concept == "None"  # none, any case: no concept
 
 
 def test_conversions_and_parsed_addresses() -> None:
