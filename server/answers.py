@@ -88,6 +88,7 @@ class AnswerJob:
     settings: AnswerSettings
     cancel: threading.Event = field(default_factory=threading.Event)
     released: bool = False
+    released_at: float | None = None  # when it was let sound (a warm one: on demand)
     done: bool = False
     failed: bool = False
     readout: Any = None
@@ -235,6 +236,7 @@ class Answers:
         if job is None or job.released:
             return
         job.released = True
+        job.released_at = self._now()
         pending, job.pending = job.pending, []
         if pending:
             self._place(job, pending)

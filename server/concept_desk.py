@@ -30,6 +30,7 @@ from divergent.server.concepts import (
     stop_process,
 )
 from divergent.server.config import ServeConfig
+from divergent.server.performance import Performance
 from divergent.server.recorder import TakeRecorder
 from divergent.server.telemetry import Trace
 
@@ -47,6 +48,7 @@ class ConceptDesk(ABC):
     take: TakeRecorder | None
     mqtt: MqttBridge | None
     trace: Trace
+    perf: Performance
     clock: Any
     concept: str
     concepts_dir: Path
@@ -68,6 +70,10 @@ class ConceptDesk(ABC):
     @abstractmethod
     def _error(self, message: str) -> None:
         """Report a rejected request."""
+
+    @abstractmethod
+    def _apply(self, requests: list[Any]) -> None:
+        """Carry out the state machine's requests."""
 
     @abstractmethod
     def _controlled(self, name: str, value: Any) -> None:
@@ -102,6 +108,7 @@ class ConceptDesk(ABC):
     def _concept_switched(self, spec: str, generator: Any, load_ms: float) -> None:
         if self.answers is not None and generator is not None:
             self.answers.generator = generator
+        self._apply(self.perf.settings_changed())  # a warm answer has the old concept
         self.concept = spec
         log.info("concept: %s (loaded in %.0f ms)", spec, load_ms)
         self.trace.write("concept", t=time.monotonic(), concept=spec, load_ms=load_ms)

@@ -163,7 +163,14 @@ class Conductor(ABC):
         log.info("panic: %s", why)
 
     def _first_note(self, job: AnswerJob, t_on: float) -> None:
-        self.trace.write("first_note", id=job.answer_id, scheduled=t_on, t_request=job.request.t)
+        self.trace.write(
+            "first_note",
+            id=job.answer_id,
+            scheduled=t_on,
+            t_request=job.request.t,
+            t_release=job.released_at,
+            reason=job.request.reason,
+        )
 
     def _finish_answer(self, job: AnswerJob) -> None:
         """The answer's readout: /divergent/answer, a marker in the take, the trace."""

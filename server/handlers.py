@@ -154,6 +154,7 @@ class ControlHandlers(ABC):
     )
     def _set_divergence(self, value: float) -> None:
         self.divergence = float(value)
+        self._apply(self.perf.settings_changed())  # a warm answer has the old one
         self._controlled("divergence", self.divergence)
 
     @control(
@@ -163,6 +164,7 @@ class ControlHandlers(ABC):
     )
     def _set_temperature(self, value: float) -> None:
         self.temperature = float(value)
+        self._apply(self.perf.settings_changed())  # a warm answer has the old one
         self._controlled("temperature", self.temperature)
 
     @control(
@@ -172,6 +174,7 @@ class ControlHandlers(ABC):
     )
     def _set_bars(self, bars: int) -> None:
         self.bars = int(bars)
+        self._apply(self.perf.settings_changed())  # a warm answer has the old one
         self._controlled("bars", self.bars)
 
     @control(

@@ -42,6 +42,12 @@ __all__ = [
 
 #: Seconds without any note event after which notes still held count as released.
 STALE_HOLD_S = 4.0
+#: With the machine off, an answer to what was played is made this long after the
+#: performer's hands are off the keys, and kept warm: /divergent/generate then only has
+#: to release notes that already exist (a button press sounds at once, not after the
+#: prompt's prefill and the first note's tokens, 78 ms median before). Playing on, or a
+#: control change, drops it.
+WARM_AFTER_S = 0.1
 BEATS_PER_BAR = 4.0
 
 #: (onset beat from the context's bar line, pitch, duration in beats, velocity)
@@ -263,6 +269,10 @@ class Performance:
             note_off.off = t
             if not self.held and self.mode == "call":
                 return self._arm_phrase_end(t)
+            if not self.held and self.mode == "off":
+                out = self._drop_speculation()
+                self._spec_at = t + WARM_AFTER_S
+                return out
             return []
         prev = self.held.pop(key, None)
         if prev is not None:
@@ -334,10 +344,27 @@ class Performance:
         return out
 
     def generate(self) -> list[Request]:
-        """Answer now, from what was played (every mode)."""
+        """Answer now, from what was played (every mode): the warm answer to exactly what
+        was played, when there is one, else a new one."""
         t = self._now()
         self.answered_notes = self.performer_notes
-        return [PhraseEnd(t, "generate"), *self._answer(t, reason="/divergent/generate")]
+        out: list[Request] = [PhraseEnd(t, "generate")]
+        self._spec_at = None
+        spec, self._speculative = self._speculative, None
+        if (
+            spec is not None
+            and spec.performer_notes == self.performer_notes
+            and self._usable(spec.answer_id)
+        ):
+            return out + self._release(spec.answer_id, t)
+        if spec is not None:
+            out.append(Drop(spec.answer_id))
+        return out + self._answer(t, reason="/divergent/generate")
+
+    def settings_changed(self) -> list[Request]:
+        """A control an answer is made with changed (divergence, temperature, bars, the
+        concept, …): a speculative or warm answer made with the old one is dropped."""
+        return self._drop_speculation()
 
     def stop(self, why: str) -> list[Request]:
         """Silence the machine now."""
@@ -389,9 +416,12 @@ class Performance:
         exist (a response of a few milliseconds); when the performer plays on, the
         speculative answer is dropped and nothing of it sounds.
         """
-        if self.held or self.mode != "call" or self.performer_notes <= self.answered_notes:
+        if self.held or self.mode not in ("call", "off"):
             return []
-        return self._answer(now, reason="phrase", speculative=True)
+        if self.performer_notes <= self.answered_notes:
+            return []
+        reason = "phrase" if self.mode == "call" else "warm"
+        return self._answer(now, reason=reason, speculative=True)
 
     def _phrase_end(self, now: float) -> list[Request]:
         if self.held or self.mode != "call" or self.performer_notes <= self.answered_notes:

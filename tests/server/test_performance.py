@@ -240,3 +240,46 @@ def test_timeline_is_immutable_and_retempo_keeps_the_beat() -> None:
     faster = line.retempo(240.0, at=11.0)
     assert faster.beat_at(11.0) == pytest.approx(line.beat_at(11.0))
     assert faster.bpm() == 240.0 and line.bpm() == 120.0
+
+
+def test_machine_off_keeps_an_answer_warm_for_generate() -> None:
+    """With the machine off, an answer to what was played is made once the hands are off
+    the keys; /divergent/generate releases it at once instead of starting one."""
+    clock = FakeClock()
+    usable: set[int] = set()
+    perf = make(clock, mode="off", usable=lambda i: i in usable)
+    play(perf, clock, [60, 62, 64])
+    reqs = run_until(perf, clock, clock.t + 0.5)
+    (warm,) = of(StartAnswer, reqs)
+    assert warm.speculative and warm.reason == "warm" and warm.performer_notes == 3
+    assert not of(Release, reqs)  # nothing sounds until asked
+    usable.add(warm.answer_id)
+    clock.t += 2.0
+    reqs = perf.generate()
+    assert not of(StartAnswer, reqs)
+    assert [(r.answer_id, r.t) for r in of(Release, reqs)] == [(warm.answer_id, clock.t)]
+    # asked again with nothing new played: a fresh answer
+    reqs = perf.generate()
+    assert len(of(StartAnswer, reqs)) == 1 and not of(StartAnswer, reqs)[0].speculative
+
+
+def test_a_warm_answer_goes_when_the_performer_plays_on_or_a_setting_changes() -> None:
+    clock = FakeClock()
+    usable: set[int] = set()
+    perf = make(clock, mode="off", usable=lambda i: i in usable)
+    play(perf, clock, [60, 62])
+    (warm,) = of(StartAnswer, run_until(perf, clock, clock.t + 0.5))
+    usable.add(warm.answer_id)
+    # playing on: the warm answer no longer answers what was played
+    reqs = perf.performer_note(clock.t, True, 65, 80, 0)
+    assert [r.answer_id for r in of(Drop, reqs)] == [warm.answer_id]
+    reqs = perf.performer_note(clock.t + 0.1, False, 65, 0, 0)
+    clock.t += 0.1
+    (warm2,) = of(StartAnswer, run_until(perf, clock, clock.t + 0.5))
+    assert warm2.performer_notes == 3
+    usable.add(warm2.answer_id)
+    # the knob moved: the warm answer was made with the old setting
+    assert [r.answer_id for r in of(Drop, perf.settings_changed())] == [warm2.answer_id]
+    reqs = perf.generate()
+    (fresh,) = of(StartAnswer, reqs)
+    assert not fresh.speculative and fresh.answer_id not in usable
