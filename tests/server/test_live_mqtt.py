@@ -16,7 +16,7 @@ import pytest
 from divergent.server.bench_live import onset_errors
 from divergent.server.livepeer import ServeProcess
 from tests.bridges.test_mqtt import Broker, free_tcp_port
-from tests.conftest import require_tool
+from tests.conftest import JACK_PERIOD_S, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,9 @@ def test_mqtt_controls_answers_errors_and_a_broker_outage(
         errs.sort()
         xruns = jack_server.xruns() - xruns
         # the median on every run (the tail is bench live's, reported with JACK's xruns)
-        assert errs[len(errs) // 2] <= 3.0, (errs, f"{xruns} xruns")
+        # JACK delivers MIDI once per period, half a period early or late at most: the
+        # median |error| of a sender on time is about a quarter period
+        assert errs[len(errs) // 2] <= JACK_PERIOD_S * 1000 / 2 + 1.0, (errs, f"{xruns} xruns")
         assert sp.proc is not None and sp.proc.poll() is None
     finally:
         sub.close()
