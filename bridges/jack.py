@@ -25,13 +25,14 @@ __all__ = ["JackServer", "XrunWatch", "jack_period_s", "jack_running"]
 log = logging.getLogger(__name__)
 
 
-def jack_running(timeout: float = 2.0) -> bool:
-    """Whether a JACK server answers (``jack_lsp`` exits 0)."""
+def jack_running(timeout: float = 2.0, *, server: str | None = None) -> bool:
+    """Whether a JACK server answers (``jack_lsp`` exits 0); ``server`` names a server
+    other than the default (``jackd -n NAME``; else ``$JACK_DEFAULT_SERVER``)."""
     if shutil.which("jack_lsp") is None:
         return False
     try:
         r = subprocess.run(
-            ["jack_lsp"], capture_output=True, timeout=timeout, check=False, env=_env()
+            ["jack_lsp"], capture_output=True, timeout=timeout, check=False, env=_env(server)
         )
     except subprocess.TimeoutExpired:
         return False
@@ -56,12 +57,15 @@ def jack_period_s(timeout: float = 2.0) -> float | None:
         return None
 
 
-def _env() -> dict[str, str]:
+def _env(server: str | None = None) -> dict[str, str]:
     import os
 
     env = dict(os.environ)
     # never let a client auto-start a server with the wrong driver behind our back
     env["JACK_NO_START_SERVER"] = "1"
+    if server is not None:
+        # libjack's clients (jack_lsp, rtmidi, JACK-Client) pick the server by this name
+        env["JACK_DEFAULT_SERVER"] = server
     return env
 
 
@@ -69,7 +73,10 @@ class JackServer:
     """``jackd -d dummy`` as a context manager; a no-op when a server already runs.
 
     ``period`` frames at ``rate`` Hz: 64 at 48 kHz is a 1.33 ms period (JACK delivers
-    MIDI once per period, so this is the timing floor).
+    MIDI once per period, so this is the timing floor). ``name`` runs a named server
+    (``jackd -n NAME``) beside the default one; its clients need ``JACK_DEFAULT_SERVER``
+    set to the name (:meth:`env` gives such an environment). A named server is always
+    started by us, never borrowed, so a test may kill and restart it (:meth:`kill`).
     """
 
     def __init__(
@@ -79,7 +86,9 @@ class JackServer:
         period: int = 64,
         port_max: int = 256,
         ready_timeout: float = 5.0,
+        name: str | None = None,
     ) -> None:
+        self.name = name
         self.rate = rate
         self.port_max = port_max
         self.period = period
@@ -88,8 +97,12 @@ class JackServer:
         self.log: IO[bytes] | None = None
         self.started = False
 
+    def env(self) -> dict[str, str]:
+        """An environment whose JACK clients talk to this server (and never start one)."""
+        return _env(self.name)
+
     def start(self) -> JackServer:
-        if jack_running():
+        if self.name is None and jack_running():
             log.info("using the running JACK server")
             return self
         jackd = shutil.which("jackd")
@@ -102,6 +115,7 @@ class JackServer:
         # ports costs every client ~100 MB of (shared) resident memory
         cmd = [
             jackd,
+            *(["-n", self.name] if self.name is not None else []),
             "--port-max",
             str(self.port_max),
             "-d",
@@ -111,19 +125,22 @@ class JackServer:
             "-p",
             str(self.period),
         ]
+        self._close_log()  # a restart after kill(): a fresh log
         # jackd logs every xrun: to a file, never a pipe nobody drains (a full pipe
         # would block jackd itself, and every JACK client with it)
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop())
             prefix="jackd-", suffix=".log", delete=False
         )
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env())
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env(self.name)
+        )
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = Path(self.log.name).read_text(errors="replace")
                 self.stop()
                 raise BridgeError(f"jackd exited at start: {err.strip()[-300:]}")
-            if jack_running():
+            if jack_running(server=self.name):
                 self.started = True
                 log.info("started jackd (dummy driver, %d frames at %d Hz)", self.period, self.rate)
                 return self
@@ -144,6 +161,15 @@ class JackServer:
             self.proc.wait(timeout=5)
         self.proc = None
         self._close_log()
+        self.started = False
+
+    def kill(self) -> None:
+        """Kill jackd at once (SIGKILL, as a crash would) and wait for its PID to exit."""
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+        self.proc = None
         self.started = False
 
     def _close_log(self) -> None:
@@ -186,6 +212,9 @@ class XrunWatch:
         self.on_xrun = on_xrun
         self.xruns = 0
         self.handler_errors = 0
+        # set by JACK when the server goes away (stopped, crashed): the client is dead
+        self.server_gone = threading.Event()
+        self.gone_reason = ""
         self._client: Any = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -204,6 +233,7 @@ class XrunWatch:
         except jack.JackError as e:
             raise BridgeError(f"JACK server not reachable for the xrun watch: {e}") from e
         client.set_xrun_callback(self._on_jack_xrun)
+        client.set_shutdown_callback(self._on_jack_shutdown)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="divergent-xruns", daemon=True)
         self._thread.start()
@@ -241,6 +271,12 @@ class XrunWatch:
         # JACK's notification thread: count and wake ours, nothing else
         self.xruns += 1
         self._wake.set()
+
+    def _on_jack_shutdown(self, status: Any, reason: str) -> None:
+        # libjack's thread, after the server went away: no JACK calls here, only the flag
+        # the MIDI watchdog polls
+        self.gone_reason = str(reason)
+        self.server_gone.set()
 
     def _run(self) -> None:
         while True:

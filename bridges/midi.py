@@ -257,6 +257,10 @@ class MidiIO:
         virtual_out: str = "divergent out",
         on_event: Callable[[MidiEvent], object],
         on_xrun: Callable[[], object] | None = None,
+        on_state: Callable[[str, str], object] | None = None,
+        supervise: bool = False,
+        wait_for_ports: bool = False,
+        retry_s: float = 0.25,
     ) -> None:
         # only the name here: whether rtmidi has the backend is open()'s question
         self.backend = _known(backend)
@@ -270,6 +274,24 @@ class MidiIO:
         # cycle's events; the sender then repeats its recent note-offs.
         self.on_xrun = on_xrun
         self.xrun_watch: XrunWatch | None = None
+        # Coming back (``supervise``): a watchdog thread notices the JACK server going away
+        # or a named port disappearing, calls ``on_state("lost", why)``, retries every
+        # ``retry_s`` and calls ``on_state("back", what)`` once the ports are open (and
+        # the named ones connected) again. ``on_state`` runs on that thread: hand it on.
+        # ``wait_for_ports``: a named port missing at open() is waited for, not an error.
+        self.on_state = on_state
+        self.supervise = supervise
+        self.wait_for_ports = wait_for_ports
+        self.retry_s = retry_s
+        self.fault = ""  # why MIDI does not fully work right now ("" when it does)
+        self.losses = 0
+        self.returns = 0
+        self.dropped_while_down = 0  # messages the sender gave us while the output was gone
+        self._server_down = False
+        self._pending_in = False
+        self._pending_out = False
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
         self.malformed = 0
         self.callback_errors = 0
         # python-rtmidi is a Cython module without type information: its objects are Any
@@ -319,29 +341,57 @@ class MidiIO:
             raise MidiBackendError(_WINMM_VIRTUAL_HELP)
         _validate(self.backend)
         try:
-            # both clients first: each lists the other direction's ports, which is how we
-            # learn the name the MIDI system gave our virtual port
-            # a deep queue: the poller may lose the GIL for a while under a 2 kHz flood
-            self._in = _make(rtmidi.MidiIn, self.backend, self.client_name, queue_size_limit=16384)
-            self._out = _make(rtmidi.MidiOut, self.backend, self.client_name)
-            self._input_name = self._open_input(self._in, self._out)
-            self._output_name = self._open_output(self._out, self._in)
+            self._open_ports()
         except BaseException:
             self.close()
             raise
+        self._start_poller()
+        self._watch_xruns()
+        self.fault = self._pending_fault()
+        if self.supervise:
+            self._watchdog_stop.clear()
+            self._watchdog = threading.Thread(
+                target=self._supervise, name="divergent-midi-watch", daemon=True
+            )
+            self._watchdog.start()
+        log.info("MIDI (%s) in %r, out %r", self.backend, self._input_name, self._output_name)
+        if self.fault:
+            log.warning("%s", self.fault)
+        return self
+
+    def _open_ports(self) -> None:
+        # both clients first: each lists the other direction's ports, which is how we
+        # learn the name the MIDI system gave our virtual port
+        # a deep queue: the poller may lose the GIL for a while under a 2 kHz flood
+        self._in = _make(rtmidi.MidiIn, self.backend, self.client_name, queue_size_limit=16384)
+        self._out = _make(rtmidi.MidiOut, self.backend, self.client_name)
+        self._input_name = self._open_input(self._in, self._out)
+        self._output_name = self._open_output(self._out, self._in)
+
+    def _start_poller(self) -> None:
         self._poll_stop.clear()
         self._poller = threading.Thread(
             target=self._poll, args=(self._in,), name="divergent-midi-in", daemon=True
         )
         self._poller.start()
-        self._watch_xruns()
-        log.info("MIDI (%s) in %r, out %r", self.backend, self._input_name, self._output_name)
-        return self
+
+    def _pending_fault(self) -> str:
+        waiting = [
+            f"MIDI {what} {name!r} not there yet: waiting for it"
+            for what, name, pending in (
+                ("input", self.in_name, self._pending_in),
+                ("output", self.out_name, self._pending_out),
+            )
+            if pending
+        ]
+        return "; ".join(waiting)
 
     def _watch_xruns(self) -> None:
-        if self.backend != "jack" or self.on_xrun is None:
+        if self.backend != "jack" or (self.on_xrun is None and not self.supervise):
             return
-        watch = XrunWatch(client_name=f"{self.client_name}-xruns", on_xrun=self.on_xrun)
+        # with supervision the watch also tells when the JACK server goes away
+        on_xrun = self.on_xrun or (lambda: None)
+        watch = XrunWatch(client_name=f"{self.client_name}-xruns", on_xrun=on_xrun)
         try:
             self.xrun_watch = watch.open()
         except BridgeError as e:
@@ -353,6 +403,9 @@ class MidiIO:
         mi.ignore_types(sysex=True, timing=False, active_sense=True)
         if self.in_name is not None:
             ports = list(mi.get_ports())
+            if self._waits_for(self.in_name, ports):
+                self._pending_in = True
+                return self.in_name
             idx = _match_port(self.in_name, ports, "input")
             try:
                 mi.open_port(idx, name=self.virtual_in)
@@ -364,6 +417,9 @@ class MidiIO:
     def _open_output(self, mo: Any, lister: Any) -> str:
         if self.out_name is not None:
             ports = list(mo.get_ports())
+            if self._waits_for(self.out_name, ports):
+                self._pending_out = True
+                return self.out_name
             idx = _match_port(self.out_name, ports, "output")
             try:
                 mo.open_port(idx, name=self.virtual_out)
@@ -371,6 +427,10 @@ class MidiIO:
                 raise MidiPortError(f"cannot open MIDI output {ports[idx]!r}: {e}") from e
             return ports[idx]
         return self._open_virtual(mo, self.virtual_out, lister)
+
+    def _waits_for(self, wanted: str, ports: list[str]) -> bool:
+        """Whether a named port that is not there is waited for (else: an error)."""
+        return self.wait_for_ports and not any(wanted.lower() in n.lower() for n in ports)
 
     def _open_virtual(self, port: Any, name: str, lister: Any) -> str:
         before = set(lister.get_ports())
@@ -391,6 +451,11 @@ class MidiIO:
 
     def close(self) -> None:
         """Close both ports (idempotent). Notes still sounding are the sender's business."""
+        self._watchdog_stop.set()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            # it may be deleting a dead client (rtmidi's JACK output takes ~1 s for that)
+            self._watchdog.join(timeout=3.0)
+            self._watchdog = None
         if self.xrun_watch is not None:
             self.xrun_watch.close()
             self.xrun_watch = None
@@ -426,6 +491,10 @@ class MidiIO:
         """Send ``msg`` now on the output (safe to call from any one thread at a time)."""
         data = msg.bytes()
         with self._send_lock:
+            if self._server_down or self._pending_out:
+                # the output is gone for now: the watchdog reports it, panics on return
+                self.dropped_while_down += 1
+                return
             if self._out is None:
                 raise MidiPortError("MIDI output is not open")
             self._out.send_message(data)
@@ -457,3 +526,169 @@ class MidiIO:
             # an exception must not end the input thread
             self.callback_errors += 1
             log.exception("MIDI input callback failed on %s", msg)
+
+    # ------------------------------------------------------------------ coming back
+
+    def _supervise(self) -> None:
+        """The watchdog thread: check every ``retry_s``, come back when possible."""
+        while not self._watchdog_stop.wait(self.retry_s):
+            try:
+                self._check()
+            except Exception:
+                # the watchdog must outlive any surprise from the MIDI library
+                log.exception("MIDI watchdog check failed; retrying")
+
+    def _check(self) -> None:
+        if self._server_down:
+            self._try_reopen()
+        elif self._jack_gone():
+            why = self.xrun_watch.gone_reason if self.xrun_watch is not None else ""
+            self._lose_server(f"the JACK server stopped ({why or 'gone'})")
+        else:
+            self._check_named()
+
+    def _jack_gone(self) -> bool:
+        if self.backend != "jack":
+            return False
+        if self.xrun_watch is not None:
+            return self.xrun_watch.server_gone.is_set()
+        # no JACK-Client watch (libjack missing for it): ask jack_lsp, seldom
+        return not jack_running(timeout=1.0)
+
+    def _notify(self, state: str, message: str) -> None:
+        if self.on_state is None:
+            return
+        try:
+            self.on_state(state, message)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("MIDI state callback failed")
+
+    def _lose_server(self, why: str) -> None:
+        """The MIDI system went away: report, drop the dead clients, keep trying."""
+        with self._send_lock:
+            self._server_down = True
+        self.losses += 1
+        self.fault = f"MIDI lost: {why}; retrying every {self.retry_s:g} s"
+        log.error("%s", self.fault)
+        self._notify("lost", self.fault)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self.xrun_watch is not None:
+            self.xrun_watch.close()
+            self.xrun_watch = None
+        self._poll_stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=1.0)
+            self._poller = None
+        with self._send_lock:
+            old_in, old_out = self._in, self._out
+            self._in = self._out = None
+        # deleted outside the send lock: a dead JACK output takes ~1 s to close
+        for port in (old_in, old_out):
+            if port is not None:
+                try:
+                    _delete(port)
+                except Exception as e:  # the server is gone; nothing left to free there
+                    log.debug("closing a dead MIDI client: %r", e)
+
+    def _server_answers(self) -> bool:
+        """Whether the MIDI system is back (cheap; no process started)."""
+        if self.backend != "jack":
+            return True
+        try:
+            import jack  # JACK-Client: cffi over libjack
+        except (ImportError, OSError):
+            return jack_running(timeout=1.0)
+        # libjack prints "Cannot connect to server socket" at every failed try: to debug
+        jack.set_error_function(lambda m: log.debug("libjack: %s", m))
+        try:
+            probe = jack.Client(f"{self.client_name}-probe", no_start_server=True)
+        except jack.JackError:
+            return False
+        finally:
+            jack.set_error_function(None)
+        probe.close()
+        return True
+
+    def _try_reopen(self) -> None:
+        if not self._server_answers():
+            return
+        self._pending_in = self._pending_out = False
+        try:
+            self._open_ports()
+        except BridgeError as e:
+            log.debug("MIDI not back yet: %s", e)
+            self._teardown()
+            return
+        self._start_poller()
+        self._watch_xruns()
+        with self._send_lock:
+            self._server_down = False
+        self.returns += 1
+        self.fault = self._pending_fault()
+        message = f"MIDI back: in {self._input_name!r}, out {self._output_name!r}"
+        if self.dropped_while_down:
+            message += f" ({self.dropped_while_down} messages not sent while it was gone)"
+        log.warning("%s", message + (f"; {self.fault}" if self.fault else ""))
+        self._notify("back", message)
+        if self.fault:
+            self._notify("lost", self.fault)
+
+    def _check_named(self) -> None:
+        """A named port that went away is waited for; one that (re)appeared is connected."""
+        if self.in_name is None and self.out_name is None:
+            return
+        changed = False
+        for direction in ("input", "output"):
+            changed |= self._check_direction(direction)
+        if changed:
+            self.fault = self._pending_fault()
+
+    def _check_direction(self, direction: str) -> bool:
+        wanted = self.in_name if direction == "input" else self.out_name
+        port = self._in if direction == "input" else self._out
+        if wanted is None or port is None:
+            return False
+        pending = self._pending_in if direction == "input" else self._pending_out
+        ports = list(port.get_ports())
+        if not pending:
+            current = self._input_name if direction == "input" else self._output_name
+            if current in ports:
+                return False
+            # the peer went away: JACK dropped the connection; wait for it to come back
+            with self._send_lock:
+                port.close_port()
+                self._set_pending(direction, True)
+            message = f"MIDI {direction} {current!r} disappeared: waiting for it to return"
+            log.error("%s", message)
+            self.losses += 1
+            self._notify("lost", message)
+            return True
+        if not any(wanted.lower() in n.lower() for n in ports):
+            return False
+        try:
+            idx = _match_port(wanted, ports, direction)
+            virtual = self.virtual_in if direction == "input" else self.virtual_out
+            with self._send_lock:
+                port.open_port(idx, name=virtual)
+                self._set_pending(direction, False)
+        except (MidiPortError, rtmidi.RtMidiError) as e:
+            log.debug("MIDI %s %r not connectable yet: %s", direction, wanted, e)
+            return False
+        if direction == "input":
+            self._input_name = ports[idx]
+        else:
+            self._output_name = ports[idx]
+        self.returns += 1
+        message = f"MIDI {direction} {ports[idx]!r} connected"
+        log.warning("%s", message)
+        self._notify("back", message)
+        return True
+
+    def _set_pending(self, direction: str, pending: bool) -> None:
+        if direction == "input":
+            self._pending_in = pending
+        else:
+            self._pending_out = pending

@@ -221,7 +221,7 @@ def _open_named(port: Any, client: str, suffix: str, what: str) -> None:
 def run_peer(argv: Sequence[str] | None = None) -> int:
     """The MIDI peer: ``phrases`` (play phrases, record the answers) or ``flood``."""
     p = argparse.ArgumentParser(prog="python -m divergent.server.livepeer")
-    p.add_argument("mode", choices=("phrases", "flood", "listen"))
+    p.add_argument("mode", choices=("phrases", "flood", "listen", "hostile"))
     p.add_argument("--server", default="divergent", help="the server's JACK client name")
     p.add_argument("--phrases", type=int, default=10)
     p.add_argument("--answer-wait", type=float, default=4.0)
@@ -312,6 +312,9 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
         result["seconds"] = time.monotonic() - t0
         result["max_behind_ms"] = max_behind * 1000
         time.sleep(0.3)
+    elif a.mode == "hostile":
+        result["sent"] = _send_hostile(out)
+        time.sleep(0.3)
     else:
         time.sleep(a.seconds)
     result["received"] = received
@@ -323,6 +326,47 @@ def run_peer(argv: Sequence[str] | None = None) -> int:
     out.close_port()
     print(json.dumps(result), flush=True)
     return 0
+
+
+def hostile_midi() -> list[tuple[str, list[list[int]]]]:
+    """Hostile MIDI input, by kind: raw byte messages a broken or malicious device sends."""
+    sysex = [0xF0, *([0x7D] * (64 * 1024 - 2)), 0xF7]  # 64 KB, non-commercial id
+    kinds: list[tuple[str, list[list[int]]]] = [
+        ("sysex flood", [sysex] * 4),
+        ("orphan note-offs", [[0x80 | ch, p, 0] for ch in range(16) for p in range(0, 128, 8)]),
+        (
+            "one pitch held on 16 channels",
+            [[0x90 | ch, 60, 100] for ch in range(16)] + [[0x80 | ch, 60, 0] for ch in range(16)],
+        ),
+        ("clock burst at 10x", [[0xF8]] * 480),
+        ("song position garbage", [[0xF2, 0x7F, 0x7F], [0xF2, 0x00, 0x00], [0xF2], [0xF2, 5]]),
+        # data bytes with no status (running status is not ours to assume), stray EOX,
+        # undefined system messages, truncated channel messages
+        ("running-status noise", [[0x40, 0x40], [0x3C], [0xF7], [0xF4], [0xF5, 1], [0x90, 60]]),
+    ]
+    return kinds
+
+
+def _send_hostile(out: Any) -> dict[str, int]:
+    """Send every hostile kind (a short pause between kinds); how many of each went."""
+    sent: dict[str, int] = {}
+    for kind, messages in hostile_midi():
+        n = 0
+        for msg in messages:
+            try:
+                out.send_message(msg)
+                n += 1
+            except (ValueError, TypeError, RuntimeError) as e:  # rtmidi refused to send it
+                print(f"peer: {kind}: not sent: {e}", file=sys.stderr)
+            if len(msg) > 1000:
+                time.sleep(0.05)  # JACK's MIDI buffer takes one big sysex a period or so
+            elif kind.startswith("clock"):
+                time.sleep(1 / 480)  # 24 ppqn at 1,200 BPM: ten times 120 BPM's rate
+            elif n % 16 == 0:
+                time.sleep(0.002)
+        sent[kind] = n
+        time.sleep(0.1)
+    return sent
 
 
 def _balanced(events: Sequence[tuple[float, int, int, int]]) -> bool:

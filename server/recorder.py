@@ -18,8 +18,20 @@ second and a finished take is one ordinary MIDI file a DAW opens:
    Writes are buffered and reach the operating system at least every 0.25 s (at append
    time, and whenever the server calls :meth:`TakeRecorder.flush`), never fsynced per
    event: the journal survives a killed process, not a power cut.
+
+   **A full or vanished disk loses nothing played.** The journal's bytes are also held
+   in memory (up to :data:`MEMORY_LIMIT_BYTES`, 64 MiB: about two million events, days
+   of playing). When a write fails the take keeps recording in memory, ``fault`` says
+   why and ``on_fault`` is called at once; every later flush tries again, and once space
+   returns the journal catches up (``on_fault("")``). Past the limit the part already on
+   disk is let go from memory; events that can reach neither are counted in ``lost``
+   (logged). A journal that cannot even be created (a sessions folder that cannot be
+   written) is retried the same way.
 2. :meth:`TakeRecorder.close` builds the ``.mid`` from the journal, writes it atomically
-   (temporary file + :func:`os.replace`) and removes the journal. A journal left behind by
+   (temporary file + :func:`os.replace`) and removes the journal. If the sessions folder
+   still cannot take it, the ``.mid`` is written to the first writable rescue folder of
+   :func:`rescue_dirs` (``$DIVERGENT_RESCUE``, else ``<temp>/divergent-rescued``, else
+   ``~/divergent-rescued``) and ``rescued`` is set. A journal left behind by
    a crash is turned into a ``.mid`` by :func:`recover` (``list_takes`` and the server's
    start call it), which tolerates a truncated last line.
 
@@ -52,7 +64,9 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -72,7 +86,8 @@ from divergent.server.takefile import (
     TakeInfo,
     check_bpm,
     list_takes,
-    read_journal,
+    parse_journal,
+    read_head,
     recover,
     try_lock,
     valid_bpm,
@@ -83,13 +98,16 @@ __all__ = [
     "CC_AUTOMATION",
     "FLUSH_INTERVAL_S",
     "JOURNAL_SUFFIX",
+    "MEMORY_LIMIT_BYTES",
     "TICKS_PER_BEAT",
     "TakeInfo",
     "TakeRecorder",
     "default_sessions_dir",
     "list_takes",
     "recover",
+    "rescue_dirs",
     "sanitize_name",
+    "writable_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,7 +176,41 @@ def default_sessions_dir() -> Path:
     return (music or Path.home() / "Music") / "divergent" / "sessions"
 
 
-# ---------------------------------------------------------------------------- locking
+#: A take's journal held in memory, at most (bytes): ~30 bytes an event.
+MEMORY_LIMIT_BYTES = 64 << 20
+
+
+def rescue_dirs() -> list[Path]:
+    """Where a take goes when its sessions folder cannot take it, in order of preference:
+    ``$DIVERGENT_RESCUE`` when set, ``<temp>/divergent-rescued`` (often another
+    filesystem, RAM on many systems), ``~/divergent-rescued``."""
+    dirs = []
+    env = os.environ.get("DIVERGENT_RESCUE")
+    if env:
+        dirs.append(Path(env).expanduser())
+    dirs.append(Path(tempfile.gettempdir()) / "divergent-rescued")
+    dirs.append(Path.home() / "divergent-rescued")
+    return dirs
+
+
+def writable_problem(folder: Path) -> str | None:
+    """Why takes cannot be written to ``folder`` (created if missing), or None if they can:
+    a small file is written, flushed and removed."""
+    probe = Path(folder) / f".divergent-probe-{os.getpid()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"{e.strerror or e} ({folder})"
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError as e:
+            log.debug("probe file left behind: %s", e)
+    return None
 
 
 # ---------------------------------------------------------------------------- recorder
@@ -187,6 +239,9 @@ class TakeRecorder:
         ignored: messages not recorded (non-channel messages, invalid tempos, calls
             after close).
         write_errors: failed journal flushes (logged once; the take goes on).
+        fault: why the journal is not on disk right now ("" when it is).
+        lost: events that fit neither on disk nor in memory (see the module docs).
+        rescued: the rescue-folder ``.mid`` when the sessions folder could not take it.
     """
 
     def __init__(
@@ -198,6 +253,8 @@ class TakeRecorder:
         start: float | None = None,
         meta: dict[str, Any] | None = None,
         time_signature: tuple[int, int] = (4, 4),
+        on_fault: Callable[[str], object] | None = None,
+        memory_limit: int = MEMORY_LIMIT_BYTES,
     ) -> None:
         """Create the journal and write its header.
 
@@ -211,6 +268,10 @@ class TakeRecorder:
             meta: written as ``meta.<key>=<value>`` text events at time 0 (model name,
                 server version…).
             time_signature: (numerator, denominator) written at time 0.
+            on_fault: called with a message when journal writing starts failing, and
+                with "" when the journal has caught up (from the caller's thread, and
+                from :meth:`close`'s).
+            memory_limit: bytes of journal held in memory (see the module docs).
         """
         check_bpm(bpm)
         num, den = time_signature
@@ -220,16 +281,26 @@ class TakeRecorder:
         started = _wall_start(self._start)
         self.started = started.isoformat(timespec="seconds")
         base = sanitize_name(name) if name is not None else started.strftime("%Y-%m-%d_%H-%M-%S")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._file = self._create_journal(folder, base)
-        self.journal_path = Path(self._file.name)
-        self.name = self.journal_path.name[: -len(JOURNAL_SUFFIX)]
-        self.path = folder / f"{self.name}.mid"
+        self._folder = folder = Path(folder)
+        self._base = base
+        self.on_fault = on_fault
+        self.memory_limit = memory_limit
         self.events = 0
         self.ignored = 0
         self.write_errors = 0
+        self.lost = 0
+        self.fault = ""
+        self.rescued: Path | None = None
+        # the journal's bytes from file offset _mem_start on; _written: bytes on disk
+        self._mem = bytearray()
+        self._mem_start = 0
+        self._written = 0
         self._closed = False
+        self._file: Any = None
+        self.name = base
+        self.journal_path = folder / f"{base}{JOURNAL_SUFFIX}"
+        self.path = folder / f"{base}.mid"
+        self._open_journal()
         header = {
             "format": JOURNAL_FORMAT,
             "version": JOURNAL_VERSION,
@@ -239,13 +310,25 @@ class TakeRecorder:
             "meta": dict(meta or {}),
             "pid": os.getpid(),
         }
-        self._file.write(json.dumps(header, default=str, ensure_ascii=False) + "\n")
+        self._add(json.dumps(header, default=str, ensure_ascii=False) + "\n")
         # The header goes out at once: a journal without one is the only kind recover()
         # has to guess about.
-        self._file.flush()
-        self._last_flush = time.monotonic()
+        self._flush(time.monotonic())
 
-    def _create_journal(self, folder: Path, base: str) -> IO[str]:
+    def _open_journal(self) -> bool:
+        """Create the journal file; False (and a fault) when the folder cannot take it."""
+        try:
+            self._folder.mkdir(parents=True, exist_ok=True)
+            self._file = self._create_journal(self._folder, self._base)
+        except OSError as exc:
+            self._failed(exc)
+            return False
+        self.journal_path = Path(self._file.name)
+        self.name = self.journal_path.name[: -len(JOURNAL_SUFFIX)]
+        self.path = self._folder / f"{self.name}.mid"
+        return True
+
+    def _create_journal(self, folder: Path, base: str) -> IO[bytes]:
         for i in range(1, 1000):
             stem = base if i == 1 else f"{base}_{i}"
             if (folder / f"{stem}.mid").exists():
@@ -253,12 +336,10 @@ class TakeRecorder:
             try:
                 # Exclusive create: two recorders started in the same second cannot share
                 # a journal.
+                # Unbuffered: the recorder buffers itself and must know exactly which
+                # bytes reached the file when a disk fills (FileIO.write says how many).
                 f = open(  # noqa: SIM115 - the file stays open for the whole take
-                    folder / f"{stem}{JOURNAL_SUFFIX}",
-                    "x",
-                    encoding="utf-8",
-                    buffering=1 << 16,
-                    newline="\n",
+                    folder / f"{stem}{JOURNAL_SUFFIX}", "xb", buffering=0
                 )
             except FileExistsError:
                 continue
@@ -271,22 +352,82 @@ class TakeRecorder:
     # -- recording -----------------------------------------------------------------------
 
     def _append(self, line: str) -> None:
-        self._file.write(line)
+        if not self._add(line):
+            return
         self.events += 1
         now = time.monotonic()
         if now - self._last_flush >= FLUSH_INTERVAL_S:
             self._flush(now)
 
+    def _add(self, line: str) -> bool:
+        data = line.encode("utf-8")
+        if len(self._mem) + len(data) > self.memory_limit:
+            # let go of what is safely on disk; keep what is not
+            cut = self._written - self._mem_start
+            if cut > 0:
+                del self._mem[:cut]
+                self._mem_start = self._written
+            if len(self._mem) + len(data) > self.memory_limit:
+                self.lost += 1
+                if self.lost == 1 or self.lost % 1000 == 0:
+                    log.error(
+                        "take %s: %d event(s) lost: the disk takes nothing and %d bytes "
+                        "wait in memory",
+                        self.name,
+                        self.lost,
+                        len(self._mem),
+                    )
+                return False
+        self._mem += data
+        return True
+
+    def _failed(self, exc: OSError) -> None:
+        # A full or vanished disk must not stop the music from the event loop: count it,
+        # say so once per fault, keep the take in memory, try again at the next flush.
+        self.write_errors += 1
+        if self.fault:
+            return
+        self.fault = f"journal write failed: {exc.strerror or exc}; the take is kept in memory"
+        log.error("take %s: %s (%s)", self.name, self.fault, exc)
+        self._tell(self.fault)
+
+    def _tell(self, message: str) -> None:
+        if self.on_fault is None:
+            return
+        try:
+            self.on_fault(message)
+        except Exception:
+            log.exception("take fault callback failed")
+
     def _flush(self, now: float) -> None:
         self._last_flush = now
+        if self._file is None and not self._open_journal():
+            return
+        start = self._written - self._mem_start
+        view = memoryview(self._mem)[start:]
+        done = 0
+        in_write = True
         try:
+            while done < len(view):
+                n = self._file.write(view[done:])
+                if not n:
+                    raise OSError(28, "the journal write made no progress")
+                done += n
+            in_write = False
             self._file.flush()
         except OSError as exc:
-            # A full or vanished disk must not stop the music from the event loop: count
-            # it, say so once, and let close() raise if the file cannot be written.
-            self.write_errors += 1
-            if self.write_errors == 1:
-                log.error("take %s: journal write failed: %s", self.name, exc)
+            # bytes write() took are in the file; after a failed flush() nothing is
+            if in_write:
+                self._written += done
+            self._failed(exc)
+            return
+        finally:
+            view.release()
+        self._written += done
+        if self.fault:
+            self.fault = ""
+            log.warning("take %s: the journal is written again (nothing lost)", self.name)
+            self._tell("")
 
     def _rel(self, t: float) -> float:
         rel = t - self._start
@@ -370,20 +511,76 @@ class TakeRecorder:
             return self.path
         end = self._rel(time.monotonic() if t is None else t)
         self._closed = True
+        self._add(f'[{end:.6f},"E"]\n')
+        self._flush(time.monotonic())
         try:
-            self._file.write(f'[{end:.6f},"E"]\n')
-            self._file.flush()
-            take = read_journal(self.journal_path, recovered=False)
-            write_mid(take, self.path)
-            if sys.platform != "win32":
+            take = parse_journal(
+                self._journal_text().splitlines(),
+                recovered=False,
+                started=datetime.now().astimezone(),
+                name=self.journal_path.name,
+            )
+            try:
+                write_mid(take, self.path)
+            except OSError as exc:
+                self._rescue(take, exc)
+            if self._file is not None and sys.platform != "win32":
                 # Unlink while still holding the lock, so no recover() can slip in
                 # between and convert this take a second time.
-                self.journal_path.unlink()
+                self._unlink_journal()
         finally:
-            self._file.close()
-        if sys.platform == "win32":
-            self.journal_path.unlink()
+            if self._file is not None:
+                self._file.close()
+        if self._file is not None and sys.platform == "win32":
+            self._unlink_journal()
         return self.path
+
+    def _journal_text(self) -> str:
+        """The whole journal: from memory, with the part let go read back from disk."""
+        head = b""
+        if self._mem_start > 0:
+            try:
+                head = read_head(self.journal_path, self._mem_start)
+            except OSError as exc:
+                # a vanished disk took the start of a very long take with it
+                log.error(
+                    "take %s: the journal's first %d bytes are unreadable: %s",
+                    self.name,
+                    self._mem_start,
+                    exc,
+                )
+        return (head + bytes(self._mem)).decode("utf-8", errors="replace")
+
+    def _rescue(self, take: Any, exc: OSError) -> None:
+        """The sessions folder cannot take the ``.mid``: the first rescue folder that can."""
+        errors = [f"{self.path.parent}: {exc.strerror or exc}"]
+        for folder in rescue_dirs():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / self.path.name
+                for i in range(2, 1000):
+                    if not path.exists():
+                        break
+                    path = folder / f"{self.name}_{i}.mid"
+                write_mid(take, path)
+            except OSError as e:
+                errors.append(f"{folder}: {e.strerror or e}")
+                continue
+            log.error("take %s: written to the rescue folder %s (%s)", self.name, path, errors[0])
+            self.rescued = self.path = path
+            self._tell(f"take written to the rescue folder: {path}")
+            return
+        raise OSError(exc.errno, f"take {self.name} could not be written: {'; '.join(errors)}")
+
+    def _unlink_journal(self) -> None:
+        try:
+            self.journal_path.unlink()
+        except OSError as exc:
+            # the take is written (in the sessions or the rescue folder): a journal left
+            # here would be recovered as a duplicate, so say so loudly
+            log.error(
+                "take %s: could not remove its journal %s: %s", self.name, self.journal_path, exc
+            )
 
     def __enter__(self) -> TakeRecorder:
         return self

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +28,8 @@ __all__ = [
     "TICKS_PER_BEAT",
     "TakeInfo",
     "list_takes",
+    "parse_journal",
+    "read_head",
     "read_journal",
     "recover",
     "try_lock",
@@ -108,43 +110,56 @@ class _Take:
 
 def read_journal(path: Path, *, recovered: bool) -> _Take:
     """Parse a journal, skipping lines that do not parse (a crash truncates the last)."""
+    started = datetime.fromtimestamp(path.stat().st_mtime).astimezone()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return parse_journal(f, recovered=recovered, started=started, name=path.name)
+
+
+def read_head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a journal (the part a long take let go from memory)."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def parse_journal(
+    lines: Iterable[str], *, recovered: bool, started: datetime, name: str = "journal"
+) -> _Take:
+    """Parse journal lines (a file, or a take's journal held in memory); ``started`` is
+    the start to assume when the header has none."""
     take = _Take(
-        started=datetime.fromtimestamp(path.stat().st_mtime)
-        .astimezone()
-        .isoformat(timespec="seconds"),
+        started=started.isoformat(timespec="seconds"),
         bpm=_DEFAULT_BPM,
         time_signature=(4, 4),
         meta={},
         recovered=recovered,
     )
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                take.bad_lines += 1
-                continue
-            if i == 0 and isinstance(rec, dict):
-                _apply_header(take, rec)
-                continue
-            if not (
-                isinstance(rec, list)
-                and len(rec) >= 2
-                and isinstance(rec[0], int | float)
-                and math.isfinite(rec[0])
-                and isinstance(rec[1], str)
-            ):
-                take.bad_lines += 1
-                continue
-            t, kind, payload = max(0.0, float(rec[0])), rec[1], rec[2:]
-            if kind == "E":
-                take.end = t if take.end is None else max(take.end, t)
-            else:
-                take.events.append((t, kind, payload))
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            take.bad_lines += 1
+            continue
+        if i == 0 and isinstance(rec, dict):
+            _apply_header(take, rec)
+            continue
+        if not (
+            isinstance(rec, list)
+            and len(rec) >= 2
+            and isinstance(rec[0], int | float)
+            and math.isfinite(rec[0])
+            and isinstance(rec[1], str)
+        ):
+            take.bad_lines += 1
+            continue
+        t, kind, payload = max(0.0, float(rec[0])), rec[1], rec[2:]
+        if kind == "E":
+            take.end = t if take.end is None else max(take.end, t)
+        else:
+            take.events.append((t, kind, payload))
     if take.bad_lines:
-        log.warning("%s: skipped %d unreadable journal line(s)", path.name, take.bad_lines)
+        log.warning("%s: skipped %d unreadable journal line(s)", name, take.bad_lines)
     return take
 
 

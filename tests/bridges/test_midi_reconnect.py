@@ -1,0 +1,185 @@
+"""MIDI that comes back (issue 12): a real jackd killed and started again, a named port
+that appears after the server and one that goes away and returns.
+
+The kill/restart tests run their OWN JACK server under a name of their own (``jackd -n``,
+clients pick it through ``JACK_DEFAULT_SERVER``), so the session's server is not touched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import mido
+import pytest
+import rtmidi
+
+from divergent.bridges.jack import JackServer
+from divergent.bridges.midi import MidiEvent, MidiIO
+from tests.conftest import require_tool
+
+# JACK's return to the ports open and the named ones connected again (the issue's bound)
+BACK_WITHIN_S = 2.0
+
+
+def _tag() -> str:
+    return f"rc{os.getpid() % 10000}x{random.randrange(10**6)}"
+
+
+class States:
+    """``on_state`` calls, with their arrival times (the watchdog's thread)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[float, str, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, state: str, message: str) -> None:
+        with self._lock:
+            self.got.append((time.monotonic(), state, message))
+
+    def wait(self, state: str, *, after: float, timeout: float) -> tuple[float, str, str] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                hit = [g for g in self.got if g[1] == state and g[0] >= after]
+            if hit:
+                return hit[0]
+            time.sleep(0.01)
+        return None
+
+
+def _wait_for(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def own_jack(monkeypatch: pytest.MonkeyPatch) -> Iterator[JackServer]:
+    """A JACK server of this test's own (killable); this process's clients use it."""
+    require_tool("jackd", "jack_lsp")
+    server = JackServer(rate=48000, period=512, name=_tag())
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", str(server.name))
+    monkeypatch.setenv("JACK_NO_START_SERVER", "1")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _listen_port(client: str, port: str) -> tuple[Any, list[list[int]]]:
+    """A peer's MIDI input port (another JACK client) collecting what it receives."""
+    mi = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=client)
+    mi.open_virtual_port(port)
+    got: list[list[int]] = []
+    mi.set_callback(lambda ev, _: got.append(list(ev[0])))
+    return mi, got
+
+
+def _jack_ports(env: dict[str, str]) -> str:
+    return subprocess.run(["jack_lsp"], capture_output=True, text=True, env=env).stdout
+
+
+def test_ports_come_back_after_jackd_is_killed_and_restarted(own_jack: JackServer) -> None:
+    states = States()
+    client = _tag()
+    received: list[MidiEvent] = []
+    midi = MidiIO(
+        backend="jack",
+        client_name=client,
+        on_event=received.append,
+        on_state=states,
+        supervise=True,
+    ).open()
+    try:
+        assert midi.fault == ""
+        t_kill = time.monotonic()
+        own_jack.kill()
+        lost = states.wait("lost", after=t_kill, timeout=2.0)
+        assert lost is not None and "JACK server stopped" in lost[2], states.got
+        assert lost[0] - t_kill < 1.0
+        midi.send(mido.Message("note_on", note=60, velocity=90))  # no raise while gone
+        assert midi.dropped_while_down == 1
+        time.sleep(0.5)
+        own_jack.start()
+        t_up = time.monotonic()
+        back = states.wait("back", after=t_up - 0.05, timeout=5.0)
+        assert back is not None, states.got
+        assert back[0] - t_up <= BACK_WITHIN_S, back[0] - t_up
+        assert midi.fault == "" and midi.losses == 1 and midi.returns == 1
+        ports = _jack_ports(own_jack.env())
+        assert f"{client}:divergent in" in ports and ":divergent out" in ports, ports
+        # and answering: a peer connected after the return gets what we send, and we
+        # get what it sends
+        peer_in, got = _listen_port(_tag(), "listen")
+        try:
+            # the name JACK gave the peer's port: from the listing
+            listing = [p for p in _jack_ports(own_jack.env()).splitlines() if p.endswith(":listen")]
+            assert len(listing) == 1, listing
+            subprocess.run(
+                ["jack_connect", midi.output_name, listing[0]], env=own_jack.env(), check=True
+            )
+            time.sleep(0.1)
+            midi.send(mido.Message("note_on", note=64, velocity=80))
+            midi.send(mido.Message("note_off", note=64))
+            assert _wait_for(lambda: len(got) >= 2, 2.0), got
+            assert got[:2] == [[0x90, 64, 80], [0x80, 64, 64]]
+        finally:
+            peer_in.close_port()
+            peer_in.delete()
+    finally:
+        midi.close()
+
+
+def test_a_named_port_that_appears_later_is_connected_and_reconnected(jack_server: Any) -> None:
+    states = States()
+    peer = _tag()
+    midi = MidiIO(
+        backend="jack",
+        client_name=_tag(),
+        out_name=f"{peer}:later",
+        on_event=lambda ev: None,
+        on_state=states,
+        supervise=True,
+        wait_for_ports=True,
+    ).open()
+    try:
+        assert "not there yet" in midi.fault
+        midi.send(mido.Message("note_on", note=60, velocity=90))  # dropped, not raised
+        t0 = time.monotonic()
+        port, got = _listen_port(peer, "later")
+        back = states.wait("back", after=t0, timeout=3.0)
+        assert back is not None, states.got
+        assert back[0] - t0 <= BACK_WITHIN_S
+        assert midi.fault == ""
+        time.sleep(0.05)
+        midi.send(mido.Message("note_on", note=62, velocity=70))
+        assert _wait_for(lambda: [0x90, 62, 70] in got, 2.0), got
+        assert [0x90, 60, 90] not in got  # nothing sent while it was missing comes late
+        # the peer goes away: said within a second; it comes back: connected again
+        t1 = time.monotonic()
+        port.close_port()
+        port.delete()
+        lost = states.wait("lost", after=t1, timeout=2.0)
+        assert lost is not None and "disappeared" in lost[2], states.got
+        assert lost[0] - t1 < 1.0
+        t2 = time.monotonic()
+        port, got = _listen_port(peer, "later")
+        back = states.wait("back", after=t2, timeout=3.0)
+        assert back is not None and back[0] - t2 <= BACK_WITHIN_S, states.got
+        time.sleep(0.05)
+        midi.send(mido.Message("note_off", note=62, velocity=0))
+        assert _wait_for(lambda: [0x80, 62, 0] in got, 2.0), got
+        port.close_port()
+        port.delete()
+    finally:
+        midi.close()

@@ -1,0 +1,280 @@
+"""On stage, things fail (issue 12): a real jackd killed and restarted mid-jam, a sessions
+folder on a real full filesystem. A real ``divergent serve`` process, real JACK peers in
+other processes, real UDP, a real tmpfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mido
+import pytest
+
+from divergent.bridges.jack import JackServer
+from divergent.server.bench_live import run_peer_process
+from divergent.server.livepeer import ServeProcess
+from tests.conftest import require_tool
+
+BACK_WITHIN_S = 2.0
+
+
+def _name() -> str:
+    return f"rl{os.getpid() % 10000}x{random.randrange(10**6)}"
+
+
+def _serve(tmp_path: Path, *extra: str, name: str | None = None) -> ServeProcess:
+    workdir = tmp_path / f"serve{random.randrange(10**6)}"
+    workdir.mkdir(parents=True)
+    return ServeProcess(list(extra), workdir=workdir, name=name or _name())
+
+
+def _ask(sp: ServeProcess, address: str, reply: str, *args: Any) -> list[Any]:
+    t = time.monotonic()
+    sp.osc.send(address, *args)
+    got = sp.osc.wait_for(reply, after=t, timeout=5.0)
+    assert got is not None, f"no {reply}:\n{sp.log()[-3000:]}"
+    return got[2]
+
+
+def _wait_silent(sp: ServeProcess, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _ask(sp, "/divergent/stats", "/divergent/stats")[5] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the server still sounds notes")
+
+
+def _errors(sp: ServeProcess, after: float) -> list[str]:
+    return [m[2][0] for m in sp.osc.since(after, "/divergent/error")]
+
+
+@pytest.fixture
+def own_jack(monkeypatch: pytest.MonkeyPatch) -> Iterator[JackServer]:
+    """A JACK server of this test's own, killable; the server and peers started from
+    here use it (JACK_DEFAULT_SERVER), the session's server is never touched."""
+    require_tool("jackd", "jack_lsp")
+    server = JackServer(rate=48000, period=512, name=_name())
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", str(server.name))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_jackd_killed_and_restarted_mid_jam(own_jack: JackServer, tmp_path: Path) -> None:
+    name = _name()
+    sp = _serve(tmp_path, "--midi-backend", "jack", "--mode", "jam", "--bpm", "240", name=name)
+    sp.start()
+    stop = threading.Event()
+    player = threading.Thread(target=sp.osc.play_loop, args=(stop,), daemon=True)
+    try:
+        player.start()
+        time.sleep(2.5)  # the jam is on: the machine plays along
+        t_kill = time.monotonic()
+        own_jack.kill()
+        deadline = t_kill + 2.0
+        while time.monotonic() < deadline and not any(
+            "MIDI lost" in e for e in _errors(sp, t_kill)
+        ):
+            time.sleep(0.02)
+        lost = [e for e in _errors(sp, t_kill) if "MIDI lost" in e]
+        assert lost, f"{_errors(sp, t_kill)}\n{sp.log()[-3000:]}"
+        health = _ask(sp, "/divergent/status", "/divergent/health")
+        assert health[0] != "ok" and "retrying" in health[0], health
+        assert _ask(sp, "/divergent/ping", "/divergent/pong")  # alive without JACK
+        time.sleep(1.0)
+        own_jack.start()
+        t_up = time.monotonic()
+        env = own_jack.env()
+        t_ports = None
+        while time.monotonic() < t_up + 5.0:
+            ports = subprocess.run(["jack_lsp"], capture_output=True, text=True, env=env).stdout
+            if f"{name}:divergent in" in ports and ":divergent out" in ports:
+                t_ports = time.monotonic()
+                break
+            time.sleep(0.05)
+        assert t_ports is not None, sp.log()[-3000:]
+        assert t_ports - t_up <= BACK_WITHIN_S, t_ports - t_up
+        back = sp.osc.wait_for("/divergent/health", after=t_up, timeout=3.0)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            health = _ask(sp, "/divergent/status", "/divergent/health")
+            if health[0] == "ok":
+                break
+        assert back is not None and health[0] == "ok", health
+        time.sleep(1.0)  # the jam goes on after the return
+        stop.set()
+        player.join(timeout=5)
+        sp.osc.send("/divergent/mode", "call")
+        _wait_silent(sp)
+        # a peer connected after the return: its phrases are answered, nothing stuck
+        peer = run_peer_process(
+            ["phrases", "--server", name, "--phrases", "3", "--answer-wait", "5"], timeout=90
+        )
+        assert peer["stuck"] == [], peer["stuck"]
+        answered = sum(p["count"] > 0 for p in peer["phrases"])
+        assert answered >= 2, (peer["phrases"], sp.log()[-3000:])
+        assert sp.proc is not None and sp.proc.poll() is None
+    finally:
+        stop.set()
+        assert sp.stop() == 0, sp.log()[-3000:]
+
+
+# ------------------------------------------------------------------ a full disk
+
+
+@contextlib.contextmanager
+def _small_tmpfs(folder: Path, size: str = "64k") -> Iterator[Path]:
+    """A real, tiny filesystem (tmpfs) at ``folder``; unmounted afterwards, whatever
+    happens. Needs root (these machines and CI run as root)."""
+    require_tool("mount", "umount")
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root (CI and these machines run as root)")
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last byte; the filler file's path."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 1024)
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0")
+    return filler
+
+
+def _play(sp: ServeProcess, pitches: list[int], gap: float = 0.02) -> None:
+    for p in pitches:
+        sp.osc.send("/divergent/note", p, 80, 1)
+        time.sleep(gap)
+        sp.osc.send("/divergent/note", p, 0, 1)
+        time.sleep(gap)
+
+
+def _performer_pitches(path: Path) -> list[int]:
+    mid = mido.MidiFile(path)
+    track = next(tr for tr in mid.tracks if tr.name == "performer")
+    return [m.note for m in track if m.type == "note_on" and m.velocity > 0]
+
+
+def _serve_on(tmp_path: Path, sessions: Path, monkeypatch: pytest.MonkeyPatch) -> ServeProcess:
+    monkeypatch.setenv("DIVERGENT_RESCUE", str(tmp_path / "rescued"))
+    # MIDI is not this test's business: notes come over OSC
+    sp = _serve(tmp_path, "--mode", "off", "--midi-backend", "alsa", "--sessions", str(sessions))
+    return sp.start()
+
+
+def test_full_disk_tells_the_performer_and_loses_no_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _small_tmpfs(tmp_path / "small") as mnt:
+        sp = _serve_on(tmp_path, mnt / "sessions", monkeypatch)
+        try:
+            played = list(range(40, 60))
+            _play(sp, played[:5])
+            time.sleep(0.3)  # these reach the journal
+            filler = _fill(mnt)
+            t0 = time.monotonic()
+            # tmpfs fills by pages: the journal's last page still takes ~4 KB, so play
+            # more than that (200 notes, ~10 KB of journal); the write fails during it
+            burst = [36 + i % 48 for i in range(200)]
+            _play(sp, burst, gap=0.001)
+            t_full = time.monotonic()
+            got = None
+            while time.monotonic() < t_full + 2.0 and got is None:
+                got = next((e for e in _errors(sp, t0) if "journal write failed" in e), None)
+                time.sleep(0.01)
+            assert got is not None, f"{_errors(sp, t0)}\n{sp.log()[-3000:]}"
+            assert time.monotonic() - t_full < 1.0
+            status = _ask(sp, "/divergent/status", "/divergent/status")
+            assert status[4] == 2, status  # recording, held in memory
+            health = _ask(sp, "/divergent/status", "/divergent/health")
+            assert "journal write failed" in health[1], health
+            _play(sp, played[5:15])  # the music goes on while the disk is full
+            filler.unlink()  # space returns
+            t_free = time.monotonic()
+            deadline = t_free + 3.0
+            while time.monotonic() < deadline:
+                if _ask(sp, "/divergent/status", "/divergent/health")[1] == "ok":
+                    break
+                time.sleep(0.05)
+            assert _ask(sp, "/divergent/status", "/divergent/status")[4] == 1
+            _play(sp, played[15:])
+            assert _ask(sp, "/divergent/ping", "/divergent/pong")
+            sp.osc.send("/divergent/record/stop")
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and not list((mnt / "sessions").glob("*.mid")):
+                time.sleep(0.05)
+            [take] = list((mnt / "sessions").glob("*.mid"))
+            assert _performer_pitches(take) == played[:5] + burst + played[5:]
+            assert not list((mnt / "sessions").glob("*.journal.jsonl"))
+        finally:
+            assert sp.stop() == 0, sp.log()[-3000:]
+
+
+def test_disk_still_full_at_stop_the_take_goes_to_the_rescue_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _small_tmpfs(tmp_path / "small") as mnt:
+        sp = _serve_on(tmp_path, mnt / "sessions", monkeypatch)
+        try:
+            played = list(range(60, 90))
+            _play(sp, played[:3])
+            time.sleep(0.3)
+            _fill(mnt)
+            t_full = time.monotonic()
+            played += [36 + i % 48 for i in range(200)]  # past the journal's last page
+            _play(sp, played[3:], gap=0.001)
+            assert sp.osc.wait_for("/divergent/error", after=t_full, timeout=2.0)
+            sp.osc.send("/divergent/record/stop")
+            rescued = tmp_path / "rescued"
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and not list(rescued.glob("*.mid")):
+                time.sleep(0.05)
+            [take] = list(rescued.glob("*.mid"))
+            assert _performer_pitches(take) == played
+            assert any("rescue folder" in e for e in _errors(sp, t_full)), _errors(sp, t_full)
+            # the partial journal is gone: no duplicate take recovered later
+            assert not list((mnt / "sessions").glob("*.journal.jsonl"))
+            assert _ask(sp, "/divergent/ping", "/divergent/pong")
+        finally:
+            assert sp.stop() == 0, sp.log()[-3000:]
+
+
+def test_a_sessions_folder_that_cannot_be_written_is_said_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the sessions folder should be")
+    sp = _serve_on(tmp_path, blocker / "sessions", monkeypatch)
+    try:
+        assert "sessions folder not writable" in sp.log(), sp.log()
+        status = _ask(sp, "/divergent/status", "/divergent/status")
+        assert status[4] == 2, status  # recording, in memory
+        _play(sp, [60, 62, 64])
+        sp.osc.send("/divergent/record/stop")
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not list((tmp_path / "rescued").glob("*.mid")):
+            time.sleep(0.05)
+        [take] = list((tmp_path / "rescued").glob("*.mid"))
+        assert _performer_pitches(take) == [60, 62, 64]
+    finally:
+        assert sp.stop() == 0, sp.log()[-3000:]
