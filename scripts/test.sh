@@ -5,10 +5,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # Real peers for the live tests (JACK dummy server, MIDI clock, liblo, mosquitto, Pd, Link's
 # libatomic): installed as root when missing, so CI on a fresh machine has them.
-PEERS="jackd2 jack-midi-clock liblo-tools mosquitto mosquitto-clients puredata-core libasound2 libatomic1 openssl"
+# chromium + chromium-driver: the browser view's test (tests/server/test_web.py)
+PEERS="jackd2 jack-midi-clock liblo-tools mosquitto mosquitto-clients puredata-core libasound2 libatomic1 openssl chromium chromium-driver"
 if ! command -v jackd >/dev/null || ! command -v jack_midi_clock >/dev/null || ! command -v oscsend >/dev/null \
    || ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null || ! command -v pd >/dev/null \
-   || ! command -v openssl >/dev/null || ! (ldconfig -p | grep -c "libatomic.so.1" >/dev/null); then
+   || ! command -v openssl >/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
+   || ! (ldconfig -p | grep -c "libatomic.so.1" >/dev/null); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PEERS >/dev/null
