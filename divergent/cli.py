@@ -225,6 +225,12 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
 
     if args.mqtt_outage:
         res = mqtt_outage(outage_s=args.mqtt_outage, jack_period=args.jack_period)
+    elif args.web_clients:
+        from divergent.server.bench_live import run_bench_web
+
+        res = run_bench_web(
+            web_clients=args.web_clients, answers=args.answers, jack_period=args.jack_period
+        )
     else:
         res = run_bench_live(
             answers=args.answers, flood_s=args.flood_seconds, jack_period=args.jack_period
@@ -589,6 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="instead: jam while the MQTT broker is down for S seconds (needs mosquitto)",
+    )
+    bl.add_argument(
+        "--web-clients",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: the phrases twice, without and with N pages on the browser view "
+        "(onset error and loop lag p99 side by side)",
     )
     bl.add_argument("--json", action="store_true")
     bl.set_defaults(func=_cmd_bench_live)

@@ -22,6 +22,7 @@ __all__ = [
     "CRITIC_CARD_FILE",
     "CRITIC_ONNX_FILE",
     "CRITIC_PT_FILE",
+    "DECODER_CHOICES",
     "DIVERGED_DECODER_FILE",
     "DIVERGED_WEIGHTS_FILE",
     "ENCODER_FILE",
@@ -48,6 +49,9 @@ TOKENIZER_FILE: Final = "tokenizer.json"
 ENCODER_FILE: Final = "encoder.onnx"
 #: the precisions the decoder step is exported in (see :func:`decoder_file`)
 PRECISIONS: Final = ("int8", "fp32")
+#: What ``serve --decoder`` accepts: a precision, or ``auto`` (a short self-benchmark per
+#: host picks one, cached: :func:`divergent.model.host.choose_decoder`).
+DECODER_CHOICES: Final = ("auto", *PRECISIONS)
 #: the BAD-tuned decoder (int8) the divergence knob mixes in, when shipped
 DIVERGED_DECODER_FILE: Final = "decoder.diverged.int8.onnx"
 #: posterior means of training phrases: where the data puts the latent (the knob)

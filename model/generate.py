@@ -93,6 +93,9 @@ class Generator:
             else None
         )
         self.steering = steering or Steering.from_model_dir(model.files.root)
+        # how the decoder was chosen for this host (a model.host.Choice), when someone chose
+        # it: the serve banner says which and why
+        self.decoder_choice: Any = None
         self._pool: ThreadPoolExecutor | None = None  # the diverged decoder's worker
         root = model.files.root
         # the readout's banks are optional: without them copy rate / distance are empty

@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from divergent.model.files import PRECISIONS
+from divergent.model.files import DECODER_CHOICES, PRECISIONS
 from divergent.model.runtime import (
     IncrementalDecoder,
     ModelError,
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: what ``choose_decoder`` (and ``--decoder``) accepts: a precision, or "auto"
-CHOICES: Final = ("auto", *PRECISIONS)
+CHOICES: Final = DECODER_CHOICES
 #: the cache file's name under the cache directory
 CHOICE_CACHE_FILE: Final = "decoder_choice.json"
 # the cache file's layout; another version is ignored (and rewritten)

@@ -142,7 +142,12 @@ class Answers:
     Callbacks (all on the loop): ``on_first_note(job, t_on)``; ``on_readout(job)`` once a
     released answer's readout exists; ``on_over(job)`` once a released answer is fully
     placed (``job.last_off`` known); ``on_failed(job)`` when an answer ends without
-    sounding; ``on_error(message)`` for a failure worth telling the peers.
+    sounding; ``on_error(message)`` for a failure worth telling the peers. For the
+    browser view: ``on_notes(job, notes, placed)`` with each bar as it arrives (model
+    notes, before the release) and as it is placed (grid notes with ``on``, ``off``,
+    ``pitch``, ``velocity`` in beats, after they went to the sink), ``on_cancel(answer_id)``
+    when an answer's notes still to come go (None: every answer's); both must return at
+    once (they run on the placement path).
     """
 
     def __init__(
@@ -157,6 +162,8 @@ class Answers:
         on_over: Callable[[AnswerJob], None] | None = None,
         on_failed: Callable[[AnswerJob], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        on_notes: Callable[[AnswerJob, list[Any], bool], None] | None = None,
+        on_cancel: Callable[[int | None], None] | None = None,
         handoff_size: int = HANDOFF_SIZE,
     ) -> None:
         self.generator = generator
@@ -168,6 +175,8 @@ class Answers:
         self._on_over = on_over or (lambda job: None)
         self._on_failed = on_failed or (lambda job: None)
         self._on_error = on_error or (lambda message: None)
+        self._on_notes = on_notes or (lambda job, notes, placed: None)
+        self._on_cancel = on_cancel or (lambda answer_id: None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="divergent-infer")
         # the one hand-off between threads: (job, notes) from the worker to the loop
         self._handoff: queue.Queue[tuple[AnswerJob, list[Any]]] = queue.Queue(handoff_size)
@@ -207,6 +216,7 @@ class Answers:
                 continue
             if not job.released:
                 job.pending.extend(notes)
+                self._on_notes(job, notes, False)  # the preview: generated, not yet placed
             else:
                 self._place(job, notes)
 
@@ -249,12 +259,14 @@ class Answers:
         """A newer answer takes over: pending notes go, sounding ones end as written."""
         self._sink.cancel(tag=answer_id)
         self._drop_deferred(answer_id)
+        self._on_cancel(answer_id)
 
     def drop(self, answer_id: int) -> None:
         """Stop an answer that never sounded."""
         job = self._jobs.get(answer_id)
         if job is not None:
             job.cancel.set()
+        self._on_cancel(answer_id)
 
     def stop(self, answer_id: int) -> None:
         """Stop an answer now: no more generation, no more of its notes placed."""
@@ -266,6 +278,7 @@ class Answers:
         for job in self._jobs.values():
             job.cancel.set()
         self._deferred.clear()
+        self._on_cancel(None)
 
     # ------------------------------------------------------------------ completion
 
@@ -307,6 +320,7 @@ class Answers:
         job.failed = True
         self._jobs.pop(job.answer_id, None)
         self._on_failed(job)
+        self._on_cancel(job.answer_id)
 
     def _over(self, job: AnswerJob) -> None:
         if job.last_off is None:
@@ -359,6 +373,7 @@ class Answers:
         if job.shift is None:
             job.shift = self._shift(job, clock, now, req.origin + notes[0].onset_beats)
         followed = isinstance(clock, Timeline) and clock.followed
+        placed: list[_BeatNote] = []
         for n in notes:
             b = req.origin + n.onset_beats + job.shift
             t_on = clock.time_at(b)
@@ -373,12 +388,15 @@ class Answers:
                 self._deferred.append(note)
             else:
                 self._schedule(note, clock)
+            placed.append(note)
             t_off = clock.time_at(note.off)
             job.last_off = t_off if job.last_off is None else max(job.last_off, t_off)
             job.scheduled.append(t_on)
             if job.first_on is None:
                 job.first_on = t_on
                 self._on_first_note(job, t_on)
+        if placed:
+            self._on_notes(job, placed, True)  # after every note went to the sink
 
     def _shift(self, job: AnswerJob, clock: Grid, now: float, first: float) -> float:
         earliest = now + _LEAD_S

@@ -37,11 +37,11 @@ import mido
 from divergent.bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, make_clock
 from divergent.bridges.exceptions import BridgeError
 from divergent.bridges.jack import jack_period_s
-from divergent.bridges.midi import MidiEvent
+from divergent.bridges.midi import MidiEvent, MidiIO, choose_backend
 from divergent.bridges.mqtt import MqttBridge
 from divergent.bridges.osc import OscBridge
 from divergent.model.concept import default_concepts_dir
-from divergent.server.answers import Answers
+from divergent.server.answers import AnswerJob, Answers
 from divergent.server.concept_desk import ConceptDesk
 from divergent.server.concepts import (
     NONE,
@@ -61,9 +61,16 @@ from divergent.server.ports import (
     numeric_host,
     open_midi_port,
 )
-from divergent.server.recorder import TakeRecorder, default_sessions_dir, recover
+from divergent.server.recorder import (
+    TakeRecorder,
+    default_sessions_dir,
+    recover,
+    rescue_dirs,
+    writable_problem,
+)
 from divergent.server.sender import Sender, Sent
 from divergent.server.telemetry import REPLIES, STATUS, Stats, Trace
+from divergent.server.web import WebView
 
 __all__ = ["REPLIES", "VERSION", "MidiPort", "MidiPortFactory", "Server", "open_midi_port"]
 
@@ -73,6 +80,27 @@ _NOTE_TYPES = frozenset({"note_on", "note_off"})
 _CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 # the sender's timing needs the GIL handed over often (see server.sender)
 _SWITCH_INTERVAL_S = 0.0005
+
+
+def open_watched_midi_port(
+    config: ServeConfig,
+    on_event: Callable[[MidiEvent], object],
+    *,
+    on_xrun: Callable[[], object] | None = None,
+) -> MidiPort:
+    """The server's real MIDI port: :class:`MidiIO` with its watchdog, so the ports come
+    back when the MIDI system does, and a named port not there yet is waited for."""
+    midi = MidiIO(
+        backend=choose_backend(config.midi_backend),
+        client_name=config.midi_client,
+        in_name=config.midi_in,
+        out_name=config.midi_out,
+        on_event=on_event,
+        on_xrun=on_xrun,
+        supervise=True,
+        wait_for_ports=True,
+    )
+    return midi.open()
 
 
 class Server(Conductor, ConceptDesk, ControlHandlers):
@@ -121,9 +149,15 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         self.take: TakeRecorder | None = None
         self.midi: MidiPort | None = None
         self.midi_error = ""
+        # what does not work right now ("" when it does): /divergent/health, MQTT status
+        self.midi_fault = ""
+        self.disk_fault = ""
+        self._malformed_said = 0.0  # when malformed MIDI input was last reported
         self.osc: OscBridge | None = None
         self.mqtt: MqttBridge | None = None
         self.sender: Sender | None = None
+        self.web: WebView | None = None  # the browser view (web.py), None without one
+        self.web_error = ""
         self.trace = Trace(Path(config.trace) if config.trace else None)
         self.sessions = Path(config.sessions) if config.sessions else default_sessions_dir()
         self.cold_start_s = 0.0
@@ -224,7 +258,17 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         await model_future
         await self._open_osc()
         await self._open_mqtt()
+        await self._open_web()
         self._start_sender(lead)
+        problem = await asyncio.to_thread(writable_problem, self.sessions)
+        if problem is not None:
+            # said at start, loudly; takes are still kept (in memory, then a rescue folder)
+            self.disk_fault = (
+                f"sessions folder not writable: {problem}; takes are kept in memory and "
+                f"written to {rescue_dirs()[0]} if it stays so"
+            )
+            log.error("%s", self.disk_fault)
+            print(f"divergent: {self.disk_fault}", file=sys.stderr, flush=True)
         recovered = await asyncio.to_thread(recover, self.sessions)
         for path in recovered:
             log.info("recovered an unfinished take: %s", path)
@@ -252,6 +296,8 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
             on_over=lambda job: self.perf.answer_complete(job.answer_id, job.last_off or 0.0),
             on_failed=lambda job: self.perf.answer_failed(job.answer_id),
             on_error=self._error,
+            on_notes=self._web_notes,
+            on_cancel=lambda answer_id: self._publish("cancel", time.monotonic(), answer_id),
         )
         return self.answers
 
@@ -273,16 +319,23 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
             if self.sender is not None:
                 self.sender.resend_lost_offs()
 
+        def on_state(state: str, message: str) -> None:  # the MIDI watchdog's thread
+            loop.call_soon_threadsafe(self._midi_state, state, message)
+
+        factory = self.midi_factory
+        if factory is open_midi_port:
+            factory = open_watched_midi_port
         try:
             # off the loop: choosing a backend may run jack_lsp, opening ports takes a while
-            self.midi = await asyncio.to_thread(
-                self.midi_factory, self.config, on_event, on_xrun=on_xrun
-            )
+            self.midi = await asyncio.to_thread(factory, self.config, on_event, on_xrun=on_xrun)
         except BridgeError as e:
             log.warning("no MIDI ports (%s): notes travel over OSC only", e)
             self.midi, self.midi_error = None, str(e)
             return
         self._stack.callback(self._close_midi)
+        if isinstance(self.midi, MidiIO):
+            self.midi.on_state = on_state
+            self.midi_fault = self.midi.fault  # a named port not there yet
 
     def _close_midi(self) -> None:
         if self.midi is not None:
@@ -325,6 +378,45 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         self._stack.callback(setattr, self, "mqtt", None)
         # the last status (recording 0) goes out before the bridge closes
         self._stack.callback(lambda: mqtt.publish_status(self.status_dict()))
+
+    async def _open_web(self) -> None:
+        cfg = self.config
+        if not cfg.web:
+            return
+        view = WebView(
+            host=cfg.web_host,
+            port=cfg.web_port,
+            sessions=self.sessions,
+            controls=self.controls,
+            control=self._control,  # the one dispatch OSC and MQTT use
+            status=self.status_dict,
+            grid=lambda: self.grid,
+            version=VERSION,
+        )
+        try:
+            self.web = await self._stack.enter_async_context(view)
+        except OSError as e:
+            # the music does not need the page: a port in use is a warning, not a failed start
+            self.web_error = f"{cfg.web_host}:{cfg.web_port}: {e.strerror or e}"
+            log.warning("no browser view (%s)", self.web_error)
+            return
+        self._stack.callback(setattr, self, "web", None)
+
+    def _publish(self, kind: str, t: float, *data: Any) -> None:
+        """An event for the browser view (O(1); see WebView.publish)."""
+        if self.web is not None:
+            self.web.publish(kind, t, *data)
+
+    def _web_notes(self, job: AnswerJob, notes: list[Any], placed: bool) -> None:
+        if self.web is None:
+            return
+        if placed:
+            self.web.publish("placed", time.monotonic(), job.answer_id, notes)
+        else:
+            req = job.request
+            self.web.publish(
+                "pending", time.monotonic(), job.answer_id, req.origin, notes, req.velocity
+            )
 
     def _start_sender(self, lead: float) -> None:
         sinks: list[Callable[[mido.Message], None]] = []
@@ -417,8 +509,13 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
             lines.append(f"  MIDI       none ({self.midi_error or '?'}); use OSC notes")
         lines.append(f"  OSC in     {cfg.osc_host}:{self.osc.port if self.osc else cfg.osc_port}")
         lines.append(f"  OSC reply  {host}:{port}")
+        web = self.web.url if self.web else f"none ({self.web_error})" if self.web_error else "off"
+        lines.append(f"  web        {web}")
         lines.append(f"  clock      {self.clock_source} ({self.clock.bpm():.1f} BPM)")
         lines.append(f"  mode       {self.mode} (quantize {self.quantize})")
+        choice = getattr(self._base_generator, "decoder_choice", None)
+        if choice is not None:
+            lines.append(f"  {choice.banner()}")
         rec = str(self.take.path) if self.take else f"{self.sessions} (not recording)"
         lines.append(f"  sessions   {rec}")
         lines.append(f"  ready in   {self.cold_start_s:.2f} s")
@@ -466,6 +563,7 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
                     )
                 return
             self._apply(self.perf.performer_note(t, on, msg.note, msg.velocity, msg.channel))
+            self._publish("performer", t, on, msg.note, msg.velocity)
             # the material /divergent/concept/learn learns from
             self._played.add(t, on, msg.note, msg.velocity, msg.channel)
         if self.take is not None and not msg.is_meta and hasattr(msg, "channel"):
@@ -498,6 +596,7 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
                         self._note_off_now(msg.channel, msg.note)  # it left as we yielded
                 else:
                     self._sounding.pop(key, None)
+                self._publish("sounded", s.actual, s.tag, msg.note, on)
             if self.take is not None:
                 self.take.note(s.scheduled, "machine", msg)
             self.trace.write(
@@ -522,6 +621,7 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
     def _send(self, address: str, *args: Any) -> None:
         if self.osc is not None:
             self.osc.send(address, *args)
+        self._publish("reply", time.monotonic(), address, args)
 
     def _error(self, message: str) -> None:
         self.stats.osc_errors += 1
@@ -530,12 +630,61 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         if self.mqtt is not None:
             self.mqtt.publish_error(message)
 
+    def _fault(self, message: str) -> None:
+        """A fault of the rig (MIDI gone, disk full), not a rejected message: the error
+        channel, MQTT, the log, and the health reply."""
+        log.warning("fault: %s", message)
+        self._send("/divergent/error", message)
+        if self.mqtt is not None:
+            self.mqtt.publish_error(message)
+        self._report_health()
+
+    def _report_health(self) -> None:
+        self._send("/divergent/health", *self.health_args())
+        if self.mqtt is not None:
+            self.mqtt.publish_status(self.status_dict())
+
+    def _midi_state(self, state: str, message: str) -> None:
+        """The MIDI watchdog (on the loop): ports lost, or back."""
+        self.midi_fault = self.midi.fault if isinstance(self.midi, MidiIO) else ""
+        if state == "lost":
+            self.stats.midi_losses += 1
+            # silence what was playing: its note-offs still reach the OSC transport
+            self._apply(self.perf.stop(message))
+            self._fault(message)
+            return
+        if self.sender is not None:
+            # a receiver connected while MIDI was away starts from silence
+            self.sender.panic()
+        log.warning("%s", message)
+        self._report_health()
+
+    def _take_fault(self, message: str) -> None:
+        """The take's journal cannot be written (message), or is again ("")."""
+        if message and not message.startswith("take written"):
+            self.stats.disk_faults += 1
+            self.disk_fault = message
+            self._fault(message)
+            return
+        self.disk_fault = ""
+        if message:
+            self._fault(message)  # written to the rescue folder: where it is matters
+        else:
+            log.warning("the take's journal is written again")
+            self._report_health()
+
+    def health_args(self) -> tuple[str, str]:
+        """The /divergent/health values: what is wrong with MIDI and the disk ("ok")."""
+        return (self.midi_fault or "ok", self.disk_fault or "ok")
+
     # ------------------------------------------------------------------ status
 
     def status_dict(self) -> dict[str, Any]:
         """The status as JSON-ready fields (MQTT's retained status)."""
         names = [a.name for a in STATUS.args]
-        return dict(zip(names, self.status_args(), strict=True))
+        status = dict(zip(names, self.status_args(), strict=True))
+        status["midi"], status["disk"] = self.health_args()
+        return status
 
     def status_args(self) -> tuple[Any, ...]:
         """The /divergent/status values, in declaration order."""
@@ -544,7 +693,8 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
             float(self.clock.bpm()),
             self.clock_source,
             float(self.divergence),
-            int(self.take is not None),
+            # 2: recording, but the journal cannot reach the disk (kept in memory)
+            (2 if self.take.fault else 1) if self.take is not None else 0,
             float(self.temperature),
             int(self.bars),
             self.quantize,
@@ -557,6 +707,8 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
             return
         while True:
             self._send("/divergent/status", *self.status_args())
+            if self.midi_fault or self.disk_fault:
+                self._send("/divergent/health", *self.health_args())
             if self.mqtt is not None:
                 self.mqtt.publish_status(self.status_dict())
             await asyncio.sleep(self.config.heartbeat_s)
@@ -573,6 +725,7 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
 
     def _housekeep(self) -> None:
         self._drain_sent()
+        self._count_malformed_midi()
         bpm = self.clock.bpm()
         if abs(bpm - self._last_tempo) >= 0.5:
             self._last_tempo = bpm
@@ -581,6 +734,23 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         if self.take is not None:
             self.take.flush()
         self.trace.flush()
+
+    def _count_malformed_midi(self) -> None:
+        """Malformed MIDI input (the bridge drops it): counted, and said at most once a
+        second on the error channel, so a broken device cannot flood it."""
+        malformed = getattr(self.midi, "malformed", 0)
+        if not isinstance(malformed, int) or malformed <= self.stats.midi_malformed:
+            return
+        now = time.monotonic()
+        if now - self._malformed_said < 1.0:
+            return
+        new, self.stats.midi_malformed = malformed - self.stats.midi_malformed, malformed
+        self._malformed_said = now
+        message = f"MIDI input: {new} malformed message(s) ignored (rejected)"
+        log.info("error: %s", message)
+        self._send("/divergent/error", message)
+        if self.mqtt is not None:
+            self.mqtt.publish_error(message)
 
     async def _lag_monitor(self) -> None:
         interval = 0.005
@@ -599,6 +769,11 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         self._close_take()
         now = time.monotonic()
         meta = {"divergent": VERSION, "clock": self.clock_source, "mode": self.mode}
+        loop = asyncio.get_running_loop()
+
+        def on_fault(message: str) -> None:  # the loop, or the thread closing the take
+            loop.call_soon_threadsafe(self._take_fault, message)
+
         self.take = await asyncio.to_thread(
             functools.partial(
                 TakeRecorder,
@@ -607,6 +782,7 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
                 bpm=self.clock.bpm(),
                 start=now,
                 meta=meta,
+                on_fault=on_fault,
             )
         )
         for key, value in (
@@ -631,8 +807,9 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         try:
             path = await asyncio.to_thread(take.close, time.monotonic())
         except OSError as e:
-            # the journal stays on disk: `divergent sessions` recovers it
-            log.error("cannot write %s: %s (the journal is kept)", take.path, e)
+            # neither the sessions folder nor a rescue folder: what reached the journal
+            # stays for `divergent sessions` to recover
+            self._fault(f"cannot write the take {take.name}: {e} (its journal is kept)")
             return
         log.info("take written: %s", path)
 

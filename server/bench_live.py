@@ -6,7 +6,9 @@
   it, both on CLOCK_MONOTONIC (the clock JACK's own timestamps use on Linux);
 - flood: 2,000 MIDI input events/s for 10 s from the peer; the server's count of events
   received and its event-loop lag p99 (asked over OSC);
-- cold start: process spawn → first ``/divergent/pong``; RSS of the server process.
+- cold start: process spawn → first ``/divergent/pong``; RSS of the server process;
+- ``--web-clients N``: the phrases played twice on one server, without and then with N
+  pages on the browser view: onset error and loop lag p99 side by side.
 
 Starts its own JACK dummy server (64 frames at 48 kHz) when none runs.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "onset_errors",
     "response_times",
     "run_bench_live",
+    "run_bench_web",
     "run_peer_process",
 ]
 
@@ -324,4 +327,190 @@ def run_bench_live(
             "jack_xruns": jack.xruns(),
             "exit_code": rc,
             "jack_period_frames": jack_period,
+        }
+
+
+class _Pages:
+    """``n`` pages on the browser view, in a thread of their own: each loads the page and
+    its assets, keeps its WebSocket read to the end and asks for the takes every 5 s, as
+    the page does. Counts what they received."""
+
+    def __init__(self, url: str, n: int) -> None:
+        import asyncio
+        import threading
+
+        self.url = url.rstrip("/")
+        self.n = n
+        self.events = 0
+        self.kinds: dict[str, int] = {}
+        self.dropped = 0
+        self.errors: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._stop: Any = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-pages", daemon=True)
+
+    def __enter__(self) -> _Pages:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError(f"the pages did not connect: {self.errors}")
+        if self.errors:
+            raise RuntimeError(f"the pages failed: {self.errors}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import asyncio
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            connected = [0]
+            try:
+                await asyncio.gather(*(self._page(connected) for _ in range(self.n)))
+            except Exception as e:
+                self.errors.append(repr(e))
+                self._ready.set()
+
+        self._loop.run_until_complete(main())
+        self._loop.close()
+
+    async def _page(self, connected: list[int]) -> None:
+
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            for path in ("/", "/static/app.js", "/static/style.css", "/api/takes"):
+                async with http.get(self.url + path) as r:
+                    r.raise_for_status()
+                    await r.read()
+            async with http.ws_connect(self.url + "/ws") as ws:
+                connected[0] += 1
+                if connected[0] == self.n:
+                    self._ready.set()
+                next_takes = time.monotonic() + 5
+                while not self._stop.is_set():
+                    try:
+                        msg = await ws.receive(timeout=0.2)
+                    except TimeoutError:
+                        msg = None
+                    if msg is not None:
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            return
+                        event = json.loads(msg.data)
+                        self.events += 1
+                        kind = event.get("type", "?")
+                        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+                        if kind == "dropped":
+                            self.dropped = max(self.dropped, int(event["count"]))
+                    if time.monotonic() >= next_takes:
+                        next_takes += 5
+                        async with http.get(self.url + "/api/takes") as r:
+                            await r.read()
+
+
+def _lag_windows(serve: ServeProcess, stop: Any, out: list[float]) -> None:
+    """Every 5 s until ``stop``: the server's loop lag p99 (each over its last ~10 s)."""
+    while not stop.wait(5.0):
+        t = time.monotonic()
+        serve.osc.send("/divergent/stats")
+        got = serve.osc.wait_for("/divergent/stats", after=t)
+        if got is not None:
+            out.append(float(got[2][2]))
+
+
+def run_bench_web(*, web_clients: int, answers: int = 30, jack_period: int = 64) -> dict[str, Any]:
+    """``bench live --web-clients N``: one server, one JACK server, the same phrases played
+    twice, first with no page connected, then with ``web_clients`` pages: the onset error
+    and the event loop's lag p99 of each, side by side (the web view must not touch the
+    timing)."""
+    import socket
+    import threading
+
+    with JackServer(rate=48000, period=jack_period) as jack, tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        client = f"divweb{int(time.time()) % 100000}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            web_port = int(s.getsockname()[1])
+        serve = ServeProcess(
+            [
+                "--midi-backend",
+                "jack",
+                "--mode",
+                "call",
+                "--quantize",
+                "off",
+                "--bpm",
+                "240",
+                "--bars",
+                "1",
+                "--phrase-silence",
+                "0.25",
+                "--web-port",
+                str(web_port),
+            ],
+            workdir=work,
+            name=client,
+        )
+        serve.start()
+        url = f"http://127.0.0.1:{web_port}"
+
+        def phase(n: int) -> dict[str, Any]:
+            lags: list[float] = []
+            stop = threading.Event()
+            watch = threading.Thread(target=_lag_windows, args=(serve, stop, lags), daemon=True)
+            watch.start()
+            try:
+                peer = run_peer_process(
+                    ["phrases", "--server", client, "--phrases", str(n)], timeout=n * 6 + 30
+                )
+            finally:
+                stop.set()
+                watch.join(timeout=10)
+            time.sleep(0.3)  # the trace's last lines reach the file
+            errs = onset_errors(serve.trace_events(), peer["received"])
+            resp = response_times(serve.trace_events(), peer["received"])
+            return {
+                "onset_error_ms": {"p50": _pct(errs, 50), "p99": _pct(errs, 99), "n": len(errs)},
+                "response_ms": {"p50": _pct(resp, 50), "p99": _pct(resp, 99), "n": len(resp)},
+                # each window: p99 over the loop's last ~2,000 samples (about 10 s)
+                "loop_lag_ms_p99": statistics.median(lags) if lags else float("nan"),
+                "loop_lag_ms_p99_worst": max(lags) if lags else float("nan"),
+                "loop_lag_ms_p99_windows": lags,
+                "stuck_notes": len(peer["stuck"]),
+            }
+
+        try:
+            phase(3)  # warm-up: the first answers pay for the model's first runs
+            without = phase(answers)
+            with _Pages(url, web_clients) as pages:
+                with_pages = phase(answers)
+            with_pages["pages"] = {
+                "events_received": pages.events,
+                "by_type": pages.kinds,
+                "dropped": pages.dropped,
+                "errors": pages.errors,
+            }
+        finally:
+            rc = serve.stop()
+
+        def close(a: float, b: float) -> bool:
+            return b <= a * 1.2 or abs(b - a) <= 0.2
+
+        onset = (without["onset_error_ms"]["p99"], with_pages["onset_error_ms"]["p99"])
+        lag = (without["loop_lag_ms_p99"], with_pages["loop_lag_ms_p99"])
+        return {
+            "web_clients": web_clients,
+            "answers_each": answers,
+            "without_pages": without,
+            "with_pages": with_pages,
+            # the target: within 1.2x (or 0.2 ms) of each other
+            "onset_error_p99_within": close(*onset),
+            "loop_lag_p99_within": close(*lag),
+            "jack_xruns": jack.xruns(),
+            "jack_period_frames": jack_period,
+            "exit_code": rc,
         }

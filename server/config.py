@@ -26,12 +26,14 @@ from typing import Any
 
 import tomli_w
 
+from divergent.model.files import DECODER_CHOICES
+
 __all__ = [
     "CLOCKS",
+    "DECODERS",
     "LOG_LEVELS",
     "MIDI_BACKENDS",
     "MODES",
-    "PRECISIONS",
     "QUANTIZE",
     "YIELD",
     "ConfigError",
@@ -46,7 +48,7 @@ MODES = ("call", "jam", "off")
 QUANTIZE = ("off", "beat", "bar")
 CLOCKS = ("internal", "midi", "link")
 MIDI_BACKENDS = ("jack", "alsa", "coremidi", "winmm")
-PRECISIONS = ("auto", "int8", "fp32")
+DECODERS = DECODER_CHOICES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Turn-taking in call mode: "on" = the machine yields at the performer's first note.
 YIELD = ("on", "off")
@@ -252,13 +254,28 @@ class ServeConfig:
     heartbeat_s: float = _f(
         1.0, "float", "seconds between status heartbeats (0: off)", check=_check_heartbeat
     )
+    # the browser view (server/web.py)
+    web: bool = _f(True, "bool", "serve the live browser view (controls, piano roll, takes)")
+    web_host: str = _f(
+        "127.0.0.1",
+        "str",
+        "address the browser view listens on (another than loopback: reachable by anyone "
+        "on the network, warned about)",
+        check=_check_nonempty,
+    )
+    web_port: int = _f(8765, "int", "browser view port (0: any free port)", lo=0, hi=65535)
     # sessions and model
     sessions: str | None = _f(
         None, "str", "folder for recorded takes (none: the default)", optional=True
     )
     record: bool = _f(True, "bool", "record every take automatically")
     model_dir: str | None = _f(None, "str", "model folder (none: the bundled model)", optional=True)
-    precision: str = _f("auto", "str", "decoder weights", choices=PRECISIONS)
+    decoder: str = _f(
+        "auto",
+        "str",
+        "decoder: auto (measured once per host, cached), int8 or fp32",
+        choices=DECODERS,
+    )
     # concepts
     concepts: str | None = _f(
         None,
@@ -491,10 +508,13 @@ _FLAGS: tuple[tuple[str, str, str | None], ...] = (
     ("--osc-port", "osc_port", "PORT"),
     ("--osc-reply", "osc_reply", "HOST:PORT"),
     ("--drain", "drain_s", "S"),
+    ("--web", "web", None),
+    ("--web-host", "web_host", "HOST"),
+    ("--web-port", "web_port", "PORT"),
     ("--sessions", "sessions", "DIR"),
     ("--record", "record", None),
     ("--model-dir", "model_dir", "DIR"),
-    ("--precision", "precision", None),
+    ("--decoder", "decoder", None),
     ("--concepts", "concepts", "DIR"),
     ("--concept", "concept", "NAME[+NAME]"),
     ("--concept-learn-seconds", "concept_learn_s", "S"),

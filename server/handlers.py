@@ -88,6 +88,10 @@ class ControlHandlers(ABC):
         """The /divergent/status values."""
 
     @abstractmethod
+    def health_args(self) -> tuple[str, str]:
+        """The /divergent/health values."""
+
+    @abstractmethod
     def sounding(self) -> int:
         """Machine notes sounding now."""
 
@@ -122,6 +126,10 @@ class ControlHandlers(ABC):
             args = parse_payload(payload)
         except PayloadError as e:
             self._error(f"{address}: {e} (rejected)")
+            return
+        except (RecursionError, ValueError) as e:
+            # JSON nested deeper than the parser's stack (hostile input): not a crash
+            self._error(f"{address}: payload not readable ({type(e).__name__}) (rejected)")
             return
         self._control(address, args)
 
@@ -251,9 +259,10 @@ class ControlHandlers(ABC):
     def _ping(self) -> None:
         self._send("/divergent/pong", VERSION)
 
-    @control("/divergent/status", doc="Replies /divergent/status now.")
+    @control("/divergent/status", doc="Replies /divergent/status now, then /divergent/health.")
     def _status(self) -> None:
         self._send("/divergent/status", *self.status_args())
+        self._send("/divergent/health", *self.health_args())
 
     @control("/divergent/stats", doc="Replies /divergent/stats (counters for benchmarks).")
     def _stats(self) -> None:
@@ -265,6 +274,9 @@ class ControlHandlers(ABC):
             self.stats.osc_errors,
             self.stats.notes_out,
             self.sounding(),
+            self.stats.midi_malformed,
+            self.stats.midi_losses,
+            self.stats.disk_faults,
         )
 
     @control(

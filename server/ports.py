@@ -4,6 +4,7 @@ template), address lookup off the loop, the model, and the note sink the answers
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -122,9 +123,15 @@ class SenderSink:
 def load_generator(config: ServeConfig) -> Any:
     """The ONNX model of ``config``, warmed up (the worker thread)."""
     from divergent.model.generate import Generator, ids_from_notes
+    from divergent.model.host import choose_decoder
     from divergent.model.runtime import OnnxModel
 
-    generator = Generator(OnnxModel(config.model_dir, precision=config.precision, threads=1))
+    choice = choose_decoder(config.model_dir, config.decoder)
+    logging.getLogger("divergent.server").info("%s", choice.banner())
+    generator = Generator(
+        OnnxModel(config.model_dir, precision=choice.variant, threads=choice.threads)
+    )
+    generator.decoder_choice = choice  # the banner says which decoder and why
     # one tiny generation so the first answer does not pay ORT's first-run costs
     ids = ids_from_notes(generator.model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
     generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)

@@ -37,7 +37,8 @@ REPLIES: tuple[Reply, ...] = (
             ("concept", "s"),
         ),
         doc="The server's state: the reply to /divergent/status and the heartbeat "
-        "(about once a second). tempo is in BPM; recording is 1 or 0; concept is the "
+        "(about once a second). tempo is in BPM; recording is 1 or 0 (2: recording, but the "
+        "journal cannot reach the disk; see /divergent/health); concept is the "
         "concept answers are made in (A+B for two), none without one.",
     ),
     Reply(
@@ -105,10 +106,27 @@ REPLIES: tuple[Reply, ...] = (
             ("osc_errors", "i"),
             ("notes_out", "i"),
             ("sounding", "i"),
+            ("midi_malformed", "i"),
+            ("midi_losses", "i"),
+            ("disk_faults", "i"),
         ),
         doc="Answer to /divergent/stats: input events received, input events dropped "
         "(queue full), the event loop's lag p99 over the last 2,000 samples, rejected "
-        "OSC messages, machine notes sent, notes sounding now.",
+        "OSC messages, machine notes sent, notes sounding now, malformed MIDI input ignored, "
+        "times the MIDI system or a named port went away, journal write faults.",
+    ),
+)
+
+REPLIES += (
+    Reply(
+        "/divergent/health",
+        (("midi", "s"), ("disk", "s")),
+        doc='What does not work right now, "ok" when it does: midi (the JACK server or '
+        "a named port gone; the server keeps trying and reconnects within 2 s of its "
+        "return) and disk (the take's journal cannot be written; the take is kept in "
+        "memory and written when space returns, or to the rescue folder). Sent when either "
+        "changes, after every /divergent/status reply, and with the heartbeat while "
+        "something is wrong. While the journal cannot be written, status's recording is 2.",
     ),
 )
 
@@ -125,6 +143,9 @@ class Stats:
     echoes: int = 0
     answers: int = 0
     notes_out: int = 0
+    midi_losses: int = 0  # the MIDI system or a named port went away
+    disk_faults: int = 0  # the take's journal could not be written
+    midi_malformed: int = 0  # MIDI input that is no MIDI message (the bridge's count)
     lag_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
 
     def lag_p99(self) -> float:

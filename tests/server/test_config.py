@@ -34,7 +34,7 @@ def test_defaults_are_valid_and_as_documented() -> None:
     assert (c.midi_backend, c.midi_in, c.midi_out, c.midi_client) == (None, None, None, "divergent")
     assert (c.osc_host, c.osc_port, c.osc_reply) == ("127.0.0.1", 9000, "127.0.0.1:9001")
     assert c.reply_address == ("127.0.0.1", 9001)
-    assert (c.heartbeat_s, c.sessions, c.record, c.model_dir, c.precision) == (
+    assert (c.heartbeat_s, c.sessions, c.record, c.model_dir, c.decoder) == (
         1.0,
         None,
         True,
@@ -99,7 +99,7 @@ INVALID: list[tuple[str, Any, str]] = [
     ("heartbeat_s", 61, "0 (off) or in 0.1..60"),
     ("sessions", 1, "must be a string"),
     ("record", "yes", "true or false"),
-    ("precision", "fp16", "one of auto, int8, fp32"),
+    ("decoder", "fp16", "one of auto, int8, fp32"),
     ("mqtt", "broker:99999", "HOST[:PORT]"),
     ("mqtt", "", "HOST[:PORT]"),
     ("mqtt_tls", None, "required"),
@@ -115,6 +115,9 @@ INVALID: list[tuple[str, Any, str]] = [
     ("concept", "riff+riff", "names a concept twice"),
     ("concept_learn_s", 1, "in 5..600"),
     ("concept_learn_steps", 0, "in 1..1000"),
+    ("web", "yes", "true or false"),
+    ("web_host", " ", "must not be empty"),
+    ("web_port", 70000, "in 0..65535"),
 ]
 
 
@@ -213,7 +216,7 @@ def custom() -> ServeConfig:
         sessions="/tmp/takes",
         record=False,
         model_dir="m",
-        precision="fp32",
+        decoder="fp32",
         channel=10,
         velocity=100,
         mqtt="broker:1884",
@@ -377,7 +380,7 @@ def test_every_serve_flag_reaches_its_field(tmp_path: Path) -> None:
             "--record",
             "--model-dir",
             "m",
-            "--precision",
+            "--decoder",
             "int8",
             "--mqtt",
             "b:2",
@@ -426,7 +429,7 @@ def test_every_serve_flag_reaches_its_field(tmp_path: Path) -> None:
         sessions="s",
         record=True,
         model_dir="m",
-        precision="int8",
+        decoder="int8",
         mqtt="b:2",
         mqtt_username="u",
         mqtt_password="p",
