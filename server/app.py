@@ -37,11 +37,11 @@ import mido
 from divergent.bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, make_clock
 from divergent.bridges.exceptions import BridgeError
 from divergent.bridges.jack import jack_period_s
-from divergent.bridges.midi import MidiEvent, MidiIO, choose_backend
+from divergent.bridges.midi import MidiEvent, MidiIO
 from divergent.bridges.mqtt import MqttBridge
 from divergent.bridges.osc import OscBridge
 from divergent.model.concept import default_concepts_dir
-from divergent.server.answers import AnswerJob, Answers
+from divergent.server.answers import Answers
 from divergent.server.concept_desk import ConceptDesk
 from divergent.server.concepts import (
     NONE,
@@ -52,6 +52,7 @@ from divergent.server.concepts import (
 from divergent.server.conductor import Conductor
 from divergent.server.config import ServeConfig
 from divergent.server.handlers import VERSION, ControlHandlers
+from divergent.server.health import HealthDesk
 from divergent.server.performance import Performance, Timeline
 from divergent.server.ports import (
     MidiPort,
@@ -69,8 +70,10 @@ from divergent.server.recorder import (
     writable_problem,
 )
 from divergent.server.sender import Sender, Sent
+from divergent.server.takes_desk import TakesDesk
 from divergent.server.telemetry import REPLIES, STATUS, Stats, Trace
 from divergent.server.web import WebView
+from divergent.server.web_desk import WebDesk
 
 __all__ = ["REPLIES", "VERSION", "MidiPort", "MidiPortFactory", "Server", "open_midi_port"]
 
@@ -82,28 +85,7 @@ _CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 _SWITCH_INTERVAL_S = 0.0005
 
 
-def open_watched_midi_port(
-    config: ServeConfig,
-    on_event: Callable[[MidiEvent], object],
-    *,
-    on_xrun: Callable[[], object] | None = None,
-) -> MidiPort:
-    """The server's real MIDI port: :class:`MidiIO` with its watchdog, so the ports come
-    back when the MIDI system does, and a named port not there yet is waited for."""
-    midi = MidiIO(
-        backend=choose_backend(config.midi_backend),
-        client_name=config.midi_client,
-        in_name=config.midi_in,
-        out_name=config.midi_out,
-        on_event=on_event,
-        on_xrun=on_xrun,
-        supervise=True,
-        wait_for_ports=True,
-    )
-    return midi.open()
-
-
-class Server(Conductor, ConceptDesk, ControlHandlers):
+class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, WebDesk):
     """One live session: ``await Server(config).serve()`` runs until SIGINT/SIGTERM.
 
     ``midi_factory`` opens the MIDI port (tests pass a fake); ``generator_factory`` loads
@@ -322,12 +304,11 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         def on_state(state: str, message: str) -> None:  # the MIDI watchdog's thread
             loop.call_soon_threadsafe(self._midi_state, state, message)
 
-        factory = self.midi_factory
-        if factory is open_midi_port:
-            factory = open_watched_midi_port
         try:
             # off the loop: choosing a backend may run jack_lsp, opening ports takes a while
-            self.midi = await asyncio.to_thread(factory, self.config, on_event, on_xrun=on_xrun)
+            self.midi = await asyncio.to_thread(
+                self.midi_factory, self.config, on_event, on_xrun=on_xrun
+            )
         except BridgeError as e:
             log.warning("no MIDI ports (%s): notes travel over OSC only", e)
             self.midi, self.midi_error = None, str(e)
@@ -378,45 +359,6 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         self._stack.callback(setattr, self, "mqtt", None)
         # the last status (recording 0) goes out before the bridge closes
         self._stack.callback(lambda: mqtt.publish_status(self.status_dict()))
-
-    async def _open_web(self) -> None:
-        cfg = self.config
-        if not cfg.web:
-            return
-        view = WebView(
-            host=cfg.web_host,
-            port=cfg.web_port,
-            sessions=self.sessions,
-            controls=self.controls,
-            control=self._control,  # the one dispatch OSC and MQTT use
-            status=self.status_dict,
-            grid=lambda: self.grid,
-            version=VERSION,
-        )
-        try:
-            self.web = await self._stack.enter_async_context(view)
-        except OSError as e:
-            # the music does not need the page: a port in use is a warning, not a failed start
-            self.web_error = f"{cfg.web_host}:{cfg.web_port}: {e.strerror or e}"
-            log.warning("no browser view (%s)", self.web_error)
-            return
-        self._stack.callback(setattr, self, "web", None)
-
-    def _publish(self, kind: str, t: float, *data: Any) -> None:
-        """An event for the browser view (O(1); see WebView.publish)."""
-        if self.web is not None:
-            self.web.publish(kind, t, *data)
-
-    def _web_notes(self, job: AnswerJob, notes: list[Any], placed: bool) -> None:
-        if self.web is None:
-            return
-        if placed:
-            self.web.publish("placed", time.monotonic(), job.answer_id, notes)
-        else:
-            req = job.request
-            self.web.publish(
-                "pending", time.monotonic(), job.answer_id, req.origin, notes, req.velocity
-            )
 
     def _start_sender(self, lead: float) -> None:
         sinks: list[Callable[[mido.Message], None]] = []
@@ -630,53 +572,6 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
         if self.mqtt is not None:
             self.mqtt.publish_error(message)
 
-    def _fault(self, message: str) -> None:
-        """A fault of the rig (MIDI gone, disk full), not a rejected message: the error
-        channel, MQTT, the log, and the health reply."""
-        log.warning("fault: %s", message)
-        self._send("/divergent/error", message)
-        if self.mqtt is not None:
-            self.mqtt.publish_error(message)
-        self._report_health()
-
-    def _report_health(self) -> None:
-        self._send("/divergent/health", *self.health_args())
-        if self.mqtt is not None:
-            self.mqtt.publish_status(self.status_dict())
-
-    def _midi_state(self, state: str, message: str) -> None:
-        """The MIDI watchdog (on the loop): ports lost, or back."""
-        self.midi_fault = self.midi.fault if isinstance(self.midi, MidiIO) else ""
-        if state == "lost":
-            self.stats.midi_losses += 1
-            # silence what was playing: its note-offs still reach the OSC transport
-            self._apply(self.perf.stop(message))
-            self._fault(message)
-            return
-        if self.sender is not None:
-            # a receiver connected while MIDI was away starts from silence
-            self.sender.panic()
-        log.warning("%s", message)
-        self._report_health()
-
-    def _take_fault(self, message: str) -> None:
-        """The take's journal cannot be written (message), or is again ("")."""
-        if message and not message.startswith("take written"):
-            self.stats.disk_faults += 1
-            self.disk_fault = message
-            self._fault(message)
-            return
-        self.disk_fault = ""
-        if message:
-            self._fault(message)  # written to the rescue folder: where it is matters
-        else:
-            log.warning("the take's journal is written again")
-            self._report_health()
-
-    def health_args(self) -> tuple[str, str]:
-        """The /divergent/health values: what is wrong with MIDI and the disk ("ok")."""
-        return (self.midi_fault or "ok", self.disk_fault or "ok")
-
     # ------------------------------------------------------------------ status
 
     def status_dict(self) -> dict[str, Any]:
@@ -735,83 +630,12 @@ class Server(Conductor, ConceptDesk, ControlHandlers):
             self.take.flush()
         self.trace.flush()
 
-    def _count_malformed_midi(self) -> None:
-        """Malformed MIDI input (the bridge drops it): counted, and said at most once a
-        second on the error channel, so a broken device cannot flood it."""
-        malformed = getattr(self.midi, "malformed", 0)
-        if not isinstance(malformed, int) or malformed <= self.stats.midi_malformed:
-            return
-        now = time.monotonic()
-        if now - self._malformed_said < 1.0:
-            return
-        new, self.stats.midi_malformed = malformed - self.stats.midi_malformed, malformed
-        self._malformed_said = now
-        message = f"MIDI input: {new} malformed message(s) ignored (rejected)"
-        log.info("error: %s", message)
-        self._send("/divergent/error", message)
-        if self.mqtt is not None:
-            self.mqtt.publish_error(message)
-
     async def _lag_monitor(self) -> None:
         interval = 0.005
         while True:
             t = time.monotonic()
             await asyncio.sleep(interval)
             self.stats.lag_ms.append(max(0.0, (time.monotonic() - t - interval) * 1000))
-
-    # ------------------------------------------------------------------ takes
-
-    def _request_take(self, name: str | None) -> None:
-        self._spawn(self._start_take(name))
-
-    async def _start_take(self, name: str | None) -> None:
-        """A new take; the journal is created in a thread (it touches the disk)."""
-        self._close_take()
-        now = time.monotonic()
-        meta = {"divergent": VERSION, "clock": self.clock_source, "mode": self.mode}
-        loop = asyncio.get_running_loop()
-
-        def on_fault(message: str) -> None:  # the loop, or the thread closing the take
-            loop.call_soon_threadsafe(self._take_fault, message)
-
-        self.take = await asyncio.to_thread(
-            functools.partial(
-                TakeRecorder,
-                folder=self.sessions,
-                name=name,
-                bpm=self.clock.bpm(),
-                start=now,
-                meta=meta,
-                on_fault=on_fault,
-            )
-        )
-        for key, value in (
-            ("divergence", self.divergence),
-            ("temperature", self.temperature),
-            ("bars", self.bars),
-            ("mode", self.mode),
-            ("concept", self.concept),
-        ):
-            self.take.control(now, key, value)
-        log.info("recording %s", self.take.path)
-
-    def _close_take(self) -> None:
-        """Finish the take; the .mid is written in a thread (a long take takes a while)."""
-        take, self.take = self.take, None
-        if take is not None:
-            task = asyncio.get_running_loop().create_task(self._write_take(take))
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
-
-    async def _write_take(self, take: TakeRecorder) -> None:
-        try:
-            path = await asyncio.to_thread(take.close, time.monotonic())
-        except OSError as e:
-            # neither the sessions folder nor a rescue folder: what reached the journal
-            # stays for `divergent sessions` to recover
-            self._fault(f"cannot write the take {take.name}: {e} (its journal is kept)")
-            return
-        log.info("take written: %s", path)
 
     def _controlled(self, name: str, value: Any) -> None:
         if self.take is not None:

@@ -69,7 +69,9 @@ def open_midi_port(
     *,
     on_xrun: Callable[[], object] | None = None,
 ) -> MidiPort:
-    """The real MIDI port: rtmidi through :class:`MidiIO` (raises BridgeError)."""
+    """The real MIDI port: rtmidi through :class:`MidiIO` (raises BridgeError), with its
+    watchdog: the ports come back when the MIDI system does, and a named port not there
+    yet is waited for (the app sets ``on_state`` to hear of both)."""
     midi = MidiIO(
         backend=choose_backend(config.midi_backend),
         client_name=config.midi_client,
@@ -77,6 +79,8 @@ def open_midi_port(
         out_name=config.midi_out,
         on_event=on_event,
         on_xrun=on_xrun,
+        supervise=True,
+        wait_for_ports=True,
     )
     return midi.open()
 
