@@ -238,10 +238,8 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Web
             # the onset error on zero (measured: p99 1.5 ms -> 0.8-1.6 ms at 64 frames)
             lead = (await asyncio.to_thread(jack_period_s) or 0.0) / 2
         await model_future
-        await self._open_osc()
-        await self._open_mqtt()
-        await self._open_web()
-        self._start_sender(lead)
+        # the take first: a performer's first note may come the moment OSC answers a
+        # ping, and it must be recorded
         problem = await asyncio.to_thread(writable_problem, self.sessions)
         if problem is not None:
             # said at start, loudly; takes are still kept (in memory, then a rescue folder)
@@ -256,6 +254,10 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Web
             log.info("recovered an unfinished take: %s", path)
         if self.config.record:
             await self._start_take(None)
+        await self._open_osc()
+        await self._open_mqtt()
+        await self._open_web()
+        self._start_sender(lead)
         for coro in (self._consume_midi(), self._heartbeat(), self._housekeeping()):
             self._spawn(coro)
         self._spawn(self._lag_monitor())

@@ -277,3 +277,29 @@ def test_log_level_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         logger.setLevel(old)
     assert levels == [logging.ERROR]
+
+
+def test_the_take_records_before_any_control_surface_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, generator: Any
+) -> None:
+    """A performer's first note may come the moment OSC answers a ping: the take must
+    already exist then, or that note is played and never recorded."""
+    seen: list[str] = []
+    for name in ("_open_osc", "_open_mqtt", "_open_web"):
+        original = getattr(Server, name)
+
+        async def opening(self: Server, _name: str = name, _orig: Any = original) -> None:
+            seen.append(f"{_name}: take {'ready' if self.take is not None else 'missing'}")
+            await _orig(self)
+
+        monkeypatch.setattr(Server, name, opening)
+
+    async def body(server: Server, port: FakePort) -> None:
+        assert server.take is not None
+
+    serve_in_process(tmp_path, body, gen=generator, record=True)
+    assert seen == [
+        "_open_osc: take ready",
+        "_open_mqtt: take ready",
+        "_open_web: take ready",
+    ], seen
