@@ -440,7 +440,11 @@ def test_the_page_in_a_real_browser(tmp_path: Path, jack_server: Any, browser: A
     started = [sp.start()]
     try:
         url = f"http://127.0.0.1:{web_port}/"
-        assert f"web        {url}" in sp.log()
+        # the banner is printed once startup is over, a moment after OSC answers a ping
+        deadline = time.monotonic() + 10
+        while f"web        {url}" not in sp.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"web        {url}" in sp.log(), sp.log()[-2000:]
         browser.get(url)
         _wait_page(browser, "window.divergentView && window.divergentView.connected")
         assert "online" in browser.find_element(By.ID, "online").text
