@@ -27,7 +27,6 @@ import heapq
 import itertools
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -46,7 +45,9 @@ from divergent.server.sendtypes import (
     Resend,
     SenderStats,
     Sent,
+    SinkErrorLog,
     is_release,
+    set_realtime,
 )
 
 __all__ = ["Sender", "SenderStats", "Sent", "Sink"]
@@ -154,8 +155,7 @@ class Sender:
         # spin starts that much earlier. Only the sender thread touches it.
         self._wake_late_s = 0.0
         # Rate-limited sink error logging, per sink index; only the emitting thread uses it.
-        self._err_last: dict[int, float] = {}
-        self._err_suppressed: dict[int, int] = {}
+        self._sink_errors = SinkErrorLog(self._sinks, every_s=_ERROR_LOG_EVERY_S)
         # Pre-built panic messages: nothing to construct when it matters.
         self._cc_all_off = [
             mido.Message("control_change", channel=ch, control=123, value=0) for ch in range(16)
@@ -567,7 +567,7 @@ class Sender:
                     self._n_late += lateness > _LATE_S
         for sent, _, errors in results:
             for i, err in errors:
-                self._log_sink_error(i, sent.message, err)
+                self._sink_errors.log(i, sent.message, err)
         if self._on_sent is None:
             return
         n_failed = 0
@@ -584,41 +584,10 @@ class Sender:
             with self._cond:
                 self._n_callback_errors += n_failed
 
-    def _log_sink_error(self, i: int, msg: mido.Message, err: Exception) -> None:
-        now = time.monotonic()
-        last = self._err_last.get(i)
-        if last is not None and now - last < _ERROR_LOG_EVERY_S:
-            self._err_suppressed[i] = self._err_suppressed.get(i, 0) + 1
-            return
-        more = self._err_suppressed.pop(i, 0)
-        self._err_last[i] = now
-        log.error(
-            "sink %d (%r) failed on %s: %r%s",
-            i,
-            self._sinks[i],
-            msg,
-            err,
-            f" ({more} more errors since the last report)" if more else "",
-            exc_info=err if last is None else None,
-        )
-
     # --- the thread ----------------------------------------------------------------------
 
-    def _set_realtime(self) -> None:
-        """Ask the OS for SCHED_FIFO on this thread, so other processes cannot preempt it."""
-        if self._realtime_priority is None:
-            return
-        if not hasattr(os, "sched_setscheduler"):
-            log.info("real-time scheduling is not available on this platform")
-            return
-        try:
-            # pid 0 on Linux means the calling thread, not the whole process.
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self._realtime_priority))
-        except OSError as e:
-            log.info("sender thread stays at normal priority (SCHED_FIFO refused: %s)", e)
-
     def _run(self) -> None:
-        self._set_realtime()
+        set_realtime(self._realtime_priority)
         try:
             while True:
                 try:

@@ -3,6 +3,10 @@ counters (:class:`SenderStats`), and the notes and repeats in flight inside it."
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import mido
@@ -16,8 +20,12 @@ __all__ = [
     "Resend",
     "SenderStats",
     "Sent",
+    "SinkErrorLog",
     "is_release",
+    "set_realtime",
 ]
+
+log = logging.getLogger("divergent.server.sender")
 
 # Note states.
 PENDING = 0
@@ -127,3 +135,49 @@ class Resend:
 
     def __init__(self, recent: Recent) -> None:
         self.recent = recent
+
+
+class SinkErrorLog:
+    """A failing sink's errors, logged at most once per ``every_s`` per sink (the first
+    with its traceback): a broken port must not flood the log from the timing thread.
+    Only the sender thread uses it."""
+
+    def __init__(self, sinks: Sequence[Callable[[mido.Message], None]], *, every_s: float) -> None:
+        self._sinks = sinks
+        self._every_s = every_s
+        self._last: dict[int, float] = {}
+        self._suppressed: dict[int, int] = {}
+
+    def log(self, i: int, msg: mido.Message, err: Exception) -> None:
+        """Sink ``i`` raised ``err`` on ``msg``."""
+        now = time.monotonic()
+        last = self._last.get(i)
+        if last is not None and now - last < self._every_s:
+            self._suppressed[i] = self._suppressed.get(i, 0) + 1
+            return
+        more = self._suppressed.pop(i, 0)
+        self._last[i] = now
+        log.error(
+            "sink %d (%r) failed on %s: %r%s",
+            i,
+            self._sinks[i],
+            msg,
+            err,
+            f" ({more} more errors since the last report)" if more else "",
+            exc_info=err if last is None else None,
+        )
+
+
+def set_realtime(priority: int | None) -> None:
+    """Ask the OS for SCHED_FIFO at ``priority`` on the calling thread (the sender's), so
+    other processes cannot preempt it; None leaves it alone."""
+    if priority is None:
+        return
+    if not hasattr(os, "sched_setscheduler"):
+        log.info("real-time scheduling is not available on this platform")
+        return
+    try:
+        # pid 0 on Linux means the calling thread, not the whole process.
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError as e:
+        log.info("sender thread stays at normal priority (SCHED_FIFO refused: %s)", e)
