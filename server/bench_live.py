@@ -254,6 +254,58 @@ def mqtt_outage(*, outage_s: float = 30.0, jack_period: int = 64) -> dict[str, A
         }
 
 
+def generate_latency(serve: ServeProcess, client: str, *, presses: int = 10) -> dict[str, Any]:
+    """``/divergent/generate`` in free time (mode off, quantize off), as a patch's button
+    is pressed: a phrase played over OSC, a pause, the press; milliseconds from the press
+    to the first machine note at a JACK peer (both stamp CLOCK_MONOTONIC)."""
+    serve.osc.send("/divergent/mode", "off")
+    serve.osc.send("/divergent/quantize", "off")
+    seconds = presses * 3.6 + 2.0
+    listener = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "divergent.server.livepeer",
+            "listen",
+            "--server",
+            client,
+            "--no-send",
+            "--seconds",
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    presses_at: list[float] = []
+    try:
+        time.sleep(1.0)  # the listener's port is connected
+        for i in range(presses):
+            for p in (60, 64, 67, 72, 71, 67)[: 4 + i % 3]:
+                serve.osc.send("/divergent/note", p + i % 5, 90, 1)
+                time.sleep(0.08)
+                serve.osc.send("/divergent/note", p + i % 5, 0, 1)
+                time.sleep(0.02)
+            time.sleep(0.6)
+            presses_at.append(time.monotonic())
+            serve.osc.send("/divergent/generate")
+            time.sleep(2.5)
+            serve.osc.send("/divergent/stop")
+            time.sleep(0.3)
+        out, _ = listener.communicate(timeout=seconds + 30)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    received = json.loads(out.strip().splitlines()[-1])["received"]
+    ons = sorted(r[0] for r in received if (r[1] & 0xF0) == 0x90 and r[3] > 0)
+    ms = []
+    for t in presses_at:
+        first = next((x for x in ons if x >= t), None)
+        if first is not None and first - t < 2.0:
+            ms.append((first - t) * 1000)
+    return {"p50": _pct(ms, 50), "p99": _pct(ms, 99), "n": len(ms), "presses": presses}
+
+
 def run_bench_live(
     *, answers: int = 30, flood_s: float = 10.0, rate: float = 2000.0, jack_period: int = 64
 ) -> dict[str, Any]:
@@ -308,9 +360,11 @@ def run_bench_live(
             lag_p99 = float(after[2][2]) if after else float("nan")
             rss = max(rss_start, serve.rss_mb())
             rss_shm = serve.rss_mb("RssShmem")
+            generate = generate_latency(serve, client)
         finally:
             rc = serve.stop()
         return {
+            "generate_ms": generate,
             "response_ms": {"p50": _pct(resp, 50), "p99": _pct(resp, 99), "n": len(resp)},
             "onset_error_ms": {"p50": _pct(errs, 50), "p99": _pct(errs, 99), "n": len(errs)},
             "flood": {
