@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import math
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -79,6 +80,8 @@ class OscStats:
     """Replies that could not be sent (socket error, or the bridge was closed)."""
     encode_errors: int = 0
     """Replies that could not be encoded (an unsupported argument type or value)."""
+    refused: int = 0
+    """Datagrams from senders outside the allow-list, ignored."""
 
 
 # --- wire format -------------------------------------------------------------------------
@@ -164,6 +167,38 @@ def encode_message(address: str, args: tuple[object, ...]) -> bytes:
 # --- the bridge ----------------------------------------------------------------------------
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_allow(items: Sequence[str]) -> tuple[Network, ...]:
+    """Addresses and CIDRs (``192.168.1.20``, ``10.0.0.0/8``, ``::1``) as networks; raises
+    ValueError naming the first that is neither (host names are refused: a name resolved
+    once could later point elsewhere)."""
+    nets = []
+    for item in items:
+        text = item.strip()
+        if not text:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"allow-list entry {text!r}: give an IP address or a CIDR like 10.0.0.0/8"
+            ) from None
+    return tuple(nets)
+
+
+def allowed(host: str, nets: Sequence[Network]) -> bool:
+    """Whether ``host`` (a numeric address, as a socket reports it) is in ``nets``."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 senders as ::ffff:a.b.c.d
+    return any(ip in net for net in nets)
+
+
 class _Protocol(asyncio.DatagramProtocol):
     """Forwards the transport's callbacks to the bridge (kept tiny on purpose)."""
 
@@ -209,7 +244,12 @@ class OscBridge:
         reply_port: int = 9001,
         on_message: OnMessage,
         on_error: OnError | None = None,
+        allow: Sequence[str] = (),
     ) -> None:
+        try:
+            self._allow = parse_allow(allow)
+        except ValueError as e:
+            raise OscError(str(e)) from e
         self._host = host
         self._requested_port = port
         self._reply_host = reply_host
@@ -227,6 +267,7 @@ class OscBridge:
         self._malformed = 0
         self._handler_errors = 0
         self._receive_errors = 0
+        self._refused = 0
         # send-side counters: any thread, so under a lock (`+=` is not atomic)
         self._send_lock = threading.Lock()
         self._sent = 0
@@ -339,6 +380,7 @@ class OscBridge:
             sent=sent,
             send_errors=send_errors,
             encode_errors=encode_errors,
+            refused=self._refused,
         )
 
     # --- sending -------------------------------------------------------------------------
@@ -394,6 +436,15 @@ class OscBridge:
     def _on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self._packets += 1
         sender = (str(addr[0]), int(addr[1]))  # IPv6 addresses come as 4-tuples
+        if self._allow and not allowed(sender[0], self._allow):
+            self._refused += 1
+            # the first is worth a warning; a scan or a flood must not flood the log
+            log.log(
+                logging.WARNING if self._refused == 1 else logging.DEBUG,
+                "OSC from %s:%d ignored: not in the allow-list",
+                *sender,
+            )
+            return
         try:
             messages = decode_packet(data)
         except OscPacketError as e:

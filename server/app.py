@@ -50,7 +50,7 @@ from divergent.server.concepts import (
     canonical_spec,
 )
 from divergent.server.conductor import Conductor
-from divergent.server.config import ServeConfig
+from divergent.server.config import ServeConfig, allow_list
 from divergent.server.handlers import VERSION, ControlHandlers
 from divergent.server.health import HealthDesk
 from divergent.server.performance import Performance, Timeline
@@ -72,7 +72,7 @@ from divergent.server.recorder import (
 from divergent.server.sender import Sender, Sent
 from divergent.server.takes_desk import TakesDesk
 from divergent.server.telemetry import REPLIES, STATUS, Stats, Trace
-from divergent.server.web import WebView
+from divergent.server.web import WebView, is_loopback
 from divergent.server.web_desk import WebDesk
 
 __all__ = ["REPLIES", "VERSION", "MidiPort", "MidiPortFactory", "Server", "open_midi_port"]
@@ -335,8 +335,17 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Web
             reply_port=reply_port,
             on_message=self._on_osc,
             on_error=self._on_osc_error,
+            allow=allow_list(self.config.osc_allow),
         )
         self.osc = await self._stack.enter_async_context(osc)
+        if not is_loopback(self.config.osc_host):
+            log.warning(
+                "OSC listens on %s: anyone who reaches it can play and control divergent%s",
+                self.config.osc_host,
+                " (limited by --osc-allow)"
+                if self.config.osc_allow
+                else "; limit it with --osc-allow ADDR[,CIDR...]",
+            )
         self._stack.callback(setattr, self, "osc", None)
 
     async def _open_mqtt(self) -> None:

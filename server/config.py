@@ -26,6 +26,7 @@ from typing import Any
 
 import tomli_w
 
+from divergent.bridges.osc import parse_allow
 from divergent.model.files import DECODER_CHOICES
 
 __all__ = [
@@ -156,6 +157,19 @@ def _check_nonempty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _check_allow(value: str) -> str | None:
+    try:
+        parse_allow(value.split(","))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def allow_list(value: str) -> list[str]:
+    """``osc_allow``'s entries (empty: no list)."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def _check_heartbeat(value: float) -> str | None:
     # 0 turns the heartbeat off; anything faster than 10 Hz only floods the peers.
     return None if value == 0 or 0.1 <= value <= 60 else "must be 0 (off) or in 0.1..60 seconds"
@@ -240,6 +254,13 @@ class ServeConfig:
         "127.0.0.1", "str", "address the OSC server listens on", check=_check_nonempty
     )
     osc_port: int = _f(9000, "int", "OSC port (0: any free port)", lo=0, hi=65535)
+    osc_allow: str = _f(
+        "",
+        "str",
+        "comma-separated IP addresses or CIDRs allowed to send OSC and to open the browser "
+        "view (others are counted and ignored); empty: anyone who reaches the port",
+        check=_check_allow,
+    )
     osc_reply: str = _f(
         "127.0.0.1:9001", "str", "fixed HOST:PORT every OSC reply goes to", check=_check_reply
     )
@@ -506,6 +527,7 @@ _FLAGS: tuple[tuple[str, str, str | None], ...] = (
     ("--midi-client", "midi_client", "NAME"),
     ("--osc-host", "osc_host", "HOST"),
     ("--osc-port", "osc_port", "PORT"),
+    ("--osc-allow", "osc_allow", "ADDR[,CIDR...]"),
     ("--osc-reply", "osc_reply", "HOST:PORT"),
     ("--drain", "drain_s", "S"),
     ("--web", "web", None),

@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
+from divergent.bridges.osc import allowed, parse_allow
 from divergent.server.control import Control
 from divergent.server.performance import BEATS_PER_BAR, Grid
 from divergent.server.takefile import list_takes
@@ -134,6 +135,7 @@ class WebStats:
     controls: int = 0
     pages: int = 0
     connections: int = 0
+    refused: int = 0  # requests from senders outside the allow-list
     per_page_dropped: list[int] = field(default_factory=list)
 
 
@@ -159,7 +161,9 @@ class WebView:
         grid: Callable[[], Grid],
         version: str,
         client_queue: int = CLIENT_QUEUE,
+        allow: Sequence[str] = (),
     ) -> None:
+        self._allow = parse_allow(allow)  # the same allow-list as OSC (ValueError if bad)
         self.host = host
         self.port = port
         self.sessions = sessions
@@ -210,8 +214,8 @@ class WebView:
         self.port = int(runner.addresses[0][1])
         if not is_loopback(self.host):
             log.warning(
-                "the web view listens on %s:%d: anyone who reaches it can control divergent "
-                "(there is no sender allow-list)",
+                "the web view listens on %s:%d: anyone who reaches it can control divergent"
+                + (" (limited by --osc-allow)" if self._allow else " (limit it with --osc-allow)"),
                 self.host,
                 self.port,
             )
@@ -386,6 +390,9 @@ class WebView:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self._allow and not allowed(request.remote or "", self._allow):
+            self.stats.refused += 1
+            raise web.HTTPForbidden(text="not in the allow-list")
         if is_loopback(self.host):
             # a loopback view answers loopback names only: a page on another site cannot
             # rebind its own name to 127.0.0.1 and read or control this one

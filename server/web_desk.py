@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from divergent.server.answers import AnswerJob
-from divergent.server.config import ServeConfig
+from divergent.server.config import ServeConfig, allow_list
 from divergent.server.control import Control
 from divergent.server.handlers import VERSION
 from divergent.server.web import WebView
@@ -64,6 +64,7 @@ class WebDesk(ABC):
             status=self.status_dict,
             grid=lambda: self.grid,
             version=VERSION,
+            allow=allow_list(cfg.osc_allow),  # one allow-list for every door
         )
         try:
             self.web = await self._stack.enter_async_context(view)

@@ -20,7 +20,13 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from divergent.bridges.exceptions import OscError
-from divergent.bridges.osc import OscBridge, OscPacketError, decode_packet, encode_message
+from divergent.bridges.osc import (
+    OscBridge,
+    OscPacketError,
+    OscStats,
+    decode_packet,
+    encode_message,
+)
 from tests.conftest import require_tool
 
 Received = tuple[str, tuple[Any, ...], tuple[str, int]]
@@ -437,3 +443,36 @@ def test_encode_message_float_is_32_bit() -> None:
     assert data[:12] == b"/a\x00\x00,fisi\x00\x00\x00"
     params = OscMessage(data).params
     assert params[0] == pytest.approx(0.1, rel=1e-6) and params[1:] == [1, "s", 0]
+
+
+def test_senders_outside_the_allow_list_are_counted_and_ignored() -> None:
+    """``allow``: addresses and CIDRs; anyone else's packets never reach the handler."""
+    got: list[tuple[str, str]] = []
+
+    async def main() -> OscStats:
+        async with OscBridge(
+            host="0.0.0.0",
+            port=0,
+            allow=["127.0.0.2", "10.0.0.0/8"],
+            on_message=lambda address, args, sender: got.append((address, sender[0])),
+        ) as osc:
+            for source in ("127.0.0.1", "127.0.0.2", "127.0.0.1"):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((source, 0))  # the whole 127/8 is this machine's on Linux
+                sock.sendto(encode_message("/divergent/ping", ()), ("127.0.0.1", osc.port))
+                sock.close()
+            for _ in range(200):
+                if osc.stats.packets >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            return osc.stats
+
+    stats = asyncio.run(main())
+    assert got == [("/divergent/ping", "127.0.0.2")]
+    assert stats.refused == 2 and stats.messages == 1
+
+
+@pytest.mark.parametrize("entry", ["example.org", "10.0.0.0/33", "1.2.3"])
+def test_an_allow_list_entry_that_is_no_address_is_refused(entry: str) -> None:
+    with pytest.raises(OscError, match="IP address or a CIDR"):
+        OscBridge(on_message=lambda *a: None, allow=["127.0.0.1", entry])

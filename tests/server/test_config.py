@@ -93,6 +93,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("osc_reply", "127.0.0.1", "HOST:PORT"),
     ("osc_reply", "127.0.0.1:0", "1..65535"),
     ("osc_reply", "host:port", "1..65535"),
+    ("osc_allow", "example.org", "an IP address or a CIDR"),
+    ("osc_allow", "10.0.0.0/33", "an IP address or a CIDR"),
     ("osc_reply", ":9001", "host is empty"),
     ("osc_reply", "::1:9001", "brackets"),
     ("heartbeat_s", 0.05, "0 (off) or in 0.1..60"),

@@ -94,6 +94,23 @@ def test_page_and_assets_come_from_the_package(tmp_path: Path) -> None:
     web_in_process(tmp_path, body)
 
 
+def test_the_osc_allow_list_guards_the_page_too(tmp_path: Path) -> None:
+    """One allow-list for every door: a sender OSC would ignore gets no page either."""
+
+    async def refused(server: Server, port: FakePort, url: str) -> None:
+        async with aiohttp.ClientSession() as http, http.get(url + "/") as r:
+            assert r.status == 403
+        assert server.web is not None and server.web.stats.refused == 1
+
+    web_in_process(tmp_path / "a", refused, osc_allow="10.0.0.0/8")
+
+    async def allowed(server: Server, port: FakePort, url: str) -> None:
+        async with aiohttp.ClientSession() as http, http.get(url + "/") as r:
+            assert r.status == 200
+
+    web_in_process(tmp_path / "b", allowed, osc_allow="10.0.0.0/8, 127.0.0.1")
+
+
 def test_the_banner_prints_the_address(tmp_path: Path) -> None:
     async def body(server: Server, port: FakePort, url: str) -> None:
         assert f"  web        {url}/" in server.banner().splitlines()
