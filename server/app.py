@@ -35,9 +35,8 @@ from typing import Any
 import mido
 
 from divergent.bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, make_clock
-from divergent.bridges.exceptions import BridgeError
 from divergent.bridges.jack import jack_period_s
-from divergent.bridges.midi import MidiEvent, MidiIO
+from divergent.bridges.midi import MidiEvent
 from divergent.bridges.mqtt import MqttBridge
 from divergent.bridges.osc import OscBridge
 from divergent.model.concept import default_concepts_dir
@@ -50,7 +49,8 @@ from divergent.server.concepts import (
     canonical_spec,
 )
 from divergent.server.conductor import Conductor
-from divergent.server.config import ServeConfig, allow_list
+from divergent.server.config import ServeConfig
+from divergent.server.doors import Doors
 from divergent.server.handlers import VERSION, ControlHandlers
 from divergent.server.health import HealthDesk
 from divergent.server.performance import Performance, Timeline
@@ -59,7 +59,6 @@ from divergent.server.ports import (
     MidiPortFactory,
     SenderSink,
     load_generator,
-    numeric_host,
     open_midi_port,
 )
 from divergent.server.recorder import (
@@ -72,7 +71,7 @@ from divergent.server.recorder import (
 from divergent.server.sender import Sender, Sent
 from divergent.server.takes_desk import TakesDesk
 from divergent.server.telemetry import REPLIES, STATUS, Stats, Trace
-from divergent.server.web import WebView, is_loopback
+from divergent.server.web import WebView
 from divergent.server.web_desk import WebDesk
 
 __all__ = ["REPLIES", "VERSION", "MidiPort", "MidiPortFactory", "Server", "open_midi_port"]
@@ -85,7 +84,7 @@ _CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 _SWITCH_INTERVAL_S = 0.0005
 
 
-class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, WebDesk):
+class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doors, WebDesk):
     """One live session: ``await Server(config).serve()`` runs until SIGINT/SIGTERM.
 
     ``midi_factory`` opens the MIDI port (tests pass a fake); ``generator_factory`` loads
@@ -293,83 +292,6 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Web
             answers.generator, ms = self._concept_loader.build_now(spec, self._base_generator)
             self.concept = spec
             log.info("concept %s loaded in %.0f ms", spec, ms)
-
-    async def _open_midi(self, loop: asyncio.AbstractEventLoop) -> None:
-        def on_event(ev: MidiEvent) -> None:  # rtmidi's poller thread
-            loop.call_soon_threadsafe(self._enqueue_midi, ev)
-
-        def on_xrun() -> None:  # the xrun watch's thread
-            # the note-off guarantee: JACK dropped a cycle's events, repeat recent note-offs
-            if self.sender is not None:
-                self.sender.resend_lost_offs()
-
-        def on_state(state: str, message: str) -> None:  # the MIDI watchdog's thread
-            loop.call_soon_threadsafe(self._midi_state, state, message)
-
-        try:
-            # off the loop: choosing a backend may run jack_lsp, opening ports takes a while
-            self.midi = await asyncio.to_thread(
-                self.midi_factory, self.config, on_event, on_xrun=on_xrun
-            )
-        except BridgeError as e:
-            log.warning("no MIDI ports (%s): notes travel over OSC only", e)
-            self.midi, self.midi_error = None, str(e)
-            return
-        self._stack.callback(self._close_midi)
-        if isinstance(self.midi, MidiIO):
-            self.midi.on_state = on_state
-            self.midi_fault = self.midi.fault  # a named port not there yet
-
-    def _close_midi(self) -> None:
-        if self.midi is not None:
-            self.midi.close()
-            self.midi = None
-
-    async def _open_osc(self) -> None:
-        # OSC opens once the model is loaded, so a /divergent/pong means "ready to play"
-        reply_host, reply_port = self.config.reply_address
-        osc = OscBridge(
-            host=await numeric_host(self.config.osc_host, self.config.osc_port),
-            port=self.config.osc_port,
-            reply_host=await numeric_host(reply_host, reply_port),
-            reply_port=reply_port,
-            on_message=self._on_osc,
-            on_error=self._on_osc_error,
-            allow=allow_list(self.config.osc_allow),
-        )
-        self.osc = await self._stack.enter_async_context(osc)
-        if not is_loopback(self.config.osc_host):
-            log.warning(
-                "OSC listens on %s: anyone who reaches it can play and control divergent%s",
-                self.config.osc_host,
-                " (limited by --osc-allow)"
-                if self.config.osc_allow
-                else "; limit it with --osc-allow ADDR[,CIDR...]",
-            )
-        self._stack.callback(setattr, self, "osc", None)
-
-    async def _open_mqtt(self) -> None:
-        if self.config.mqtt_address is None:
-            return
-        host, port = self.config.mqtt_address
-        cfg = self.config
-        mqtt = MqttBridge(
-            host=host,
-            port=port,
-            instance=cfg.instance,
-            username=cfg.mqtt_username,
-            password=cfg.mqtt_password,
-            tls=cfg.mqtt_tls,
-            cafile=cfg.mqtt_cafile,
-            on_control=self._on_mqtt,
-            # retry every <= 2 s: telemetry is back within seconds of the broker
-            backoff=(0.25, 2.0),
-        )
-        # returns at once even when the broker is down: it reconnects on its own
-        self.mqtt = await self._stack.enter_async_context(mqtt)
-        self._stack.callback(setattr, self, "mqtt", None)
-        # the last status (recording 0) goes out before the bridge closes
-        self._stack.callback(lambda: mqtt.publish_status(self.status_dict()))
 
     def _start_sender(self, lead: float) -> None:
         sinks: list[Callable[[mido.Message], None]] = []
