@@ -225,6 +225,10 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
 
     if args.mqtt_outage:
         res = mqtt_outage(outage_s=args.mqtt_outage, jack_period=args.jack_period)
+    elif args.learning:
+        from divergent.server.bench_live import run_bench_learning
+
+        res = run_bench_learning(answers=args.answers, jack_period=args.jack_period)
     elif args.web_clients:
         from divergent.server.bench_live import run_bench_web
 
@@ -603,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="instead: the phrases twice, without and with N pages on the browser view "
         "(onset error and loop lag p99 side by side)",
+    )
+    bl.add_argument(
+        "--learning",
+        action="store_true",
+        help="instead: the phrases twice, alone and while a concept is learned from them "
+        "in the background (onset error and loop lag p99 side by side)",
     )
     bl.add_argument("--json", action="store_true")
     bl.set_defaults(func=_cmd_bench_live)

@@ -475,13 +475,110 @@ def _lag_windows(serve: ServeProcess, stop: Any, out: list[float]) -> None:
             out.append(float(got[2][2]))
 
 
+def _close(a: float, b: float) -> bool:
+    """The side-by-side target: within 1.2x (or 0.2 ms) of each other."""
+    return b <= a * 1.2 or abs(b - a) <= 0.2
+
+
+def _phase(serve: ServeProcess, client: str, n: int) -> dict[str, Any]:
+    """``n`` phrases from a JACK peer, answered in call mode: onset error, response and
+    the loop's lag p99 (windows read while they play)."""
+    import threading
+
+    lags: list[float] = []
+    stop = threading.Event()
+    watch = threading.Thread(target=_lag_windows, args=(serve, stop, lags), daemon=True)
+    watch.start()
+    try:
+        peer = run_peer_process(
+            ["phrases", "--server", client, "--phrases", str(n)], timeout=n * 6 + 30
+        )
+    finally:
+        stop.set()
+        watch.join(timeout=10)
+    time.sleep(0.3)  # the trace's last lines reach the file
+    errs = onset_errors(serve.trace_events(), peer["received"])
+    resp = response_times(serve.trace_events(), peer["received"])
+    return {
+        "onset_error_ms": {"p50": _pct(errs, 50), "p99": _pct(errs, 99), "n": len(errs)},
+        "response_ms": {"p50": _pct(resp, 50), "p99": _pct(resp, 99), "n": len(resp)},
+        # each window: p99 over the loop's last ~2,000 samples (about 10 s)
+        "loop_lag_ms_p99": statistics.median(lags) if lags else float("nan"),
+        "loop_lag_ms_p99_worst": max(lags) if lags else float("nan"),
+        "loop_lag_ms_p99_windows": lags,
+        "stuck_notes": len(peer["stuck"]),
+    }
+
+
+def _call_server(work: Path, client: str, *extra: str) -> ServeProcess:
+    """``divergent serve`` on JACK in call mode, as the side-by-side benches use it."""
+    return ServeProcess(
+        [
+            "--midi-backend",
+            "jack",
+            "--mode",
+            "call",
+            "--quantize",
+            "off",
+            "--bpm",
+            "240",
+            "--bars",
+            "1",
+            "--phrase-silence",
+            "0.25",
+            *extra,
+        ],
+        workdir=work,
+        name=client,
+    )
+
+
+def run_bench_learning(*, answers: int = 20, jack_period: int = 64) -> dict[str, Any]:
+    """``bench live --learning``: the same phrases twice, first alone, then while a
+    concept is learned from them in the background (``/divergent/concept/learn``, a
+    separate niced process): onset error and loop lag p99 side by side."""
+    with JackServer(rate=48000, period=jack_period) as jack, tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        client = f"divlearn{int(time.time()) % 100000}"
+        serve = _call_server(work, client, "--concepts", str(work / "concepts"))
+        serve.start()
+        learned: list[Any] = []
+        try:
+            _phase(serve, client, 3)  # warm-up
+            without = _phase(serve, client, answers)
+            t = time.monotonic()
+            serve.osc.send("/divergent/concept/learn", "benchlearn", 120.0)
+            refused = serve.osc.wait_for("/divergent/error", after=t, timeout=1.0)
+            during = _phase(serve, client, answers)
+            t_end = time.monotonic()
+            got = serve.osc.wait_for("/divergent/concept/learned", after=t, timeout=300)
+            if got is not None:
+                learned = list(got[2])
+                during["learning_overlapped_s"] = min(t_end, got[0]) - t
+        finally:
+            rc = serve.stop()
+        onset = (without["onset_error_ms"]["p99"], during["onset_error_ms"]["p99"])
+        lag = (without["loop_lag_ms_p99"], during["loop_lag_ms_p99"])
+        return {
+            "answers_each": answers,
+            "without_learning": without,
+            "while_learning": during,
+            "learn_refused": refused[2] if refused else None,
+            "learned": learned,
+            "onset_error_p99_within": _close(*onset),
+            "loop_lag_p99_within": _close(*lag),
+            "jack_xruns": jack.xruns(),
+            "jack_period_frames": jack_period,
+            "exit_code": rc,
+        }
+
+
 def run_bench_web(*, web_clients: int, answers: int = 30, jack_period: int = 64) -> dict[str, Any]:
     """``bench live --web-clients N``: one server, one JACK server, the same phrases played
     twice, first with no page connected, then with ``web_clients`` pages: the onset error
     and the event loop's lag p99 of each, side by side (the web view must not touch the
     timing)."""
     import socket
-    import threading
 
     with JackServer(rate=48000, period=jack_period) as jack, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -489,59 +586,15 @@ def run_bench_web(*, web_clients: int, answers: int = 30, jack_period: int = 64)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             web_port = int(s.getsockname()[1])
-        serve = ServeProcess(
-            [
-                "--midi-backend",
-                "jack",
-                "--mode",
-                "call",
-                "--quantize",
-                "off",
-                "--bpm",
-                "240",
-                "--bars",
-                "1",
-                "--phrase-silence",
-                "0.25",
-                "--web-port",
-                str(web_port),
-            ],
-            workdir=work,
-            name=client,
-        )
+        serve = _call_server(work, client, "--web-port", str(web_port))
         serve.start()
         url = f"http://127.0.0.1:{web_port}"
 
-        def phase(n: int) -> dict[str, Any]:
-            lags: list[float] = []
-            stop = threading.Event()
-            watch = threading.Thread(target=_lag_windows, args=(serve, stop, lags), daemon=True)
-            watch.start()
-            try:
-                peer = run_peer_process(
-                    ["phrases", "--server", client, "--phrases", str(n)], timeout=n * 6 + 30
-                )
-            finally:
-                stop.set()
-                watch.join(timeout=10)
-            time.sleep(0.3)  # the trace's last lines reach the file
-            errs = onset_errors(serve.trace_events(), peer["received"])
-            resp = response_times(serve.trace_events(), peer["received"])
-            return {
-                "onset_error_ms": {"p50": _pct(errs, 50), "p99": _pct(errs, 99), "n": len(errs)},
-                "response_ms": {"p50": _pct(resp, 50), "p99": _pct(resp, 99), "n": len(resp)},
-                # each window: p99 over the loop's last ~2,000 samples (about 10 s)
-                "loop_lag_ms_p99": statistics.median(lags) if lags else float("nan"),
-                "loop_lag_ms_p99_worst": max(lags) if lags else float("nan"),
-                "loop_lag_ms_p99_windows": lags,
-                "stuck_notes": len(peer["stuck"]),
-            }
-
         try:
-            phase(3)  # warm-up: the first answers pay for the model's first runs
-            without = phase(answers)
+            _phase(serve, client, 3)  # warm-up: the first answers pay for the model's first runs
+            without = _phase(serve, client, answers)
             with _Pages(url, web_clients) as pages:
-                with_pages = phase(answers)
+                with_pages = _phase(serve, client, answers)
             with_pages["pages"] = {
                 "events_received": pages.events,
                 "by_type": pages.kinds,
@@ -551,9 +604,6 @@ def run_bench_web(*, web_clients: int, answers: int = 30, jack_period: int = 64)
         finally:
             rc = serve.stop()
 
-        def close(a: float, b: float) -> bool:
-            return b <= a * 1.2 or abs(b - a) <= 0.2
-
         onset = (without["onset_error_ms"]["p99"], with_pages["onset_error_ms"]["p99"])
         lag = (without["loop_lag_ms_p99"], with_pages["loop_lag_ms_p99"])
         return {
@@ -562,8 +612,8 @@ def run_bench_web(*, web_clients: int, answers: int = 30, jack_period: int = 64)
             "without_pages": without,
             "with_pages": with_pages,
             # the target: within 1.2x (or 0.2 ms) of each other
-            "onset_error_p99_within": close(*onset),
-            "loop_lag_p99_within": close(*lag),
+            "onset_error_p99_within": _close(*onset),
+            "loop_lag_p99_within": _close(*lag),
             "jack_xruns": jack.xruns(),
             "jack_period_frames": jack_period,
             "exit_code": rc,
