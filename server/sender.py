@@ -40,6 +40,7 @@ from divergent.server.sendtypes import (
     DONE,
     PENDING,
     SOUNDING,
+    Counters,
     Note,
     Recent,
     Resend,
@@ -163,23 +164,9 @@ class Sender:
         self._cc_sustain_off = [
             mido.Message("control_change", channel=ch, control=64, value=0) for ch in range(16)
         ]
-
-        self._n_sent = 0
-        self._n_on = 0
-        self._n_off = 0
-        self._n_late = 0
-        self._n_dropped_late = 0
-        self._n_cancelled = 0
-        self._n_retriggered = 0
-        self._n_clipped = 0
-        self._n_refused = 0
-        self._n_sink_errors = 0
-        self._n_callback_errors = 0
-        self._n_resent = 0
-        # (sent at, message) of recent note-offs and release CCs, for resend_lost_offs
+        self._c = Counters()  # under self._cond
+        # recent note-offs and release CCs, for resend_lost_offs
         self._recent_offs: deque[Recent] = deque(maxlen=_RECENT_OFFS_MAX)
-        self._max_lateness = 0.0
-        self._max_spin = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -277,9 +264,9 @@ class Sender:
         )
         with self._cond:
             if self._closed:
-                self._n_refused += 1
+                self._c.refused += 1
                 return
-            self._n_clipped += clipped
+            self._c.clipped += clipped
             self._channels.add(channel)
             self._pending.add(note)
             self._push_locked(note.on, _ON, note)
@@ -306,7 +293,7 @@ class Sender:
             kind = _ON
         with self._cond:
             if self._closed:
-                self._n_refused += 1
+                self._c.refused += 1
                 return
             channel = getattr(msg, "channel", None)
             if channel is not None:
@@ -327,7 +314,7 @@ class Sender:
             if doomed:
                 self._heap = [e for e in self._heap if self._live(e)]
                 heapq.heapify(self._heap)
-                self._n_cancelled += len(doomed)
+                self._c.cancelled += len(doomed)
                 self._cond.notify_all()
             return len(doomed)
 
@@ -389,24 +376,7 @@ class Sender:
     def stats(self) -> SenderStats:
         """A consistent snapshot of the counters."""
         with self._cond:
-            return SenderStats(
-                sent=self._n_sent,
-                notes_on=self._n_on,
-                notes_off=self._n_off,
-                late=self._n_late,
-                dropped_late=self._n_dropped_late,
-                cancelled=self._n_cancelled,
-                retriggered=self._n_retriggered,
-                clipped=self._n_clipped,
-                refused=self._n_refused,
-                sink_errors=self._n_sink_errors,
-                callback_errors=self._n_callback_errors,
-                max_lateness_s=self._max_lateness,
-                max_spin_s=self._max_spin,
-                resent=self._n_resent,
-                pending=len(self._pending),
-                sounding=len(self._sounding),
-            )
+            return self._c.snapshot(pending=len(self._pending), sounding=len(self._sounding))
 
     # --- internals (``_locked``: caller holds self._cond) ---------------------------------
 
@@ -430,7 +400,7 @@ class Sender:
     def _drop_pending_locked(self) -> None:
         for note in self._pending:
             note.state = DONE
-        self._n_cancelled += sum(1 for n in self._pending if n.droppable)
+        self._c.cancelled += sum(1 for n in self._pending if n.droppable)
         self._pending.clear()
         # Sounding notes' note-offs are in the heap too: the release sends them now.
         self._heap.clear()
@@ -482,7 +452,7 @@ class Sender:
             t, kind, _, payload = heapq.heappop(heap)
             if isinstance(payload, Resend):
                 if self._still_off_locked(payload.recent.msg):
-                    self._n_resent += 1
+                    self._c.resent += 1
                     out.append((t, payload.recent.msg, payload.recent, False))
             elif isinstance(payload, Note):
                 note = payload
@@ -492,14 +462,14 @@ class Sender:
                     self._pending.discard(note)
                     if note.droppable and horizon - t > self._late_drop_s:
                         note.state = DONE
-                        self._n_dropped_late += 1
+                        self._c.dropped_late += 1
                         continue
                     prev = self._sounding.get(note.key)
                     if prev is not None:
                         # One note-off per note-on: end the sounding one first; its own
                         # scheduled note-off is then skipped.
                         prev.state = DONE
-                        self._n_retriggered += 1
+                        self._c.retriggered += 1
                         out.append((t, prev.msg_off, prev.tag, note.droppable))
                     note.state = SOUNDING
                     self._sounding[note.key] = note
@@ -547,24 +517,24 @@ class Sender:
             return
         with self._cond:
             for sent, timed, errors in results:
-                self._n_sent += 1
+                self._c.sent += 1
                 if isinstance(sent.tag, Recent):
                     # a repeat: not a new note-off; it may be repeated again (bounded)
                     sent.tag.sent_at = sent.actual
                     sent.tag.repeats += 1
-                    self._n_sink_errors += len(errors)
+                    self._c.sink_errors += len(errors)
                     continue
                 if sent.message.type == "note_on":
-                    self._n_on += 1
+                    self._c.notes_on += 1
                 elif sent.message.type == "note_off":
-                    self._n_off += 1
+                    self._c.notes_off += 1
                 if is_release(sent.message):
                     self._recent_offs.append(Recent(sent.actual, sent.message))
-                self._n_sink_errors += len(errors)
+                self._c.sink_errors += len(errors)
                 if timed:
                     lateness = sent.actual - (sent.scheduled - self._lead_s)
-                    self._max_lateness = max(self._max_lateness, lateness)
-                    self._n_late += lateness > _LATE_S
+                    self._c.max_lateness_s = max(self._c.max_lateness_s, lateness)
+                    self._c.late += lateness > _LATE_S
         for sent, _, errors in results:
             for i, err in errors:
                 self._sink_errors.log(i, sent.message, err)
@@ -582,7 +552,7 @@ class Sender:
                     log.exception("sender on_sent callback failed")
         if n_failed:
             with self._cond:
-                self._n_callback_errors += n_failed
+                self._c.callback_errors += n_failed
 
     # --- the thread ----------------------------------------------------------------------
 
@@ -650,6 +620,6 @@ class Sender:
             now = time.monotonic()
         with self._cond:
             out = self._take_due_locked(now)
-            self._max_spin = max(self._max_spin, now - t0)
+            self._c.max_spin_s = max(self._c.max_spin_s, now - t0)
         self._finish(self._emit(out))
         return True

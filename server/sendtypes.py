@@ -15,6 +15,7 @@ __all__ = [
     "DONE",
     "PENDING",
     "SOUNDING",
+    "Counters",
     "Note",
     "Recent",
     "Resend",
@@ -79,6 +80,35 @@ class SenderStats:
     """Note-ons waiting to be sent."""
     sounding: int
     """Notes currently on."""
+
+
+@dataclass(slots=True)
+class Counters:
+    """The sender's running counters (under its lock); :class:`SenderStats` without the
+    queue sizes, which :meth:`snapshot` adds."""
+
+    sent: int = 0
+    notes_on: int = 0
+    notes_off: int = 0
+    late: int = 0
+    dropped_late: int = 0
+    cancelled: int = 0
+    retriggered: int = 0
+    clipped: int = 0
+    refused: int = 0
+    sink_errors: int = 0
+    callback_errors: int = 0
+    max_lateness_s: float = 0.0
+    max_spin_s: float = 0.0
+    resent: int = 0
+
+    def snapshot(self, *, pending: int, sounding: int) -> SenderStats:
+        """A frozen copy, with the queue sizes of the moment."""
+        return SenderStats(
+            **{f: getattr(self, f) for f in self.__dataclass_fields__},
+            pending=pending,
+            sounding=sounding,
+        )
 
 
 def is_release(msg: mido.Message) -> bool:
