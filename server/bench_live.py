@@ -314,24 +314,7 @@ def run_bench_live(
     with JackServer(rate=48000, period=jack_period) as jack, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         client = f"divbench{int(time.time()) % 100000}"
-        serve = ServeProcess(
-            [
-                "--midi-backend",
-                "jack",
-                "--mode",
-                "call",
-                "--quantize",
-                "off",
-                "--bpm",
-                "240",
-                "--bars",
-                "1",
-                "--phrase-silence",
-                "0.25",
-            ],
-            workdir=work,
-            name=client,
-        )
+        serve = _call_server(work, client)
         serve.start()
         try:
             rss_start = serve.rss_mb()

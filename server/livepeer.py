@@ -161,6 +161,16 @@ class ServeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def ask(self, address: str, reply: str, *args: Any, timeout: float = 5.0) -> list[Any]:
+        """Send ``address`` over OSC and return the arguments of the next ``reply``
+        (raises RuntimeError, with the server's log, when none comes in ``timeout``)."""
+        t = time.monotonic()
+        self.osc.send(address, *args)
+        got = self.osc.wait_for(reply, after=t, timeout=timeout)
+        if got is None:
+            raise RuntimeError(f"no {reply} after {address}:\n{self.log()[-3000:]}")
+        return got[2]
+
     def rss_mb(self, field: str = "VmRSS") -> float:
         """Resident memory of the server process (``RssShmem``: the part shared with
         jackd, its port table mapped into every JACK client)."""

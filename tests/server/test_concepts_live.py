@@ -19,6 +19,7 @@ import pytest
 from divergent.model.concept import TrainingExtraMissing
 from divergent.server.livepeer import ServeProcess, stuck_notes
 from tests.server.test_concepts_app import learn_tiny
+from tests.server.test_live import _wait_silent
 
 #: Learning in the live tests: the server's learn process takes this many steps.
 LEARN_STEPS = "2"
@@ -53,14 +54,6 @@ def serve(tmp_path: Path, jack_server: Any):  # type: ignore[no-untyped-def]
         sp.stop(signal.SIGKILL if sp.proc and sp.proc.poll() is None else signal.SIGTERM)
 
 
-def _ask(sp: ServeProcess, address: str, reply: str, *args: Any, timeout: float = 5.0) -> list[Any]:
-    t = time.monotonic()
-    sp.osc.send(address, *args)
-    got = sp.osc.wait_for(reply, after=t, timeout=timeout)
-    assert got is not None, f"no {reply} after {address}:\n{sp.log()[-3000:]}"
-    return got[2]
-
-
 def _play(sp: ServeProcess, pitches: list[int], gap: float = 0.06) -> None:
     for p in pitches:
         sp.osc.send("/divergent/note", p, 90, 1)
@@ -69,25 +62,15 @@ def _play(sp: ServeProcess, pitches: list[int], gap: float = 0.06) -> None:
         time.sleep(0.02)
 
 
-def _wait_silent(sp: ServeProcess, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _ask(sp, "/divergent/stats", "/divergent/stats")[5] == 0:  # sounding
-            time.sleep(0.2)  # the trace is flushed every 50 ms
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the server still sounds notes after {timeout} s")
-
-
 def test_list_switch_status_errors_and_take(serve: Any, concepts: Path) -> None:
     sp = serve("--mode", "off", "--bpm", "240", "--bars", "1", "--concepts", str(concepts))
-    assert _ask(sp, "/divergent/concepts", "/divergent/concepts") == ["riff", "waltz"]
-    assert _ask(sp, "/divergent/status", "/divergent/status")[-1] == "none"
+    assert sp.ask("/divergent/concepts", "/divergent/concepts") == ["riff", "waltz"]
+    assert sp.ask("/divergent/status", "/divergent/status")[-1] == "none"
     t = time.monotonic()
-    concept, load_ms = _ask(sp, "/divergent/concept", "/divergent/concept", "riff+waltz")
+    concept, load_ms = sp.ask("/divergent/concept", "/divergent/concept", "riff+waltz")
     assert concept == "riff+waltz"
     assert 0 < load_ms <= 1000, load_ms  # the budget for loading
-    status = _ask(sp, "/divergent/status", "/divergent/status")
+    status = sp.ask("/divergent/status", "/divergent/status")
     assert len(status) == 10 and status[-1] == "riff+waltz"
     # the heartbeat names it too (about once a second)
     deadline = time.monotonic() + 3
@@ -99,16 +82,16 @@ def test_list_switch_status_errors_and_take(serve: Any, concepts: Path) -> None:
     else:
         raise AssertionError("no heartbeat with the concept")
     # an unknown name: a clear error, the concept and the server stay
-    err = _ask(sp, "/divergent/concept", "/divergent/error", "nope")[0]
+    err = sp.ask("/divergent/concept", "/divergent/error", "nope")[0]
     assert err.startswith("/divergent/concept: no concept named 'nope'"), err
     assert "still riff+waltz" in err
-    assert "bad concept name" in _ask(sp, "/divergent/concept", "/divergent/error", "a/b")[0]
-    assert _ask(sp, "/divergent/ping", "/divergent/pong")
-    assert _ask(sp, "/divergent/status", "/divergent/status")[-1] == "riff+waltz"
+    assert "bad concept name" in sp.ask("/divergent/concept", "/divergent/error", "a/b")[0]
+    assert sp.ask("/divergent/ping", "/divergent/pong")
+    assert sp.ask("/divergent/status", "/divergent/status")[-1] == "riff+waltz"
     # an answer in the concept, then back to none
     _play(sp, [60, 64, 67, 72, 71, 67])
-    assert _ask(sp, "/divergent/generate", "/divergent/answer", timeout=10)[5] > 0
-    assert _ask(sp, "/divergent/concept", "/divergent/concept", "none") == ["none", 0.0]
+    assert sp.ask("/divergent/generate", "/divergent/answer", timeout=10)[5] > 0
+    assert sp.ask("/divergent/concept", "/divergent/concept", "none") == ["none", 0.0]
     sp.osc.send("/divergent/record/stop")
     deadline = time.monotonic() + 5
     while not list(sp.sessions.glob("*.mid")) and time.monotonic() < deadline:
@@ -131,7 +114,7 @@ def test_switching_mid_jam_leaves_no_stuck_note_and_no_silent_bar(
         loads = []
         for at, spec in ((2.5, "riff"), (4.5, "waltz"), (6.0, "none"), (7.0, "riff")):
             time.sleep(max(0.0, t0 + at - time.monotonic()))
-            loads.append(_ask(sp, "/divergent/concept", "/divergent/concept", spec)[1])
+            loads.append(sp.ask("/divergent/concept", "/divergent/concept", spec)[1])
         time.sleep(max(0.0, t0 + 9.0 - time.monotonic()))
     finally:
         stop.set()
@@ -171,17 +154,17 @@ def test_learn_over_osc_then_switch_to_it(serve: Any, tmp_path: Path) -> None:
         "--mode", "off", "--bpm", "120", "--concepts", str(folder),
         "--concept-learn-steps", LEARN_STEPS,
     )  # fmt: skip
-    assert _ask(sp, "/divergent/concepts", "/divergent/concepts") == []
-    err = _ask(sp, "/divergent/concept/learn", "/divergent/error", "mine")[0]
+    assert sp.ask("/divergent/concepts", "/divergent/concepts") == []
+    err = sp.ask("/divergent/concept/learn", "/divergent/error", "mine")[0]
     assert "too little played to learn from: 0 notes in the last 120 s" in err
     pitches = [60, 63, 65, 66, 67, 70, 72, 70, 67, 65, 63, 60] * 3  # a blues line, 36 notes
     _play(sp, pitches, gap=0.1)
     t = time.monotonic()
     sp.osc.send("/divergent/concept/learn", "mine", 60.0)
     # a second learn while the first runs is refused; the server answers meanwhile
-    err = _ask(sp, "/divergent/concept/learn", "/divergent/error", "other")[0]
+    err = sp.ask("/divergent/concept/learn", "/divergent/error", "other")[0]
     assert "'mine' is still being learned" in err
-    assert _ask(sp, "/divergent/ping", "/divergent/pong")
+    assert sp.ask("/divergent/ping", "/divergent/pong")
     got = sp.osc.wait_for("/divergent/concept/learned", after=t, timeout=120)
     assert got is not None, sp.log()[-3000:]
     name, seconds, steps, loss, notes, played_s, size = got[2]
@@ -190,8 +173,8 @@ def test_learn_over_osc_then_switch_to_it(serve: Any, tmp_path: Path) -> None:
     listed = sp.osc.wait_for("/divergent/concepts", after=got[0], timeout=5)
     assert listed is not None and listed[2] == ["mine"]
     assert (folder / "mine.concept.npz").exists()
-    assert _ask(sp, "/divergent/concept", "/divergent/concept", "mine")[0] == "mine"
-    assert _ask(sp, "/divergent/status", "/divergent/status")[-1] == "mine"
+    assert sp.ask("/divergent/concept", "/divergent/concept", "mine")[0] == "mine"
+    assert sp.ask("/divergent/status", "/divergent/status")[-1] == "mine"
 
 
 def test_learning_without_torch_says_what_to_install(
@@ -205,9 +188,9 @@ def test_learning_without_torch_says_what_to_install(
     monkeypatch.setenv("PYTHONPATH", path)
     sp = serve("--mode", "off", "--concepts", str(tmp_path / "c"), "--concept-learn-steps", "1")
     _play(sp, [60, 62, 64, 65, 67, 69, 71, 72] * 3)
-    err = _ask(sp, "/divergent/concept/learn", "/divergent/error", "mine", timeout=60)[0]
+    err = sp.ask("/divergent/concept/learn", "/divergent/error", "mine", timeout=60)[0]
     assert err.startswith("/divergent/concept/learn: learning needs the training extra"), err
     assert TrainingExtraMissing.install in err
     assert TrainingExtraMissing.install == "pip install torch==2.13.0 && pip install -e '.[train]'"
-    assert _ask(sp, "/divergent/ping", "/divergent/pong")
+    assert sp.ask("/divergent/ping", "/divergent/pong")
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())

@@ -33,19 +33,11 @@ def _serve(tmp_path: Path, *extra: str, name: str | None = None) -> ServeProcess
     return ServeProcess(["--mode", "off", *extra], workdir=workdir, name=name or _name()).start()
 
 
-def _ask(sp: ServeProcess, address: str, reply: str, *args: Any, timeout: float = 5.0) -> list[Any]:
-    t = time.monotonic()
-    sp.osc.send(address, *args)
-    got = sp.osc.wait_for(reply, after=t, timeout=timeout)
-    assert got is not None, f"no {reply}:\n{sp.log()[-3000:]}"
-    return got[2]
-
-
 def _alive(sp: ServeProcess) -> list[Any]:
     """The server answers ping (and is still running); its stats."""
-    assert _ask(sp, "/divergent/ping", "/divergent/pong")
+    assert sp.ask("/divergent/ping", "/divergent/pong")
     assert sp.proc is not None and sp.proc.poll() is None, sp.log()[-3000:]
-    return _ask(sp, "/divergent/stats", "/divergent/stats")
+    return sp.ask("/divergent/stats", "/divergent/stats")
 
 
 def _play_before(sp: ServeProcess, pitches: list[int]) -> None:

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import mido
 import pytest
@@ -22,6 +21,7 @@ from divergent.bridges.jack import JackServer
 from divergent.server.bench_live import run_peer_process
 from divergent.server.livepeer import ServeProcess
 from tests.conftest import require_tool
+from tests.server.test_live import _wait_silent
 
 BACK_WITHIN_S = 2.0
 
@@ -34,23 +34,6 @@ def _serve(tmp_path: Path, *extra: str, name: str | None = None) -> ServeProcess
     workdir = tmp_path / f"serve{random.randrange(10**6)}"
     workdir.mkdir(parents=True)
     return ServeProcess(list(extra), workdir=workdir, name=name or _name())
-
-
-def _ask(sp: ServeProcess, address: str, reply: str, *args: Any) -> list[Any]:
-    t = time.monotonic()
-    sp.osc.send(address, *args)
-    got = sp.osc.wait_for(reply, after=t, timeout=5.0)
-    assert got is not None, f"no {reply}:\n{sp.log()[-3000:]}"
-    return got[2]
-
-
-def _wait_silent(sp: ServeProcess, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _ask(sp, "/divergent/stats", "/divergent/stats")[5] == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the server still sounds notes")
 
 
 def _errors(sp: ServeProcess, after: float) -> list[str]:
@@ -89,9 +72,9 @@ def test_jackd_killed_and_restarted_mid_jam(own_jack: JackServer, tmp_path: Path
             time.sleep(0.02)
         lost = [e for e in _errors(sp, t_kill) if "MIDI lost" in e]
         assert lost, f"{_errors(sp, t_kill)}\n{sp.log()[-3000:]}"
-        health = _ask(sp, "/divergent/status", "/divergent/health")
+        health = sp.ask("/divergent/status", "/divergent/health")
         assert health[0] != "ok" and "retrying" in health[0], health
-        assert _ask(sp, "/divergent/ping", "/divergent/pong")  # alive without JACK
+        assert sp.ask("/divergent/ping", "/divergent/pong")  # alive without JACK
         time.sleep(1.0)
         own_jack.start()
         t_up = time.monotonic()
@@ -108,7 +91,7 @@ def test_jackd_killed_and_restarted_mid_jam(own_jack: JackServer, tmp_path: Path
         back = sp.osc.wait_for("/divergent/health", after=t_up, timeout=3.0)
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
-            health = _ask(sp, "/divergent/status", "/divergent/health")
+            health = sp.ask("/divergent/status", "/divergent/health")
             if health[0] == "ok":
                 break
         assert back is not None and health[0] == "ok", health
@@ -204,21 +187,21 @@ def test_full_disk_tells_the_performer_and_loses_no_note(
                 time.sleep(0.01)
             assert got is not None, f"{_errors(sp, t0)}\n{sp.log()[-3000:]}"
             assert time.monotonic() - t_full < 1.0
-            status = _ask(sp, "/divergent/status", "/divergent/status")
+            status = sp.ask("/divergent/status", "/divergent/status")
             assert status[4] == 2, status  # recording, held in memory
-            health = _ask(sp, "/divergent/status", "/divergent/health")
+            health = sp.ask("/divergent/status", "/divergent/health")
             assert "journal write failed" in health[1], health
             _play(sp, played[5:15])  # the music goes on while the disk is full
             filler.unlink()  # space returns
             t_free = time.monotonic()
             deadline = t_free + 3.0
             while time.monotonic() < deadline:
-                if _ask(sp, "/divergent/status", "/divergent/health")[1] == "ok":
+                if sp.ask("/divergent/status", "/divergent/health")[1] == "ok":
                     break
                 time.sleep(0.05)
-            assert _ask(sp, "/divergent/status", "/divergent/status")[4] == 1
+            assert sp.ask("/divergent/status", "/divergent/status")[4] == 1
             _play(sp, played[15:])
-            assert _ask(sp, "/divergent/ping", "/divergent/pong")
+            assert sp.ask("/divergent/ping", "/divergent/pong")
             sp.osc.send("/divergent/record/stop")
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline and not list((mnt / "sessions").glob("*.mid")):
@@ -254,7 +237,7 @@ def test_disk_still_full_at_stop_the_take_goes_to_the_rescue_folder(
             assert any("rescue folder" in e for e in _errors(sp, t_full)), _errors(sp, t_full)
             # the partial journal is gone: no duplicate take recovered later
             assert not list((mnt / "sessions").glob("*.journal.jsonl"))
-            assert _ask(sp, "/divergent/ping", "/divergent/pong")
+            assert sp.ask("/divergent/ping", "/divergent/pong")
         finally:
             assert sp.stop() == 0, sp.log()[-3000:]
 
@@ -267,7 +250,7 @@ def test_a_sessions_folder_that_cannot_be_written_is_said_at_start(
     sp = _serve_on(tmp_path, blocker / "sessions", monkeypatch)
     try:
         assert "sessions folder not writable" in sp.log(), sp.log()
-        status = _ask(sp, "/divergent/status", "/divergent/status")
+        status = sp.ask("/divergent/status", "/divergent/status")
         assert status[4] == 2, status  # recording, in memory
         _play(sp, [60, 62, 64])
         sp.osc.send("/divergent/record/stop")
