@@ -23,6 +23,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -278,14 +279,22 @@ class MidiIO:
         # or a named port disappearing, calls ``on_state("lost", why)``, retries every
         # ``retry_s`` and calls ``on_state("back", what)`` once the ports are open (and
         # the named ones connected) again. ``on_state`` runs on that thread: hand it on.
-        # ``wait_for_ports``: a named port missing at open() is waited for, not an error.
-        self.on_state = on_state
+        # ``wait_for_ports``: what is missing at open() is waited for, not an error: a
+        # named port, and (with ``supervise``, on JACK) the JACK server itself, so a
+        # server started before JACK opens its ports when JACK appears.
+        # News the watchdog has before anyone listens (on_state set after open()) is kept
+        # and handed over when on_state is set: a "back" right after open() is not lost.
+        self._notify_lock = threading.Lock()
+        self._held: deque[tuple[str, str]] = deque(maxlen=8)
+        self.notices_dropped = 0
+        self._on_state = on_state
         self.supervise = supervise
         self.wait_for_ports = wait_for_ports
         self.retry_s = retry_s
         self.fault = ""  # why MIDI does not fully work right now ("" when it does)
         self.losses = 0
         self.returns = 0
+        self._ever_open = False  # a first opening after a start without JACK is no "return"
         self.dropped_while_down = 0  # messages the sender gave us while the output was gone
         self._server_down = False
         self._pending_in = False
@@ -331,6 +340,27 @@ class MidiIO:
         """Whether both ports are open."""
         return self._in is not None and self._out is not None
 
+    @property
+    def waiting(self) -> bool:
+        """Whether the MIDI system is gone (or was never there) and the watchdog waits."""
+        return self._server_down
+
+    @property
+    def on_state(self) -> Callable[[str, str], object] | None:
+        """The watchdog's listener (``on_state(state, message)``, on its thread)."""
+        return self._on_state
+
+    @on_state.setter
+    def on_state(self, listener: Callable[[str, str], object] | None) -> None:
+        # the watchdog may already have news (JACK appeared between open() and now):
+        # handed over in order, under the lock the watchdog notifies under
+        with self._notify_lock:
+            self._on_state = listener
+            held = list(self._held)
+            self._held.clear()
+            for state, message in held:
+                self._call_listener(state, message)
+
     # ------------------------------------------------------------------ life cycle
 
     def open(self) -> MidiIO:
@@ -340,24 +370,51 @@ class MidiIO:
         if self.backend == "winmm" and (self.in_name is None or self.out_name is None):
             raise MidiBackendError(_WINMM_VIRTUAL_HELP)
         _validate(self.backend)
+        if self._server_down:
+            return self  # already waiting for the MIDI system
         try:
             self._open_ports()
+        except MidiBackendError as e:
+            self.close()
+            if not self._waits_for_server():
+                raise
+            self._start_waiting(e)
+            return self
         except BaseException:
             self.close()
             raise
+        self._ever_open = True
         self._start_poller()
         self._watch_xruns()
         self.fault = self._pending_fault()
-        if self.supervise:
-            self._watchdog_stop.clear()
-            self._watchdog = threading.Thread(
-                target=self._supervise, name="divergent-midi-watch", daemon=True
-            )
-            self._watchdog.start()
+        self._start_watchdog()
         log.info("MIDI (%s) in %r, out %r", self.backend, self._input_name, self._output_name)
         if self.fault:
             log.warning("%s", self.fault)
         return self
+
+    def _waits_for_server(self) -> bool:
+        # JACK only: it is the MIDI system that is started and stopped beside us; ALSA,
+        # CoreMIDI and Windows MM are the operating system's, there or not
+        return self.supervise and self.wait_for_ports and self.backend == "jack"
+
+    def _start_waiting(self, err: MidiBackendError) -> None:
+        """No JACK server at open(): nothing open, the watchdog opens the ports (and
+        connects the named ones) once the server answers."""
+        with self._send_lock:
+            self._server_down = True
+        self.fault = f"MIDI down: {err}; waiting for it, retrying every {self.retry_s:g} s"
+        log.error("%s", self.fault)
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        if not self.supervise:
+            return
+        self._watchdog_stop.clear()
+        self._watchdog = threading.Thread(
+            target=self._supervise, name="divergent-midi-watch", daemon=True
+        )
+        self._watchdog.start()
 
     def _open_ports(self) -> None:
         # both clients first: each lists the other direction's ports, which is how we
@@ -473,6 +530,8 @@ class MidiIO:
                 self._out = None
         self._input_name = None
         self._output_name = None
+        with self._send_lock:
+            self._server_down = False
 
     def __enter__(self) -> MidiIO:
         return self.open()
@@ -556,10 +615,19 @@ class MidiIO:
         return not jack_running(timeout=1.0)
 
     def _notify(self, state: str, message: str) -> None:
-        if self.on_state is None:
-            return
+        with self._notify_lock:
+            if self._on_state is None:
+                if len(self._held) == self._held.maxlen:
+                    self.notices_dropped += 1
+                    log.warning("MIDI state notice dropped (nobody listening): %s", self._held[0])
+                self._held.append((state, message))
+                return
+            self._call_listener(state, message)
+
+    def _call_listener(self, state: str, message: str) -> None:
+        assert self._on_state is not None
         try:
-            self.on_state(state, message)
+            self._on_state(state, message)
         except Exception:
             self.callback_errors += 1
             log.exception("MIDI state callback failed")
@@ -628,7 +696,12 @@ class MidiIO:
             self._server_down = False
         self.returns += 1
         self.fault = self._pending_fault()
-        message = f"MIDI back: in {self._input_name!r}, out {self._output_name!r}"
+        first = not self._ever_open
+        self._ever_open = True
+        message = (
+            f"MIDI {'up (the JACK server appeared)' if first else 'back'}: "
+            f"in {self._input_name!r}, out {self._output_name!r}"
+        )
         if self.dropped_while_down:
             message += f" ({self.dropped_while_down} messages not sent while it was gone)"
         log.warning("%s", message + (f"; {self.fault}" if self.fault else ""))

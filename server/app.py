@@ -36,7 +36,7 @@ import mido
 
 from divergent.bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, make_clock
 from divergent.bridges.jack import jack_period_s
-from divergent.bridges.midi import MidiEvent
+from divergent.bridges.midi import MidiEvent, MidiIO
 from divergent.bridges.mqtt import MqttBridge
 from divergent.bridges.osc import OscBridge
 from divergent.model.concept import default_concepts_dir
@@ -256,6 +256,10 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         await self._open_osc()
         await self._open_mqtt()
         await self._open_web()
+        if self.midi_fault:
+            # no JACK server yet, or a named port not there yet: the watchdog waits for
+            # it; said where the performer looks (error, health, MQTT), not only the log
+            self._fault(self.midi_fault)
         self._start_sender(lead)
         for coro in (self._consume_midi(), self._heartbeat(), self._housekeeping()):
             self._spawn(coro)
@@ -375,7 +379,9 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         cfg = self.config
         host, port = cfg.reply_address
         lines = ["divergent is listening"]
-        if self.midi is not None:
+        if isinstance(self.midi, MidiIO) and self.midi.waiting:
+            lines.append(f"  MIDI       down, waiting: {self.midi_fault or self.midi.fault}")
+        elif self.midi is not None:
             lines.append(f"  MIDI in    {self.midi.input_name}")
             lines.append(
                 f"  MIDI out   {self.midi.output_name}   (MIDI only: route it to an instrument)"

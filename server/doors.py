@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from divergent.bridges.exceptions import BridgeError
+from divergent.bridges.exceptions import BridgeError, MidiBackendError
 from divergent.bridges.midi import MidiEvent, MidiIO
 from divergent.bridges.mqtt import MqttBridge
 from divergent.bridges.osc import OscBridge
@@ -81,13 +85,45 @@ class Doors(ABC):
                 self.midi_factory, self.config, on_event, on_xrun=on_xrun
             )
         except BridgeError as e:
-            log.warning("no MIDI ports (%s): notes travel over OSC only", e)
-            self.midi, self.midi_error = None, str(e)
-            return
+            self.midi = await self._wait_for_jack_instead(e, on_event, on_xrun)
+            if self.midi is None:
+                log.warning("no MIDI ports (%s): notes travel over OSC only", e)
+                self.midi_error = str(e)
+                return
         self._stack.callback(self._close_midi)
         if isinstance(self.midi, MidiIO):
+            # set after open(): news the watchdog already had is handed over now
             self.midi.on_state = on_state
-            self.midi_fault = self.midi.fault  # a named port not there yet
+            # a named port not there yet, or no JACK server yet: said once OSC is open
+            self.midi_fault = self.midi.fault
+
+    async def _wait_for_jack_instead(
+        self,
+        err: BridgeError,
+        on_event: Callable[[MidiEvent], object],
+        on_xrun: Callable[[], object],
+    ) -> MidiPort | None:
+        """No backend chosen, on Linux, and ALSA failed (no sound card) because no JACK
+        server ran at start: where JACK is installed, wait for its server (the ports open
+        when it appears) rather than run without MIDI for the whole set."""
+        if not isinstance(err, MidiBackendError):
+            return None  # the backend works; a port is the problem
+        if self.config.midi_backend is not None or not sys.platform.startswith("linux"):
+            return None
+        if shutil.which("jackd") is None and shutil.which("pw-jack") is None:
+            return None  # no JACK on this machine: nothing to wait for
+        try:
+            midi = await asyncio.to_thread(
+                self.midi_factory,
+                replace(self.config, midi_backend="jack"),
+                on_event,
+                on_xrun=on_xrun,
+            )
+        except BridgeError as e:
+            log.debug("waiting for JACK instead of ALSA is not possible: %s", e)
+            return None
+        log.warning("ALSA unavailable (%s): waiting for a JACK server instead", err)
+        return midi
 
     def _close_midi(self) -> None:
         if self.midi is not None:

@@ -121,10 +121,11 @@ REPLIES += (
     Reply(
         "/divergent/health",
         (("midi", "s"), ("disk", "s")),
-        doc='What does not work right now, "ok" when it does: midi (the JACK server or '
-        "a named port gone; the server keeps trying and reconnects within 2 s of its "
-        "return) and disk (the take's journal cannot be written; the take is kept in "
-        "memory and written when space returns, or to the rescue folder). Sent when either "
+        doc='What does not work right now, "ok" when it does: midi (no JACK server yet '
+        "at start, the JACK server or a named port gone; the server keeps trying and opens "
+        "its ports and connects the named ones within 2 s of their arrival) and disk (the "
+        "take's journal cannot be written; the take is kept in memory and written when "
+        "space returns, or to the rescue folder). Sent when either "
         "changes, after every /divergent/status reply, and with the heartbeat while "
         "something is wrong. While the journal cannot be written, status's recording is 2.",
     ),

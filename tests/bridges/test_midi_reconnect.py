@@ -19,6 +19,7 @@ import mido
 import pytest
 import rtmidi
 
+from divergent.bridges.exceptions import MidiBackendError
 from divergent.bridges.jack import JackServer
 from divergent.bridges.midi import MidiEvent, MidiIO
 from tests.conftest import require_tool
@@ -183,3 +184,44 @@ def test_a_named_port_that_appears_later_is_connected_and_reconnected(jack_serve
         port.delete()
     finally:
         midi.close()
+
+
+def test_no_jack_server_at_open_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JACK not running when the ports are opened: with supervision nothing is raised,
+    the fault says so, and the ports open within 2 s of the server appearing. The
+    listener is set after open(), as the server does: nothing the watchdog said is lost."""
+    require_tool("jackd", "jack_lsp")
+    server = JackServer(rate=48000, period=512, name=_tag())
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", str(server.name))
+    monkeypatch.setenv("JACK_NO_START_SERVER", "1")
+    client = _tag()
+    # without waiting, a missing server is an error, as before
+    with pytest.raises(MidiBackendError, match="JACK server not running"):
+        MidiIO(backend="jack", client_name=client, on_event=lambda ev: None).open()
+    midi = MidiIO(
+        backend="jack",
+        client_name=client,
+        on_event=lambda ev: None,
+        supervise=True,
+        wait_for_ports=True,
+        retry_s=0.1,
+    ).open()
+    try:
+        assert midi.waiting and not midi.is_open
+        assert "MIDI down" in midi.fault and "JACK server not running" in midi.fault
+        midi.send(mido.Message("note_on", note=60, velocity=90))  # dropped, not raised
+        assert midi.dropped_while_down == 1
+        server.start()
+        t_up = time.monotonic()
+        assert _wait_for(lambda: midi.is_open, BACK_WITHIN_S), midi.fault
+        states = States()
+        midi.on_state = states  # late: the news already happened, it is handed over
+        back = states.wait("back", after=0.0, timeout=1.0)
+        assert back is not None and "JACK server appeared" in back[2], states.got
+        assert time.monotonic() - t_up <= BACK_WITHIN_S + 1.0
+        assert midi.fault == "" and not midi.waiting and midi.losses == 0
+        ports = _jack_ports(server.env())
+        assert f"{client}:divergent in" in ports and ":divergent out" in ports, ports
+    finally:
+        midi.close()
+        server.stop()

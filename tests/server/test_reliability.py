@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mido
 import pytest
@@ -111,6 +112,160 @@ def test_jackd_killed_and_restarted_mid_jam(own_jack: JackServer, tmp_path: Path
     finally:
         stop.set()
         assert sp.stop() == 0, sp.log()[-3000:]
+
+
+# ------------------------------------------------------------------ no JACK at start
+
+
+def _connections(env: dict[str, str]) -> dict[str, set[str]]:
+    """JACK's connections (``jack_lsp -c``): each port and the ports it is connected to."""
+    out = subprocess.run(["jack_lsp", "-c"], capture_output=True, text=True, env=env).stdout
+    conns: dict[str, set[str]] = {}
+    port = ""
+    for line in out.splitlines():
+        if line.startswith((" ", "\t")):
+            conns.setdefault(port, set()).add(line.strip())
+        else:
+            port = line.strip()
+            conns.setdefault(port, set())
+    return conns
+
+
+def _connected(env: dict[str, str], ours: str, theirs: str) -> bool:
+    """Whether a port of ours whose name ends in ``ours`` is connected to ``theirs``."""
+    return any(p.endswith(ours) and theirs in c for p, c in _connections(env).items())
+
+
+def _jack_later(monkeypatch: pytest.MonkeyPatch) -> JackServer:
+    """A JACK server of this test's own, NOT started: the server and the peers started
+    from here use it (JACK_DEFAULT_SERVER) once the test starts it."""
+    require_tool("jackd", "jack_lsp", "jack_connect")
+    server = JackServer(rate=48000, period=512, name=_name())
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", str(server.name))
+    monkeypatch.setenv("JACK_NO_START_SERVER", "1")
+    return server
+
+
+def _wait_health_ok(sp: ServeProcess, timeout: float) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    health = sp.ask("/divergent/status", "/divergent/health")
+    while health[0] != "ok" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        health = sp.ask("/divergent/status", "/divergent/health")
+    return health
+
+
+def test_jack_absent_at_start_the_server_waits_and_connects_when_it_appears(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Issue 12: no JACK server when ``divergent serve`` starts. It starts anyway (OSC
+    answers), says MIDI is down (error, health, log) and keeps trying; once JACK runs,
+    its ports open and the named ``--midi-in/--midi-out`` ports are connected within
+    2 s, and a phrase played on the named input is answered on the named output."""
+    import rtmidi
+
+    jack = _jack_later(monkeypatch)
+    name, peer = _name(), _name()
+    sp = _serve(
+        tmp_path,
+        "--midi-backend",
+        "jack",
+        "--mode",
+        "off",
+        "--midi-in",
+        f"{peer}:keys",
+        "--midi-out",
+        f"{peer}in:synth",
+        name=name,
+    )
+    sp.start()
+    keys = synth = None
+    try:
+        assert sp.ask("/divergent/ping", "/divergent/pong")
+        down = sp.osc.wait_for("/divergent/error", after=0.0, timeout=2.0)
+        assert down is not None and "MIDI down" in down[2][0], down
+        health = sp.ask("/divergent/status", "/divergent/health")
+        assert "JACK server not running" in health[0] and "retrying" in health[0], health
+        assert "MIDI down" in sp.log() and "MIDI       down, waiting" in sp.log(), sp.log()
+        time.sleep(0.6)  # a few of the watchdog's tries fail first
+        jack.start()
+        t_up = time.monotonic()
+        env = jack.env()
+        # the performer's gear: a keyboard and a synth, JACK clients of their own
+        keys = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=peer)
+        keys.open_virtual_port("keys")
+        synth = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=peer + "in")
+        synth.open_virtual_port("synth")
+        heard: list[list[int]] = []
+        synth.set_callback(lambda ev, _: heard.append(list(ev[0])))
+        t_connected = None
+        while time.monotonic() < t_up + 5.0:
+            if _connected(env, ":divergent in", f"{peer}:keys") and _connected(
+                env, ":divergent out", f"{peer}in:synth"
+            ):
+                t_connected = time.monotonic()
+                break
+            time.sleep(0.02)
+        assert t_connected is not None, f"{_connections(env)}\n{sp.log()[-3000:]}"
+        assert t_connected - t_up <= BACK_WITHIN_S, t_connected - t_up
+        health = _wait_health_ok(sp, 3.0)
+        assert health[0] == "ok", health
+        assert "MIDI up (the JACK server appeared)" in sp.log(), sp.log()[-3000:]
+        # the music goes through the ports that came late: a phrase in, an answer out
+        for pitch in (60, 64, 67, 72):
+            keys.send_message([0x90, pitch, 90])
+            time.sleep(0.08)
+            keys.send_message([0x80, pitch, 0])
+            time.sleep(0.04)
+        deadline = time.monotonic() + 3.0
+        while sp.ask("/divergent/stats", "/divergent/stats")[0] < 8:
+            assert time.monotonic() < deadline, sp.log()[-3000:]
+            time.sleep(0.05)
+        sp.osc.send("/divergent/generate")
+        deadline = time.monotonic() + 15.0
+        while not any(m[0] & 0xF0 == 0x90 and m[2] > 0 for m in heard):
+            assert time.monotonic() < deadline, f"no answer at the synth\n{sp.log()[-3000:]}"
+            time.sleep(0.05)
+        assert sp.proc is not None and sp.proc.poll() is None
+    finally:
+        for port in (keys, synth):
+            if port is not None:
+                port.close_port()
+                port.delete()
+        assert sp.stop() == 0, sp.log()[-3000:]
+        jack.stop()
+
+
+def test_no_backend_chosen_no_alsa_no_jack_yet_waits_for_jack(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The default ``divergent serve`` on a headless Linux box before JACK runs: ALSA
+    cannot work (no sound card), so the server waits for a JACK server (JACK is
+    installed) instead of running the whole set without MIDI."""
+    if Path("/dev/snd/seq").exists():
+        pytest.skip("ALSA works on this machine: the server rightly uses it")
+    jack = _jack_later(monkeypatch)
+    name = _name()
+    sp = _serve(tmp_path, "--mode", "off", name=name).start()
+    try:
+        health = sp.ask("/divergent/status", "/divergent/health")
+        assert "JACK server not running" in health[0], health
+        assert "waiting for a JACK server instead" in sp.log(), sp.log()
+        jack.start()
+        t_up = time.monotonic()
+        t_ports = None
+        while time.monotonic() < t_up + 5.0:
+            ports = _connections(jack.env())
+            if f"{name}:divergent in" in ports and any(p.endswith(":divergent out") for p in ports):
+                t_ports = time.monotonic()
+                break
+            time.sleep(0.02)
+        assert t_ports is not None, sp.log()[-3000:]
+        assert t_ports - t_up <= BACK_WITHIN_S, t_ports - t_up
+        assert _wait_health_ok(sp, 3.0)[0] == "ok"
+    finally:
+        assert sp.stop() == 0, sp.log()[-3000:]
+        jack.stop()
 
 
 # ------------------------------------------------------------------ a full disk
