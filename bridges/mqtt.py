@@ -15,8 +15,12 @@ bounded buffer that a task drains while connected. Retained topics (the status) 
 state, not events: only their latest value is kept, and all of them are published again
 after every (re)connect, because a restarted broker without persistence forgets them.
 Other messages wait in a bounded queue; when it is full the oldest is dropped (counted,
-and logged at most every few seconds). One supervisor task connects, reconnects with
-exponential backoff for as long as the bridge is open, and logs an outage once.
+and logged at most every few seconds). Incoming controls wait in aiomqtt's bounded
+inbound queue; what arrives while it is full is dropped unread, counted
+(``inbound_dropped``) and logged the same way. :attr:`MqttBridge.stats` counts every
+message dropped or refused either way (the server reports them in ``/divergent/stats``).
+One supervisor task connects, reconnects with exponential backoff for as long as the
+bridge is open, and logs an outage once.
 
 :func:`parse_payload` turns a control payload into OSC-like arguments, so the server
 validates MQTT controls exactly as it validates OSC ones.
@@ -106,6 +110,21 @@ class MqttStats:
     """Retained control messages ignored (stale commands replayed by the broker)."""
     encode_errors: int = 0
     """Publishes refused because of a bad subtopic or a payload JSON cannot carry."""
+    inbound_dropped: int = 0
+    """Incoming messages dropped unread: the client's bounded inbound queue was full
+    (they arrived faster than the loop took them)."""
+
+    @property
+    def in_dropped(self) -> int:
+        """Incoming control messages that were not applied by the bridge: dropped unread
+        (queue full), retained (ignored), malformed, or whose handler failed."""
+        return self.inbound_dropped + self.ignored_retained + self.malformed + self.handler_errors
+
+    @property
+    def out_dropped(self) -> int:
+        """Outgoing messages lost: dropped from the queue, cut by a lost connection, or
+        refused before queueing (bad subtopic, a payload JSON cannot carry)."""
+        return self.dropped + self.encode_errors
 
 
 # --- payloads ----------------------------------------------------------------------------
@@ -226,6 +245,11 @@ class _Throttle:
         count, self._pending = self._pending, 0
         return count
 
+    def flush(self) -> int:
+        """Events counted but not reported yet (the tail of a burst); resets the count."""
+        count, self._pending = self._pending, 0
+        return count
+
 
 # --- the bridge ----------------------------------------------------------------------------
 
@@ -313,6 +337,7 @@ class MqttBridge:
         self._drop_log = _Throttle(_DROP_LOG_INTERVAL)
         self._malformed_log = _Throttle(_DROP_LOG_INTERVAL)
         self._encode_log = _Throttle(_DROP_LOG_INTERVAL)
+        self._inbound_log = _Throttle(_DROP_LOG_INTERVAL)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -333,6 +358,7 @@ class MqttBridge:
         self._handler_errors = 0
         self._ignored_retained = 0
         self._encode_errors = 0
+        self._inbound_dropped = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -386,6 +412,19 @@ class MqttBridge:
             raise
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("MQTT supervisor ended with an error: %s", exc)
+        self._log_unreported()
+
+    def _log_unreported(self) -> None:
+        # the tail of a burst the throttled lines did not report yet: said once, at close
+        for throttle, what in (
+            (self._drop_log, "outgoing MQTT messages dropped"),
+            (self._inbound_log, "incoming MQTT messages dropped unread (queue full)"),
+            (self._malformed_log, "malformed MQTT controls"),
+            (self._encode_log, "MQTT publishes refused"),
+        ):
+            count = throttle.flush()
+            if count:
+                log.warning("%d more %s since the last such line", count, what)
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until connected (and subscribed); False when ``timeout`` passes first."""
@@ -426,6 +465,7 @@ class MqttBridge:
             handler_errors=self._handler_errors,
             ignored_retained=self._ignored_retained,
             encode_errors=self._encode_errors,
+            inbound_dropped=self._inbound_dropped,
         )
 
     # --- publishing (never blocks, never raises) -----------------------------------------
@@ -628,7 +668,41 @@ class MqttBridge:
             keepalive=self._keepalive,
             tls_context=self._tls_context,
             max_queued_incoming_messages=self._queue_size,
+            queue_type=self._inbound_queue_type(),
         )
+
+    def _inbound_queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        """aiomqtt's inbound queue, with its drops counted here.
+
+        aiomqtt puts each incoming message with ``put_nowait`` (in the loop: paho reads
+        the socket from a loop callback) and, when the queue is full, logs one line per
+        message and forgets it: a flood then writes hundreds of lines and no count. This
+        queue counts the drop and logs it at most every few seconds instead, and tells
+        aiomqtt nothing (it would only log again).
+        """
+        bridge = self
+
+        class _CountedInbound(asyncio.Queue[aiomqtt.Message]):
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                try:
+                    super().put_nowait(item)
+                except asyncio.QueueFull:
+                    bridge._inbound_full(item)
+
+        return _CountedInbound
+
+    def _inbound_full(self, message: aiomqtt.Message) -> None:
+        self._inbound_dropped += 1
+        count = self._inbound_log.hit()
+        if count is not None:
+            log.warning(
+                "MQTT message on %s dropped unread: the inbound queue is full (%d); "
+                "%d dropped since the last such line, %d in all",
+                message.topic.value,
+                self._queue_size,
+                count,
+                self._inbound_dropped,
+            )
 
     async def _session(self) -> None:
         """One connection, from connect to a clean close (returns) or an error (raises)."""

@@ -19,7 +19,7 @@ from typing import Any
 import mido
 
 from divergent.bridges.clock import Clock, InternalClock, LinkClock
-from divergent.bridges.mqtt import PayloadError, parse_payload
+from divergent.bridges.mqtt import MqttBridge, PayloadError, parse_payload
 from divergent.model.concept import ConceptError, check_name
 from divergent.server.concepts import canonical_spec
 from divergent.server.config import arg_range
@@ -48,6 +48,7 @@ class ControlHandlers(ABC):
 
     perf: Performance
     stats: Stats
+    mqtt: MqttBridge | None
     clock: Clock
     clock_source: str
     divergence: float
@@ -266,6 +267,7 @@ class ControlHandlers(ABC):
 
     @control("/divergent/stats", doc="Replies /divergent/stats (counters for benchmarks).")
     def _stats(self) -> None:
+        mqtt = self.mqtt.stats if self.mqtt is not None else None
         self._send(
             "/divergent/stats",
             self.stats.midi_in,
@@ -277,6 +279,9 @@ class ControlHandlers(ABC):
             self.stats.midi_malformed,
             self.stats.midi_losses,
             self.stats.disk_faults,
+            # the bridge's own counts: its drops happen before a message reaches dispatch
+            mqtt.in_dropped if mqtt is not None else 0,
+            mqtt.out_dropped if mqtt is not None else 0,
         )
 
     @control(

@@ -109,11 +109,17 @@ REPLIES: tuple[Reply, ...] = (
             ("midi_malformed", "i"),
             ("midi_losses", "i"),
             ("disk_faults", "i"),
+            ("mqtt_in_dropped", "i"),
+            ("mqtt_out_dropped", "i"),
         ),
         doc="Answer to /divergent/stats: input events received, input events dropped "
         "(queue full), the event loop's lag p99 over the last 2,000 samples, rejected "
-        "OSC messages, machine notes sent, notes sounding now, malformed MIDI input ignored, "
-        "times the MIDI system or a named port went away, journal write faults.",
+        "control messages (OSC, MQTT and the page alike) and malformed OSC packets, "
+        "machine notes sent, notes sounding now, malformed MIDI input ignored, "
+        "times the MIDI system or a named port went away, journal write faults, MQTT "
+        "control messages dropped before they reached the server (the inbound queue full, "
+        "retained, no parameter, a failed handler), MQTT messages the server published "
+        "that were lost (queue full, connection lost while sending). 0 without MQTT.",
     ),
 )
 

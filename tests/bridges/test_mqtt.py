@@ -387,6 +387,58 @@ def test_controls_from_mosquitto_pub_reach_on_control(broker: Broker) -> None:
     run(main())
 
 
+def test_controls_dropped_by_a_full_inbound_queue_are_counted(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst faster than the loop takes it: aiomqtt's bounded inbound queue drops the
+    excess. Every message is either handed to ``on_control`` or counted as dropped, and
+    the drops are logged once (with the count), not once per message."""
+    total = 2000
+    handled: list[bytes] = []
+
+    def slow(param: str, payload: bytes) -> None:
+        handled.append(payload)
+        time.sleep(0.0005)  # a busy loop: the socket is read while this runs behind
+
+    async def main() -> None:
+        mqtt = MqttBridge(
+            host="127.0.0.1", port=broker.port, instance="test", on_control=slow, queue_size=4
+        )
+        async with mqtt:
+            assert await mqtt.wait_connected(5)
+            lines = "".join(f"{i}\n" for i in range(total))
+            # one real client sending the whole burst as fast as it can (-l: a line each)
+            await asyncio.to_thread(
+                subprocess.run,
+                [
+                    *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port)),
+                    *("-t", PREFIX + "control/divergence", "-l"),
+                ],
+                input=lines.encode(),
+                check=True,
+                timeout=30,
+            )
+            await wait_until(
+                lambda: mqtt.stats.controls + mqtt.stats.inbound_dropped == total,
+                timeout=10,
+                what=f"{total} controls handled or dropped",
+            )
+            await asyncio.sleep(0.2)  # nothing more arrives
+            stats = mqtt.stats
+        assert stats.controls == len(handled)
+        assert stats.controls + stats.inbound_dropped == total, stats
+        assert stats.inbound_dropped > 0, stats
+        assert stats.in_dropped == stats.inbound_dropped  # nothing else went wrong
+        # what was handled came in order: the queue drops, it never reorders
+        assert [int(p) for p in handled] == sorted(int(p) for p in handled)
+        said = [r.getMessage() for r in caplog.records if "dropped unread" in r.getMessage()]
+        assert 1 <= len(said) <= 3, said  # throttled (and the tail once, at close)
+        assert not [r for r in caplog.records if "Discarding message" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="divergent.mqtt"):
+        run(main())
+
+
 # --- telemetry out -------------------------------------------------------------------------
 
 
