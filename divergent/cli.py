@@ -91,9 +91,13 @@ def _cmd_bad_train(args: argparse.Namespace) -> int:
             max_minutes=args.max_minutes,
             batch_size=args.batch_size,
             lr=args.lr,
+            class_weight=args.class_weight,
             global_weight=args.global_weight,
             kl_weight=args.kl_weight,
+            sigma=args.sigma,
             threads=args.threads,
+            device=args.device,
+            latents=args.latents,
             seed=args.seed,
             resume=args.resume,
         )
@@ -444,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--json", action="store_true")
     ct.set_defaults(func=_cmd_critic_train)
 
-    from divergent.model.bad_config import METHODS
+    from divergent.model.bad_config import BAD_DEVICES, BAD_LATENTS, METHODS, BadConfig
 
     bd = sub.add_parser("bad", help="Bounded Adversarial Divergence fine-tuning of the decoder")
     bdsub = bd.add_subparsers(dest="bad_command", required=True)
@@ -454,14 +458,19 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--critic", default="runs/critic/critic.pt", help="the frozen critic")
     bt.add_argument("--out", default="runs/bad", help="output folder (default: %(default)s)")
     bt.add_argument("--method", default="expected", choices=METHODS, help="gradient path")
-    bt.add_argument("--steps", type=int, default=400)
-    bt.add_argument("--max-minutes", type=float, default=30.0, help="wall-time budget")
-    bt.add_argument("--batch-size", type=int, default=32)
-    bt.add_argument("--lr", type=float, default=5e-5)
-    bt.add_argument("--global-weight", type=float, default=20.0, help="λ, the bound")
-    bt.add_argument("--kl-weight", type=float, default=0.05, help="β, KL to the base model")
+    # defaults are BadConfig's: one declaration of the recipe
+    bt.add_argument("--steps", type=int, default=BadConfig.steps)
+    bt.add_argument("--max-minutes", type=float, default=BadConfig.max_minutes, help="budget")
+    bt.add_argument("--batch-size", type=int, default=BadConfig.batch_size)
+    bt.add_argument("--lr", type=float, default=BadConfig.lr)
+    bt.add_argument("--class-weight", type=float, default=BadConfig.class_weight, help="push")
+    bt.add_argument("--global-weight", type=float, default=BadConfig.global_weight, help="λ")
+    bt.add_argument("--kl-weight", type=float, default=BadConfig.kl_weight, help="β, KL to base")
+    bt.add_argument("--sigma", type=float, default=BadConfig.sigma, help="kernel width")
     bt.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--device", default=BadConfig.device, choices=BAD_DEVICES)
+    bt.add_argument("--latents", default=BadConfig.latents, choices=BAD_LATENTS)
+    bt.add_argument("--seed", type=int, default=BadConfig.seed)
     bt.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     bt.add_argument("--quiet", action="store_true", help="no progress bar")
     bt.add_argument("--json", action="store_true")

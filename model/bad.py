@@ -46,6 +46,7 @@ from torch.nn import functional as F
 
 from divergent.model.bad_config import METHODS, BadConfig
 from divergent.model.critic import PhraseBank, class_of_works, load_critic
+from divergent.model.divergence import Steering
 from divergent.model.files import CHECKPOINT_FILE, WEIGHTS_FILE
 from divergent.model.tokenizer import Vocab
 from divergent.model.train import load_model
@@ -71,7 +72,7 @@ def witness(
 ) -> torch.Tensor:
     """Each sample's first variation of Σ_i w_i MMD²(G, R_i): its REINFORCE cost (N,)."""
     kgg = kernel(g, g, sigma).mean(1)
-    out = torch.zeros(len(g))
+    out = torch.zeros(len(g), device=g.device)
     for r, w in zip(reals, weights, strict=True):
         out = out + w * 2 * (kgg - kernel(g, r, sigma).mean(1))
     return out
@@ -89,7 +90,7 @@ def _step(
     """One incremental decoder call (the exported step's math), logits of the last token."""
     tr = model.transformer
     P = past[0].shape[2]
-    pos = torch.arange(ids.shape[1]) + P
+    pos = torch.arange(ids.shape[1], device=ids.device) + P
     x = tr.wte(ids) + tr.wpe(pos) + tr.wz(z).unsqueeze(1)
     present: list[torch.Tensor] = []
     for i, block in enumerate(tr.h):
@@ -112,7 +113,7 @@ def sample(
     cfg = model.cfg
     B = prompt.shape[0]
     hs = cfg.n_embd // cfg.n_head
-    past = [torch.zeros(B, cfg.n_head, 0, hs) for _ in range(2 * cfg.n_layer)]
+    past = [torch.zeros(B, cfg.n_head, 0, hs, device=prompt.device) for _ in range(2 * cfg.n_layer)]
     logits, past = _step(model, prompt, z, past)
     out = []
     for _ in range(n):
@@ -127,11 +128,13 @@ def sample(
 class _Real:
     """Standardised critic features of real phrases, per class and all together."""
 
-    def __init__(self, critic: torch.nn.Module, bank: PhraseBank, n: int):
+    def __init__(
+        self, critic: torch.nn.Module, bank: PhraseBank, n: int, device: str | torch.device = "cpu"
+    ) -> None:
         per, whole = bank.references(4 * n, np.random.default_rng(1))
         with torch.no_grad():
-            feats = {c: critic(torch.from_numpy(x)) for c, x in per.items()}
-            whole_f = critic(torch.from_numpy(whole))
+            feats = {c: critic(torch.from_numpy(x).to(device)) for c, x in per.items()}
+            whole_f = critic(torch.from_numpy(whole).to(device))
         allf = torch.cat(list(feats.values()))
         self.mean = allf.mean(0)
         self.std = allf.std(0).clamp_min(1e-3)
@@ -169,6 +172,23 @@ def _prompts(
     return torch.from_numpy(np.stack(rows)), np.array(ys)
 
 
+def _latents(
+    cfg: BadConfig, mu: torch.Tensor, steering: Steering | None, rng: np.random.Generator
+) -> torch.Tensor:
+    """The latents (B, Z) a step samples under: the posterior means, or the knob's mix."""
+    if cfg.latents == "posterior" or steering is None:
+        return mu
+    m = mu.float().cpu().numpy()
+    out = m.copy()
+    kind = rng.integers(0, 3, len(m))
+    for i in range(len(m)):
+        if kind[i] == 1:  # where the knob's latent push puts it at a random d
+            out[i] = steering.latent(m[i], float(rng.uniform(0, 1)), int(rng.integers(1 << 30)))
+        elif kind[i] == 2:  # a prior sample, as the evaluation's latent temperatures do
+            out[i] = rng.uniform(0.5, 1.5) * rng.standard_normal(m.shape[1])
+    return torch.from_numpy(out.astype(np.float32)).to(mu.device)
+
+
 def _trainable(model: DivergentModel) -> list[torch.nn.Parameter]:
     """The decoder's parameters (the phrase encoder and the bag-of-tokens head stay)."""
     for name, p in model.named_parameters():
@@ -189,7 +209,7 @@ def _loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     P, n = prompt.shape[1], gen_ids.shape[1]
     ids = torch.cat([prompt, gen_ids], 1)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         logits = model.decode(ids, z)[:, P - 1 : P + n - 1].float()  # (B, n, V)
         with torch.no_grad():
             base_logits = base.decode(ids, z)[:, P - 1 : P + n - 1].float()
@@ -211,13 +231,13 @@ def _loss(
         if cfg.method == "expected":
             soft = logp.exp()
         else:  # gumbel_st
-            u = torch.rand(logp.shape).clamp(1e-9, 1 - 1e-9)
+            u = torch.rand(logp.shape, device=logp.device).clamp(1e-9, 1 - 1e-9)
             y = F.softmax((logp - torch.log(-torch.log(u))) / cfg.gumbel_tau, -1)
             soft = F.one_hot(y.argmax(-1), V).float() + y - y.detach()
         g = real.std_(critic.forward_soft(soft))
         div_loss = sum(
             (w * mmd2(g, r, cfg.sigma) for w, r in zip(weights, [*cls, whole], strict=True)),
-            torch.zeros(()),
+            torch.zeros((), device=logp.device),
         )
     loss = div_loss + cfg.kl_weight * kl
     with torch.no_grad():
@@ -243,7 +263,7 @@ def probe(
     sigma: float,
 ) -> dict[str, float]:
     """Fixed prompts and seed: hard samples' MMD to classes/whole, base NLL per token."""
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator(prompts.device).manual_seed(1234)
     ids = sample(model, prompts, z, n, banned, gen)
     g = real.std_(critic(ids))
     full = torch.cat([prompts, ids], 1)
@@ -267,19 +287,23 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
     model, blob = load_model(cfg.base)
+    model.to(device)
     base = copy.deepcopy(model).eval()
     for p in base.parameters():
         p.requires_grad_(False)
     critic, cblob = load_critic(cfg.critic)
+    critic.to(device)
     if cblob.get("tokenizer_hash") != blob.get("tokenizer_hash", cblob.get("tokenizer_hash")):
         raise ValueError("the critic was trained with another tokenizer than the base model")
     _, labels = class_of_works(cfg.data, int(cblob["config"]["min_works"]))
     bank = PhraseBank(cfg.data, "train", labels["train"], cfg.gen_tokens)
     vocab = bank.vocab
-    banned = banned_tokens(vocab)
-    real = _Real(critic, bank, cfg.real_per_class)
+    banned = banned_tokens(vocab).to(device)
+    real = _Real(critic, bank, cfg.real_per_class, device)
     params = _trainable(model)
+    steering = Steering.from_model_dir(cfg.knob_model) if cfg.latents == "mixed" else None
     opt = torch.optim.Adam(params, lr=cfg.lr)
     step = 0
     ckpt = out / CHECKPOINT_FILE
@@ -290,11 +314,11 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
         step = int(state["step"])
         log.info("resumed BAD at step %d", step)
     rng = np.random.default_rng(cfg.seed + step)
-    gen = torch.Generator().manual_seed(cfg.seed + step)
+    gen = torch.Generator(device).manual_seed(cfg.seed + step)
     probe_rng = np.random.default_rng(99)
-    probe_prompts, _ = _prompts(bank, 48, cfg.prompt_tokens, probe_rng)
+    probe_prompts = _prompts(bank, 48, cfg.prompt_tokens, probe_rng)[0].to(device)
     with torch.no_grad():
-        probe_z = model.encode(probe_prompts, torch.ones(probe_prompts.shape))[0]
+        probe_z = model.encode(probe_prompts, torch.ones(probe_prompts.shape, device=device))[0]
     before = probe(
         base, base, critic, real, probe_prompts, probe_z, cfg.gen_tokens, banned, cfg.sigma
     )
@@ -302,7 +326,8 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
 
     def save(name: str) -> None:
         meta = {
-            "model": model.state_dict(),
+            # on the CPU, so that a checkpoint made on a GPU loads anywhere
+            "model": {k: v.cpu() for k, v in model.state_dict().items()},
             "model_config": blob["model_config"],
             "tokenizer_hash": blob.get("tokenizer_hash"),
             "bad_config": cfg.to_dict(),
@@ -322,10 +347,11 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
         if cfg.max_minutes and (time.perf_counter() - t_start) / 60 > cfg.max_minutes:
             log.info("BAD: wall-time budget reached at step %d", step)
             break
-        prompt, _ = _prompts(bank, cfg.batch_size, cfg.prompt_tokens, rng)
+        prompt = _prompts(bank, cfg.batch_size, cfg.prompt_tokens, rng)[0].to(device)
         with torch.no_grad():
-            z = model.encode(prompt, torch.ones(prompt.shape))[0]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            mu = model.encode(prompt, torch.ones(prompt.shape, device=device))[0]
+            z = _latents(cfg, mu, steering, rng)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 gen_ids = sample(model, prompt, z, cfg.gen_tokens, banned, gen)
         loss, stats = _loss(cfg, model, base, critic, real, prompt, z, gen_ids, rng)
         opt.zero_grad(set_to_none=True)
@@ -371,6 +397,7 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
         "probe_before": before,
         "probe_after": after,
         "threads": torch.get_num_threads(),
+        "device": str(device),
         "config": cfg.to_dict(),
     }
     (out / "bad_result.json").write_text(json.dumps(result, indent=1))

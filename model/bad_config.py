@@ -12,9 +12,14 @@ from typing import ClassVar
 from divergent.model.configs import StrictConfig
 from divergent.model.files import CRITIC_PT_FILE, WEIGHTS_FILE
 
-__all__ = ["METHODS", "BadConfig"]
+__all__ = ["BAD_DEVICES", "BAD_LATENTS", "METHODS", "BadConfig"]
 
 METHODS = ("expected", "gumbel_st", "policy_gradient")
+BAD_DEVICES = ("cpu", "cuda")
+#: which latents the generator is trained under: the prompt's posterior mean only, or a
+#: mix of the latents the knob feeds it (posterior mean, pushed by d ~ U(0, 1), and
+#: prior samples at a latent temperature ~ U(0.5, 1.5), a third each)
+BAD_LATENTS = ("posterior", "mixed")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ class BadConfig(StrictConfig):
     checkpoint_every: int = 20
     bf16: bool = True
     threads: int = 0
+    device: str = "cpu"  # "cuda" where a GPU is lent: same recipe, faster steps
+    latents: str = "posterior"
+    knob_model: str = "model/bundled"  # the latent bank the knob's push uses (mixed)
     seed: int = 0
     resume: bool = False
 
@@ -49,5 +57,11 @@ class BadConfig(StrictConfig):
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if min(self.steps, self.batch_size, self.prompt_tokens, self.gen_tokens) < 1:
             raise ValueError("steps, batch_size, prompt_tokens, gen_tokens must be >= 1")
+        for name, value, choices in (
+            ("latents", self.latents, BAD_LATENTS),
+            ("device", self.device, BAD_DEVICES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.batch_size < 2 or not 0.0 < self.lr < 1.0 or self.sigma <= 0:
             raise ValueError("need batch_size >= 2, 0 < lr < 1, sigma > 0")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from divergent.model.bad_config import METHODS, BadConfig
+from divergent.model.bad_config import BAD_DEVICES, BAD_LATENTS, METHODS, BadConfig
 from divergent.model.files import CONFIG_FILE, CRITIC_PT_FILE, WEIGHTS_FILE
 
 
@@ -130,6 +130,50 @@ def test_config_round_trip_and_methods() -> None:
         BadConfig(method="nope")
     with pytest.raises(ValueError):
         BadConfig.from_dict({"warp": 1})
+    for field, good in (("device", BAD_DEVICES), ("latents", BAD_LATENTS)):
+        for value in good:
+            assert BadConfig.from_dict({field: value}).to_dict()[field] == value
+        with pytest.raises(ValueError, match=field):
+            BadConfig.from_dict({field: "tpu"})
+
+
+def test_mixed_latents_keep_a_third_posterior_and_push_or_sample_the_rest(  # type: ignore[no-untyped-def]
+    tiny_model,
+) -> None:
+    import torch
+
+    from divergent.model.bad import _latents
+    from divergent.model.divergence import Steering
+
+    z_dim = json.loads((tiny_model[0] / CONFIG_FILE).read_text())["model"]["z_dim"]
+    mu = torch.randn(300, z_dim)
+    steering = Steering.from_model_dir(tiny_model[0])
+    mixed = BadConfig(latents="mixed")
+    z = _latents(mixed, mu, steering, np.random.default_rng(0))
+    assert z.shape == mu.shape and z.dtype == torch.float32
+    same = (z == mu).all(1).float().mean().item()
+    assert 0.2 < same < 0.47  # a third kept, the rest moved (pushed or drawn from the prior)
+    # posterior: the latents are the prompts' own, untouched
+    assert _latents(BadConfig(), mu, steering, np.random.default_rng(0)) is mu
+
+
+def test_bad_train_with_mixed_latents_runs_and_logs(  # type: ignore[no-untyped-def]
+    tiny_run: Path, tiny_model, two_class_dataset: Path, two_class_critic, tmp_path: Path
+) -> None:
+    from divergent.model.bad import train_bad
+
+    cfg = _tiny_bad(
+        tiny_run,
+        two_class_dataset,
+        two_class_critic,
+        tmp_path,
+        steps=2,
+        latents="mixed",
+        knob_model=str(tiny_model[0]),
+    )
+    res = train_bad(cfg, progress=False)
+    assert res["steps"] == 2 and res["device"] == "cpu"
+    assert res["config"]["latents"] == "mixed"
 
 
 @pytest.fixture(scope="module")
