@@ -140,6 +140,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             model_dir=Path(args.model) if args.model else None,
             concept=args.concept,
             concepts_dir=_concepts_dir(args),
+            device=args.device,
         )
     except (GenerateError, ModelError, ConceptError) as e:
         raise CLIError(str(e)) from e
@@ -170,10 +171,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("divergent").setLevel(config.log_level.upper())
     from divergent.bridges.exceptions import BridgeError
     from divergent.model.concept import ConceptError
-    from divergent.model.runtime import ModelError
+    from divergent.model.runtime import ModelError, check_device
     from divergent.server.app import Server
 
     try:
+        check_device(config.device)  # refused before the server starts: nothing opened
         asyncio.run(Server(config).serve())
     except (BridgeError, ModelError, ConceptError, OSError) as e:
         raise CLIError(str(e)) from e
@@ -299,8 +301,16 @@ def _cmd_evaluate_latent(args: argparse.Namespace) -> int:
 
 def _cmd_bench_model(args: argparse.Namespace) -> int:
     from divergent.model.bench import bench_model
+    from divergent.model.runtime import ModelError
 
-    res = bench_model(model_dir=Path(args.model) if args.model else None, repeats=args.repeats)
+    try:
+        res = bench_model(
+            model_dir=Path(args.model) if args.model else None,
+            repeats=args.repeats,
+            device=args.device,
+        )
+    except ModelError as e:  # a device that cannot run the model: one line, status 2
+        raise CLIError(str(e)) from e
     print(json.dumps(res, indent=None if args.json else 1))
     return 0
 
@@ -499,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concept", default=None, metavar="NAME[+NAME]", help="answer in a learned concept"
     )
     g.add_argument("--concepts", default=None, metavar="DIR", help="concepts folder")
+    _add_device_argument(g)
     g.set_defaults(func=_cmd_generate)
 
     co = sub.add_parser("concept", help="learn, list and remove named concepts (PPT)")
@@ -590,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--model", default=None)
     bm.add_argument("--repeats", type=int, default=200)
     bm.add_argument("--json", action="store_true")
+    _add_device_argument(bm)
     bm.set_defaults(func=_cmd_bench_model)
     bl = besub.add_parser("live", help="the live path with real JACK and OSC peers")
     bl.add_argument("--answers", type=int, default=30, help="phrases to answer")
@@ -626,6 +638,19 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--json", action="store_true")
     bl.set_defaults(func=_cmd_bench_live)
     return p
+
+
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``, as ``serve`` declares it (its choices and help: ServeConfig's)."""
+    from divergent.server.config import ServeConfig
+
+    rule = ServeConfig.rule("device")
+    parser.add_argument(
+        "--device",
+        default=ServeConfig().device,
+        choices=rule["choices"],
+        help=f"{rule['doc']}; default: %(default)s",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,12 @@
 
 Figures after the step timings (bars, notes/s, the knob) run the chosen variant.
 torch is imported only here (and only if installed): the serving path never needs it.
+
+With ``device="cuda"`` (``--device cuda``) the served model is the fp32 decoder on the
+GPU (``model.host.choose_decoder``: nothing raced), and ``auto_token_ms`` and every
+figure after the step timings are the GPU's; ``ort_int8_token_ms``, the floor and torch
+stay the CPU's, for comparison (``floor_ratio``, a CPU figure, is then left out). A host
+that cannot run cuda is refused (DeviceError) before anything is measured.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from divergent.model.host import choose_decoder, cpu_model
 from divergent.model.runtime import (
     IncrementalDecoder,
     OnnxModel,
+    check_device,
     default_model_dir,
     session_options,
 )
@@ -187,22 +194,28 @@ def bench_model(
     repeats: int = 200,
     bars: int = 40,
     cache_dir: Path | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Every figure above, as one JSON-able dict (``divergent bench model --json``).
 
     ``cache_dir`` is where the host's decoder choice is cached (default: the user's).
+    ``device``: where the served model runs (see above).
     """
     import onnxruntime as ort
 
+    check_device(device)  # refused before anything is measured
     model_dir = model_dir or default_model_dir()
-    # the host's choice, measured afresh (the bench reports this run's reasons) and
-    # cached, so that serve then runs what was measured here
-    choice = choose_decoder(model_dir, "auto", cache_dir=cache_dir, refresh=True)
+    if device == "cpu":
+        # the host's choice, measured afresh (the bench reports this run's reasons) and
+        # cached, so that serve then runs what was measured here
+        choice = choose_decoder(model_dir, "auto", cache_dir=cache_dir, refresh=True)
+    else:
+        choice = choose_decoder(model_dir, "auto", device=device)
     model = OnnxModel(model_dir, precision="int8", threads=1, device="cpu")
     served = model
-    if (choice.variant, choice.threads) != ("int8", 1):
+    if (choice.variant, choice.threads, choice.device) != ("int8", 1, "cpu"):
         served = OnnxModel(
-            model_dir, precision=choice.variant, threads=choice.threads, device="cpu"
+            model_dir, precision=choice.variant, threads=choice.threads, device=device
         )
     rng = np.random.default_rng(0)
     contexts = [ctx for ctx in CONTEXTS if ctx < model.block_size]
@@ -278,6 +291,7 @@ def bench_model(
         torch_ms = {str(ctx): _time(torch_prepare(ctx), repeats) for ctx in contexts}
     res: dict[str, Any] = {
         "cpu": cpu_model(),
+        "device": device,
         "onnxruntime": ort.__version__,
         "decoder": choice.to_dict(),
         "ort_int8_token_ms": ort_ms,
@@ -299,7 +313,9 @@ def bench_model(
         "gmacs_per_s": round(macs / floor["p50"] / 1e6, 2),
         "how": "ORT fp32 MatMul chain of the step's shapes, one thread",
     }
-    res["floor_ratio"] = round(auto_ms[key]["p50"] / floor["p50"], 2)
+    if device == "cpu":
+        # the served step against the CPU's own multiply-add rate: a CPU figure
+        res["floor_ratio"] = round(auto_ms[key]["p50"] / floor["p50"], 2)
     if torch_ms:
         # the served (auto) step against torch eager
         res["speedup_vs_torch_256"] = round(torch_ms[key]["p50"] / auto_ms[key]["p50"], 2)

@@ -23,6 +23,7 @@ __all__ = [
     "CRITIC_ONNX_FILE",
     "CRITIC_PT_FILE",
     "DECODER_CHOICES",
+    "DEVICE_CHOICES",
     "DIVERGED_DECODER_FILE",
     "DIVERGED_WEIGHTS_FILE",
     "ENCODER_FILE",
@@ -52,6 +53,11 @@ PRECISIONS: Final = ("int8", "fp32")
 #: What ``serve --decoder`` accepts: a precision, or ``auto`` (a short self-benchmark per
 #: host picks one, cached: :func:`divergent.model.host.choose_decoder`).
 DECODER_CHOICES: Final = ("auto", *PRECISIONS)
+#: Where the model runs (``serve``/``generate``/``bench model`` ``--device``): the CPU, or
+#: an NVIDIA GPU through ONNX Runtime's CUDA provider (the ``onnxruntime-gpu`` build), on
+#: the fp32 decoder (the int8 one's MatMulNBits is a CPU kernel). A device that cannot
+#: run the model is refused at start: :func:`divergent.model.runtime.check_device`.
+DEVICE_CHOICES: Final = ("cpu", "cuda")
 #: the BAD-tuned decoder (int8) the divergence knob mixes in, when shipped
 DIVERGED_DECODER_FILE: Final = "decoder.diverged.int8.onnx"
 #: posterior means of training phrases: where the data puts the latent (the knob)

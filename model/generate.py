@@ -36,6 +36,7 @@ __all__ = [
     "generate_file",
     "ids_from_notes",
     "read_prompt",
+    "serving_generator",
 ]
 
 #: The longest prompt (in tokens) the decoder sees; older bars are dropped.
@@ -391,12 +392,15 @@ def generate_file(
     model_dir: Path | None = None,
     concept: str | None = None,
     concepts_dir: Path | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """``divergent generate``: continue a MIDI file and write the result.
 
-    ``concept`` names a learned concept (or ``A+B``) in ``concepts_dir``.
+    ``concept`` names a learned concept (or ``A+B``) in ``concepts_dir``. ``device``
+    (``model.files.DEVICE_CHOICES``): where the model runs; one that cannot run it is
+    refused with a DeviceError before the prompt is read.
     """
-    model = OnnxModel(model_dir)
+    model = OnnxModel(model_dir, device=device)
     score, ids = read_prompt(prompt, model)
     active = None
     if concept:
@@ -419,4 +423,25 @@ def generate_file(
         "divergence": divergence,
         "compute_ms": round(cont.compute_ms, 2),
         **({"concept": active.spec, "concept_load_ms": round(active.load_ms, 1)} if active else {}),
+        "device": model.device,
+        "decoder": model.precision,
     }
+
+
+def serving_generator(
+    model_dir: str | Path | None = None, *, decoder: str = "auto", device: str = "cpu"
+) -> Generator:
+    """The generator ``serve`` answers with: the decoder this host serves with
+    (:func:`divergent.model.host.choose_decoder`: ``decoder`` is ``--decoder``) on
+    ``device``, warmed up so the first answer does not pay ONNX Runtime's first-run
+    costs. ``decoder_choice`` says which and why (the banner's line). Raises ModelError,
+    DeviceError for a device that cannot run the model (before any answer)."""
+    from divergent.model.host import choose_decoder
+
+    choice = choose_decoder(model_dir, decoder, device=device)
+    model = OnnxModel(model_dir, precision=choice.variant, threads=choice.threads, device=device)
+    generator = Generator(model)
+    generator.decoder_choice = choice
+    ids = ids_from_notes(model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
+    generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)
+    return generator

@@ -11,10 +11,14 @@ result is cached in a small JSON file under the user's cache directory, keyed by
 model, ONNX Runtime version, the decoder files' hash and the request, so it is measured
 once per host and model (a few seconds) and read back afterwards.
 
-Wiring (``serve``)::
+On ``--device cuda`` nothing is measured: the fp32 decoder runs on the GPU (the int8
+one's MatMulNBits is a CPU kernel), and the CPU candidates' timings say nothing there.
 
-    choice = choose_decoder(model_dir, "auto")        # or "int8" / "fp32" (--decoder)
-    model = OnnxModel(model_dir, precision=choice.variant, threads=choice.threads)
+Wiring (``serve``; ``model.generate.serving_generator``)::
+
+    choice = choose_decoder(model_dir, "auto", device="cpu")   # --decoder, --device
+    model = OnnxModel(model_dir, precision=choice.variant, threads=choice.threads,
+                      device=choice.device)
     print(choice.banner())
 """
 
@@ -39,7 +43,9 @@ from divergent.model.runtime import (
     ModelError,
     ModelFiles,
     OnnxModel,
+    check_device,
     default_model_dir,
+    device_precision,
     session_options,
 )
 
@@ -114,15 +120,19 @@ class Choice:
     cached: bool = False
     #: when it was measured (UTC, ISO 8601)
     measured_at: str = ""
+    #: where it runs (``model.files.DEVICE_CHOICES``)
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def banner(self) -> str:
-        """The serve banner's line: what runs, and why."""
+        """The serve banner's line: what runs, where, and why."""
         t = "thread" if self.threads == 1 else "threads"
         src = "cached" if self.cached else "measured now"
-        return f"decoder {self.variant}, {self.threads} {t} ({src}): {self.why}"
+        if self.device != "cpu":
+            src = "not measured"  # the GPU's figures are bench model's, not the CPU race's
+        return f"decoder {self.variant} on {self.device}, {self.threads} {t} ({src}): {self.why}"
 
 
 def default_cache_dir() -> Path:
@@ -288,6 +298,7 @@ def choose_decoder(
     model_dir: str | Path | None = None,
     choice: str = "auto",
     *,
+    device: str = "cpu",
     cache_dir: str | Path | None = None,
     config: HostBenchConfig | None = None,
     refresh: bool = False,
@@ -296,14 +307,29 @@ def choose_decoder(
 
     ``choice`` "auto" considers every decoder file present; "int8" or "fp32" fixes the
     variant (the thread count is still measured). ``refresh`` measures even when a
-    cached choice exists. Raises ValueError for an unknown ``choice`` and ModelError
-    when the model folder lacks the decoder asked for.
+    cached choice exists. On ``device`` "cuda" nothing is measured: fp32, one thread
+    (for the few nodes ORT keeps on the CPU). Raises ValueError for an unknown
+    ``choice``, ModelError when the model folder lacks the decoder asked for, and
+    DeviceError (a ModelError) for a device that cannot run it (int8 on cuda, no CUDA
+    provider).
     """
     if choice not in CHOICES:
         raise ValueError(f"decoder must be one of {', '.join(CHOICES)}, got {choice!r}")
     cfg = config or HostBenchConfig()
     root = Path(model_dir) if model_dir else default_model_dir()
     files = ModelFiles(root)
+    if device != "cpu":
+        check_device(device)
+        variant = device_precision(files, choice, device)
+        files.check(variant)
+        return Choice(
+            variant=variant,
+            threads=1,
+            why=f"{device}: the {variant} decoder on the GPU, its KV cache in GPU memory "
+            "(the int8 decoder's MatMulNBits is a CPU kernel)",
+            requested=choice,
+            device=device,
+        )
     if choice == "auto":
         variants = tuple(v for v in PRECISIONS if files.decoder(v).exists())
     else:

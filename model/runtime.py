@@ -3,8 +3,11 @@
 - :class:`ModelFiles` knows the layout of a model folder (``model/bundled`` by default)
   and checks it is complete and consistent.
 - :class:`OnnxModel` holds the ONNX Runtime sessions (the int8 or fp32 decoder step and
-  the latent encoder) and the tokenizer. Providers are chosen at run time: CUDA when the
-  installed ONNX Runtime offers it (the ``onnxruntime-gpu`` build), else CPU.
+  the latent encoder) and the tokenizer, on a device (``model.files.DEVICE_CHOICES``):
+  the CPU, or ``cuda`` through the CUDA provider of the ``onnxruntime-gpu`` build. A
+  device that cannot run the model is refused with a :class:`DeviceError` when the model
+  is loaded, never a silent fall-back to the CPU (:func:`check_device` says so before
+  anything is loaded; the sessions are then checked node by node).
 - :class:`IncrementalDecoder` is the streaming interface: ``reset`` / ``feed`` tokens
   (prefill or one step, with the KV cache kept between calls) / ``logits``. Sampling and
   grammar live in ``model.grammar`` and are driven by ``model.generate``.
@@ -15,14 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from divergent.model.files import (
     CONFIG_FILE,
+    DEVICE_CHOICES,
     DIVERGED_DECODER_FILE,
     ENCODER_FILE,
     TOKENIZER_FILE,
@@ -34,12 +40,20 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIG_FORMAT",
+    "CPU_PROVIDER",
+    "CUDA_PROVIDER",
+    "DeviceError",
     "IncrementalDecoder",
     "ModelError",
     "ModelFiles",
     "OnnxModel",
+    "check_device",
     "default_model_dir",
+    "device_precision",
+    "off_device",
+    "profile_placement",
     "providers",
+    "session_device",
     "session_options",
 ]
 
@@ -50,6 +64,36 @@ CONFIG_FORMAT = 2
 
 class ModelError(RuntimeError):
     """A model folder that is missing, incomplete or inconsistent."""
+
+
+class DeviceError(ModelError):
+    """The device asked for cannot run the model here (no CUDA provider, no GPU, a node
+    the GPU would not run): refused when the model loads, never a silent fall-back."""
+
+
+CPU_PROVIDER: Final = "CPUExecutionProvider"
+CUDA_PROVIDER: Final = "CUDAExecutionProvider"
+# The ops that carry a step's compute. On cuda, one of these placed on the CPU (the CUDA
+# provider has no kernel for it with the model's types) refuses the device: it would
+# copy activations (and the KV cache) across the bus at every step behind the user's
+# back. Shape bookkeeping (Shape, Gather of ids, Slice...) may stay on the CPU: ORT puts
+# it there on purpose.
+_COMPUTE_OPS: Final = frozenset(
+    {
+        "Attention",
+        "FastGelu",
+        "FusedMatMul",
+        "Gelu",
+        "Gemm",
+        "GroupQueryAttention",
+        "LayerNormalization",
+        "MatMul",
+        "MatMulNBits",
+        "MultiHeadAttention",
+        "SkipLayerNormalization",
+    }
+)
+_GPU_BUILD_HINT: Final = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 
 
 def default_model_dir() -> Path:
@@ -109,13 +153,104 @@ class ModelFiles:
         return cfg
 
 
-def providers() -> list[str]:
-    """CUDA first when this ONNX Runtime build has it (onnxruntime-gpu), then CPU."""
+def check_device(device: str) -> None:
+    """Refuse a device this ONNX Runtime cannot use, before anything is loaded or opened.
+
+    ``cpu`` always works. ``cuda`` needs the CUDA provider, which only the GPU build
+    (``onnxruntime-gpu``) has; without it this raises a one-line :class:`DeviceError`
+    naming what to install. (Whether the GPU then really runs the model is checked when
+    the sessions are made: :class:`OnnxModel`.)
+    """
+    if device not in DEVICE_CHOICES:
+        raise DeviceError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+    if device == "cpu":
+        return
     import onnxruntime as ort
 
     avail = ort.get_available_providers()
-    chosen = [p for p in ("CUDAExecutionProvider",) if p in avail]
-    return [*chosen, "CPUExecutionProvider"]
+    if CUDA_PROVIDER not in avail:
+        raise DeviceError(
+            f"--device cuda: this ONNX Runtime (onnxruntime {ort.__version__}) has no "
+            f"{CUDA_PROVIDER} (it has {', '.join(avail) or 'none'}); install its GPU "
+            f"build: {_GPU_BUILD_HINT} (and an NVIDIA GPU with its driver), or use "
+            "--device cpu"
+        )
+
+
+def providers(device: str = "cpu") -> list[str]:
+    """The execution providers of ``device``'s sessions: CUDA then CPU (for the shape
+    bookkeeping ORT keeps on the CPU on purpose; compute there is refused, see
+    :class:`OnnxModel`), or CPU alone. Raises :class:`DeviceError` (:func:`check_device`)."""
+    check_device(device)
+    return [CUDA_PROVIDER, CPU_PROVIDER] if device == "cuda" else [CPU_PROVIDER]
+
+
+def device_precision(files: ModelFiles, precision: str, device: str) -> str:
+    """The decoder precision that runs on ``device`` for ``precision`` ("auto", "int8",
+    "fp32"). On the CPU, auto is int8 (8-bit blockwise weights, int8 compute: the fast
+    path there). On cuda it is fp32: the int8 decoder's MatMulNBits (accuracy level 4,
+    int8 compute) is a CPU kernel, so most of every step would run on the CPU; int8
+    asked for explicitly is refused (DeviceError), as is a folder without fp32."""
+    if device != "cuda":
+        return "int8" if precision == "auto" else precision
+    if precision == "int8":
+        raise DeviceError(
+            "--device cuda runs the fp32 decoder: the int8 one's MatMulNBits (int8 "
+            "compute) is a CPU kernel; use --decoder fp32 (or auto) with --device cuda"
+        )
+    if not files.decoder("fp32").exists():
+        raise DeviceError(
+            f"--device cuda needs the fp32 decoder, which {files.root} lacks "
+            "(re-export the model with `divergent export`)"
+        )
+    return "fp32"
+
+
+def session_device(session: Any) -> tuple[str, int]:
+    """Where ``session`` runs: ("cuda", device id) when its first provider is CUDA, else
+    ("cpu", 0). Decides where an :class:`IncrementalDecoder` binds its KV cache."""
+    names = session.get_providers()
+    if names and names[0] == CUDA_PROVIDER:
+        options = session.get_provider_options().get(CUDA_PROVIDER, {})
+        return "cuda", int(options.get("device_id", 0))
+    return "cpu", 0
+
+
+def profile_placement(path: str | Path) -> dict[str, tuple[str, str]]:
+    """Which provider ran each node in an ONNX Runtime profile (``end_profiling()``'s
+    file): node name -> (op type, provider)."""
+    events = json.loads(Path(path).read_text())
+    placed: dict[str, tuple[str, str]] = {}
+    for ev in events:
+        args = ev.get("args") or {}
+        if ev.get("cat") == "Node" and "op_name" in args and "provider" in args:
+            name = str(ev.get("name", "")).removesuffix("_kernel_time")
+            placed[name] = (str(args["op_name"]), str(args["provider"]))
+    return placed
+
+
+def off_device(placement: dict[str, tuple[str, str]], provider: str) -> Counter[str]:
+    """The compute ops (by type, counted) that ran on another provider than ``provider``."""
+    return Counter(op for op, ran in placement.values() if op in _COMPUTE_OPS and ran != provider)
+
+
+def _profiled(so: Any, role: str) -> Any:
+    """``so`` with profiling on, written to the temp folder (one file per session)."""
+    so.enable_profiling = True
+    # an absolute prefix: the profile goes to the temp folder, not the working directory
+    so.profile_file_prefix = str(
+        Path(tempfile.gettempdir()) / f"divergent-placement-{role}-{os.getpid()}"
+    )
+    return so
+
+
+def _np_type(onnx_type: str) -> Any:
+    """numpy's dtype for an ONNX Runtime tensor type ("tensor(float)" -> float32)."""
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(onnx_type, np.float32)
+
+
+def _input_type(session: Any, name: str) -> Any:
+    return _np_type(next(i.type for i in session.get_inputs() if i.name == name))
 
 
 def session_options(threads: int = 1) -> Any:
@@ -150,19 +285,15 @@ class OnnxModel:
         *,
         precision: str = "auto",
         threads: int = 1,
-        device: str = "auto",
+        device: str = "cpu",
     ) -> None:
         import onnxruntime as ort
 
         self.files = ModelFiles(Path(model_dir) if model_dir else default_model_dir())
-        # CPU unless asked: the decoder's in-place KV cache (GroupQueryAttention sharing
-        # one buffer for past and present, bound in host memory) is a CPU path, and a
-        # model this small answers faster on one CPU thread than through a GPU round trip
-        prov = providers() if device == "cuda" else ["CPUExecutionProvider"]
-        if precision == "auto":
-            # int8 (8-bit blockwise weights, int8 compute) is the fast path on CPU
-            on_gpu = prov[0] == "CUDAExecutionProvider"
-            precision = "fp32" if on_gpu and self.files.decoder("fp32").exists() else "int8"
+        # CPU unless asked: a model this small answers fastest on one CPU thread; cuda
+        # is for hosts whose CPU is busy or slow, and is refused where it cannot run
+        prov = providers(device)
+        precision = device_precision(self.files, precision, device)
         cfg = self.files.check(precision)
         self.config = cfg
         m = cfg["model"]
@@ -178,21 +309,90 @@ class OnnxModel:
         if self.tokenizer.hash != cfg.get("tokenizer_hash"):
             raise ModelError(f"{TOKENIZER_FILE} does not match the model's config")
         so = session_options(threads)
+        # on cuda the first calls are profiled: which provider ran each node (checked below)
+        cuda = device == "cuda"
+        dec_so = _profiled(session_options(threads), "decoder") if cuda else so
+        enc_so = _profiled(session_options(threads), "encoder") if cuda else so
         try:
             self.decoder = ort.InferenceSession(
-                str(self.files.decoder(precision)), so, providers=prov
+                str(self.files.decoder(precision)), dec_so, providers=prov
             )
-            self.encoder = ort.InferenceSession(str(self.files.encoder), so, providers=prov)
-            # the BAD-tuned decoder the divergence knob mixes in (model.divergence)
+            self.encoder = ort.InferenceSession(str(self.files.encoder), enc_so, providers=prov)
+            # the BAD-tuned decoder the divergence knob mixes in (model.divergence); it is
+            # shipped in int8 only, whose MatMulNBits is a CPU kernel: on the CPU always
+            # (on its own worker thread, beside a decoder on the GPU)
             self.diverged = (
-                ort.InferenceSession(str(self.files.diverged), so, providers=prov)
+                ort.InferenceSession(str(self.files.diverged), so, providers=[CPU_PROVIDER])
                 if self.files.diverged.exists()
                 else None
             )
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise ModelError(f"cannot load the ONNX model in {self.files.root}: {e}") from e
         self.precision = precision
+        self.device = device
+        # the KV cache's element type: the decoder's past inputs' (float32 as exported)
+        self.cache_type = _input_type(self.decoder, self.past_names[0])
         self.output_names = ["logits", *self.present_names]
+        if device == "cuda":
+            self._check_on_gpu()
+
+    def _check_on_gpu(self) -> None:
+        """The sessions really run on the GPU: CUDA is their first provider (ORT falls
+        back to the CPU quietly when the CUDA libraries or the GPU are missing), and one
+        profiled call of each placed every compute node on it. Raises DeviceError."""
+        import onnxruntime as ort
+
+        sessions = (("decoder", self.decoder), ("encoder", self.encoder))
+        failed: Exception | None = None
+        off: Counter[str] = Counter()
+        try:
+            for role, session in sessions:
+                first = session.get_providers()[0]
+                if first != CUDA_PROVIDER:
+                    raise DeviceError(
+                        f"--device cuda: ONNX Runtime could not start the CUDA provider for "
+                        f"the {role} (it would run on {first}): no usable NVIDIA GPU, or the "
+                        f"CUDA and cuDNN libraries onnxruntime-gpu {ort.__version__} needs "
+                        "are missing; refused rather than run on the CPU (use --device cpu)"
+                    )
+            # one call of each, profiled: the profile says which provider ran every node
+            try:
+                self.logits(np.array([[self.tokenizer.vocab.bos]]), np.zeros((1, self.z_dim)))
+                self.encode(np.array([self.tokenizer.vocab.bos, self.tokenizer.vocab.bar]))
+            except Exception as e:  # ORT raises its own types (Fail, RuntimeException, ...)
+                failed = e
+        finally:
+            # always ended (profiling stops) and removed, refused or not: no file is left
+            for _, session in sessions:
+                path = Path(session.end_profiling())
+                try:
+                    if failed is None:
+                        off += off_device(profile_placement(path), CUDA_PROVIDER)
+                except (OSError, ValueError) as e:  # an unreadable profile proves nothing
+                    failed = e
+                finally:
+                    path.unlink(missing_ok=True)
+        if failed is not None:
+            raise DeviceError(
+                f"--device cuda: the first call on the GPU failed, or where it ran cannot "
+                f"be told ({type(failed).__name__}: {' '.join(str(failed).split())}); "
+                "refused (use --device cpu)"
+            ) from failed
+        if off:
+            ops = ", ".join(f"{op} x{n}" for op, n in sorted(off.items()))
+            # the known case: ORT's CUDA GroupQueryAttention is fp16/bf16 only
+            why = (
+                f"; its CUDA GroupQueryAttention takes fp16/bf16, this decoder's cache is "
+                f"{np.dtype(self.cache_type).name}"
+                if "GroupQueryAttention" in off
+                else ""
+            )
+            raise DeviceError(
+                f"--device cuda: ONNX Runtime {ort.__version__}'s CUDA provider has no "
+                f"kernel for part of this model ({ops}{why}): those nodes would run on the "
+                "CPU, the KV cache crossing the bus every step; refused rather than a "
+                "silent fall-back (use --device cpu)"
+            )
 
     def encode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Posterior (mu, logvar), each (z_dim,), of a phrase of token ids."""
@@ -205,7 +405,7 @@ class OnnxModel:
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
         """Zero-length past tensors: a decoder call that starts from nothing."""
         shape = (batch, self.n_head, 0, self.head_size)
-        return {n: np.zeros(shape, np.float32) for n in self.past_names}
+        return {n: np.zeros(shape, self.cache_type) for n in self.past_names}
 
     def logits(self, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Logits (B, T, V) of whole windows ``ids`` (B, T) under latents ``z`` (B, z_dim).
@@ -219,7 +419,9 @@ class OnnxModel:
             raise ValueError(f"{T} tokens exceed the model's block_size {self.block_size}")
         feed: dict[str, np.ndarray] = {
             "input_ids": x,
-            "z": np.ascontiguousarray(z, dtype=np.float32).reshape(B, self.z_dim),
+            "z": np.ascontiguousarray(z, dtype=_input_type(self.decoder, "z")).reshape(
+                B, self.z_dim
+            ),
             "seqlens_k": np.full((B,), T - 1, np.int32),
             "total_sequence_length": np.array(T, np.int32),
         }
@@ -280,6 +482,11 @@ class IncrementalDecoder:
 
     When the context reaches the model's ``block_size``, the last ``keep`` tokens are
     re-fed as a fresh prefill (positions restart), so a live stream never stops.
+
+    On a session that runs on the GPU (``--device cuda``) the cache buffers are allocated
+    in the GPU's memory and bound there: GroupQueryAttention updates them in place and
+    they never cross the bus; only the token, the lengths, the latent (in) and the
+    logits (out) do, a few kilobytes a step.
     """
 
     def __init__(
@@ -300,16 +507,29 @@ class IncrementalDecoder:
         self.keep = min(keep, model.block_size // 2)
         B = batch
         shape = (B, model.n_head, model.block_size, model.head_size)
-        self._cache = {n: np.zeros(shape, np.float32) for n in model.past_names}
-        self._z = np.zeros((B, model.z_dim), np.float32)
+        self.device, device_id = session_device(self.session)
+        cache_type = _input_type(self.session, model.past_names[0])
+        self._z = np.zeros((B, model.z_dim), _input_type(self.session, "z"))
         self._ids1 = np.zeros((B, 1), np.int64)
         self._seqlens = np.zeros((B,), np.int32)
         self._total = np.zeros((), np.int32)
-        self._logits1 = np.zeros((B, 1, model.vocab_size), np.float32)
+        logits_type = _np_type(self.session.get_outputs()[0].type)
+        self._logits1 = np.zeros((B, 1, model.vocab_size), logits_type)
         as_value = ort.OrtValue.ortvalue_from_numpy  # wraps the numpy memory, no copy
         fixed = {"z": self._z, "seqlens_k": self._seqlens, "total_sequence_length": self._total}
-        fixed.update(self._cache)
         values = {name: as_value(a) for name, a in fixed.items()}
+        for name in model.past_names:
+            if self.device == "cuda":
+                # in the GPU's memory (zeroed once, copied there at creation): bound as
+                # past and present, the cache stays on the device for the decoder's life
+                values[name] = ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros(shape, cache_type), "cuda", device_id
+                )
+            else:
+                values[name] = as_value(np.zeros(shape, cache_type))
+        # kept for the decoder's life: the bindings point into these buffers (a CPU
+        # OrtValue made from numpy holds the array only through this Python object)
+        self._bound = values
         # the general binding (prefill, several tokens): ids and logits bound per call
         self._io = self.session.io_binding()
         self._io.bind_output("logits")  # first, so get_outputs()[0] is the logits
@@ -394,7 +614,8 @@ class IncrementalDecoder:
             toks = history
         logits = self._run(toks)
         self.tokens.extend(toks)
-        # a copy: the one-token path overwrites its logits buffer on the next step
-        self.last_logits_all = logits[:, -1].copy()
+        # a copy (as float32 whatever the model computes in): the one-token path
+        # overwrites its logits buffer on the next step
+        self.last_logits_all = logits[:, -1].astype(np.float32)
         self.last_logits = self.last_logits_all[0]
-        return logits[0].copy() if all_logits else self.last_logits
+        return logits[0].astype(np.float32) if all_logits else self.last_logits

@@ -40,6 +40,7 @@ from divergent.bridges.midi import MidiEvent, MidiIO
 from divergent.bridges.mqtt import MqttBridge
 from divergent.bridges.osc import OscBridge
 from divergent.model.concept import default_concepts_dir
+from divergent.model.runtime import check_device
 from divergent.server.answers import Answers
 from divergent.server.concept_desk import ConceptDesk
 from divergent.server.concepts import (
@@ -58,7 +59,6 @@ from divergent.server.ports import (
     MidiPort,
     MidiPortFactory,
     SenderSink,
-    load_generator,
     open_midi_port,
 )
 from divergent.server.recorder import (
@@ -84,6 +84,16 @@ _CLOCK_TYPES = frozenset({"clock", "start", "continue", "stop", "songpos"})
 _SWITCH_INTERVAL_S = 0.0005
 
 
+def load_on_device(config: ServeConfig) -> Any:
+    """The model ``config`` asks for (decoder and device), warmed up: the worker thread's
+    first job. A device that cannot run it raises DeviceError (a ModelError)."""
+    from divergent.model.generate import serving_generator
+
+    generator = serving_generator(config.model_dir, decoder=config.decoder, device=config.device)
+    log.info("%s", generator.decoder_choice.banner())
+    return generator
+
+
 class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doors, WebDesk):
     """One live session: ``await Server(config).serve()`` runs until SIGINT/SIGTERM.
 
@@ -102,7 +112,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         self.config = config
         self.print_banner = print_banner
         self.midi_factory = midi_factory
-        self.generator_factory = generator_factory or load_generator
+        self.generator_factory = generator_factory or load_on_device
         self.should_exit = False
         self.force_exit = False
         self.ready = asyncio.Event()
@@ -214,6 +224,8 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         """Open everything through the exit stack; ``ready`` is set at the end."""
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
+        # a device this ONNX Runtime cannot use is refused before anything opens
+        await asyncio.to_thread(check_device, self.config.device)
         stack = self._stack
         stack.callback(sys.setswitchinterval, sys.getswitchinterval())
         # a busy inference thread would otherwise hold the GIL for up to 5 ms at a time,
@@ -228,6 +240,10 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         stack.push_async_callback(self._stop_learning)
         # the model loads in the worker while MIDI and OSC come up
         model_future = answers.call_in_worker(functools.partial(self._load_model, answers))
+        if self.config.device != "cpu":
+            # the GPU's own checks (its provider started, every compute node placed on
+            # it) before any port opens: a refusal leaves nothing half-open
+            await model_future
         stack.callback(self._close_clock)
         self.clock = self._make_clock(self.clock_source)
         await self._open_midi(loop)

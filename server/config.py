@@ -27,11 +27,12 @@ from typing import Any
 import tomli_w
 
 from divergent.bridges.osc import parse_allow
-from divergent.model.files import DECODER_CHOICES
+from divergent.model.files import DECODER_CHOICES, DEVICE_CHOICES
 
 __all__ = [
     "CLOCKS",
     "DECODERS",
+    "DEVICES",
     "LOG_LEVELS",
     "MIDI_BACKENDS",
     "MODES",
@@ -50,6 +51,7 @@ QUANTIZE = ("off", "beat", "bar")
 CLOCKS = ("internal", "midi", "link")
 MIDI_BACKENDS = ("jack", "alsa", "coremidi", "winmm")
 DECODERS = DECODER_CHOICES
+DEVICES = DEVICE_CHOICES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Turn-taking in call mode: "on" = the machine yields at the performer's first note.
 YIELD = ("on", "off")
@@ -297,6 +299,14 @@ class ServeConfig:
         "decoder: auto (measured once per host, cached), int8 or fp32",
         choices=DECODERS,
     )
+    device: str = _f(
+        "cpu",
+        "str",
+        "where the model runs: cpu, or cuda (the fp32 decoder on an NVIDIA GPU; needs the "
+        "onnxruntime-gpu build: refused at start where it cannot run, never a silent "
+        "fall-back to the CPU)",
+        choices=DEVICES,
+    )
     # concepts
     concepts: str | None = _f(
         None,
@@ -537,6 +547,7 @@ _FLAGS: tuple[tuple[str, str, str | None], ...] = (
     ("--record", "record", None),
     ("--model-dir", "model_dir", "DIR"),
     ("--decoder", "decoder", None),
+    ("--device", "device", None),
     ("--concepts", "concepts", "DIR"),
     ("--concept", "concept", "NAME[+NAME]"),
     ("--concept-learn-seconds", "concept_learn_s", "S"),

@@ -7,12 +7,27 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from divergent.model import host
 from divergent.model.files import PRECISIONS, decoder_file
 from divergent.model.host import CHOICE_CACHE_FILE, Choice, HostBenchConfig, choose_decoder
-from divergent.model.runtime import ModelError, OnnxModel, session_options
+from divergent.model.runtime import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    DeviceError,
+    IncrementalDecoder,
+    ModelError,
+    ModelFiles,
+    OnnxModel,
+    check_device,
+    device_precision,
+    off_device,
+    profile_placement,
+    session_device,
+    session_options,
+)
 
 # a self-benchmark of a few steps: what is tested is the plumbing, not the speed
 QUICK = HostBenchConfig(steps=3, rounds=2, warmup=1)
@@ -103,3 +118,119 @@ def test_decision_keeps_int8_one_thread_unless_clearly_faster() -> None:
 def test_choice_round_trips_through_a_dict() -> None:
     c = Choice(variant="int8", threads=1, why="w", measured={"int8/1": 0.5})
     assert Choice(**c.to_dict()) == c
+
+
+# --- the device (--device cpu|cuda) -----------------------------------------------------
+
+
+def _cuda_provider_here() -> bool:
+    import onnxruntime as ort
+
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def test_the_banner_names_the_device(model_dir: Path, tmp_path: Path) -> None:
+    choice = choose_decoder(model_dir, "int8", cache_dir=tmp_path, config=QUICK)
+    assert choice.device == "cpu" and choice.banner().startswith("decoder int8 on cpu, 1 ")
+    # an entry cached before the device was recorded reads back as cpu
+    old = {k: v for k, v in choice.to_dict().items() if k not in ("device", "cached")}
+    assert Choice(**old).device == "cpu"
+
+
+def test_the_decoder_precision_per_device(model_dir: Path, tmp_path: Path) -> None:
+    files = ModelFiles(model_dir)
+    assert device_precision(files, "auto", "cpu") == "int8"
+    assert device_precision(files, "fp32", "cpu") == "fp32"
+    # cuda: fp32 (the int8 decoder's MatMulNBits is a CPU kernel); int8 asked is refused
+    assert device_precision(files, "auto", "cuda") == "fp32"
+    assert device_precision(files, "fp32", "cuda") == "fp32"
+    with pytest.raises(DeviceError, match=r"MatMulNBits .* is a CPU kernel"):
+        device_precision(files, "int8", "cuda")
+    partial = tmp_path / "model"
+    shutil.copytree(model_dir, partial)
+    (partial / decoder_file("fp32")).unlink()
+    with pytest.raises(DeviceError, match="needs the fp32 decoder"):
+        device_precision(ModelFiles(partial), "auto", "cuda")
+
+
+def test_cuda_without_the_gpu_build_is_refused_naming_what_to_install(model_dir: Path) -> None:
+    check_device("cpu")
+    with pytest.raises(DeviceError, match="one of cpu, cuda"):
+        check_device("gpu")
+    if _cuda_provider_here():
+        pytest.skip("this ONNX Runtime has the CUDA provider: not the refusal's case")
+    for refused in (
+        lambda: check_device("cuda"),
+        lambda: OnnxModel(model_dir, device="cuda"),
+        lambda: choose_decoder(model_dir, "auto", device="cuda"),
+    ):
+        with pytest.raises(DeviceError) as info:
+            refused()
+        message = str(info.value)
+        assert "\n" not in message and "pip install onnxruntime-gpu" in message
+        assert "CUDAExecutionProvider" in message
+
+
+def test_the_profile_says_which_provider_ran_each_compute_node(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """What refuses a GPU that would leave compute on the CPU, read from a real profile
+    (here every node ran on the CPU, so all of them are "off" CUDA)."""
+    import onnxruntime as ort
+
+    m = OnnxModel(model_dir, precision="fp32", device="cpu")
+    so = session_options(1)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "profile")
+    m.decoder = ort.InferenceSession(str(m.files.decoder("fp32")), so, providers=[CPU_PROVIDER])
+    m.logits(np.array([[m.tokenizer.vocab.bos]]), np.zeros((1, m.z_dim)))
+    placement = profile_placement(m.decoder.end_profiling())
+    ops = {op for op, _ in placement.values()}
+    assert "GroupQueryAttention" in ops and "MatMul" in ops
+    assert {ran for _, ran in placement.values()} == {CPU_PROVIDER}
+    off = off_device(placement, CUDA_PROVIDER)
+    assert off["GroupQueryAttention"] == m.n_layer and off["MatMul"] > 0
+    assert "Shape" not in off and "Gather" not in off  # bookkeeping may stay on the CPU
+    assert not off_device(placement, CPU_PROVIDER)
+
+
+def test_the_cpu_cache_outlives_garbage_collection(model_dir: Path) -> None:
+    """The KV cache buffers the bindings point into are kept by the decoder (a CPU
+    OrtValue holds its numpy array only through its Python object)."""
+    import gc
+
+    m = OnnxModel(model_dir, precision="fp32", device="cpu")
+    dec = IncrementalDecoder(m)
+    assert dec.device == "cpu" and session_device(m.decoder) == ("cpu", 0)
+    gc.collect()
+    ids = np.arange(4, 40) % m.vocab_size
+    for t in ids:
+        dec.feed([int(t)])
+    whole = m.logits(ids[None, :], np.zeros((1, m.z_dim)))[0, -1]
+    assert np.allclose(dec.last_logits, whole, atol=1e-4)
+
+
+def test_cuda_runs_on_the_gpu_or_is_refused() -> None:
+    """On a GPU machine with onnxruntime-gpu: the bundled model either runs on the GPU
+    (every compute node there, the cache in GPU memory, the same logits as the CPU's
+    fp32) or is refused with the reason; never quietly on the CPU."""
+    if not _cuda_provider_here():
+        pytest.skip("needs onnxruntime-gpu (the CUDA provider) and an NVIDIA GPU")
+    try:
+        gpu = OnnxModel(None, device="cuda")
+    except DeviceError as e:
+        # the shipped decoder is fp32, and ORT's CUDA GroupQueryAttention takes fp16/bf16
+        assert "GroupQueryAttention" in str(e) or "could not start" in str(e), e
+        return
+    cpu = OnnxModel(None, precision="fp32", device="cpu")
+    assert gpu.precision == "fp32" and gpu.device == "cuda"
+    assert session_device(gpu.decoder)[0] == "cuda"
+    on_gpu, on_cpu = IncrementalDecoder(gpu), IncrementalDecoder(cpu)
+    assert on_gpu.device == "cuda"
+    ids = np.arange(4, 60) % gpu.vocab_size
+    on_gpu.feed(ids[:40])
+    on_cpu.feed(ids[:40])
+    for t in ids[40:]:
+        on_gpu.feed([int(t)])
+        on_cpu.feed([int(t)])
+        assert np.allclose(on_gpu.last_logits, on_cpu.last_logits, atol=2e-3)

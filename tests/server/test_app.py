@@ -303,3 +303,76 @@ def test_the_take_records_before_any_control_surface_opens(
         "_open_mqtt: take ready",
         "_open_web: take ready",
     ], seen
+
+
+# ------------------------------------------------------------------ --device cuda
+
+
+def _cuda_provider_here() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _bindable(udp_port: int, tcp_port: int) -> bool:
+    """Whether nothing holds these ports (each bound and released again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.bind(("127.0.0.1", udp_port))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+        t.bind(("127.0.0.1", tcp_port))
+    return True
+
+
+def _free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_device_cuda_without_the_gpu_build_is_refused_at_start(tmp_path: Path) -> None:
+    """Issue 13: `divergent serve --device cuda` where ONNX Runtime has no CUDA provider
+    (this CPU-only build): one line naming what to install, exit status 2, before any
+    port opens, never a silent fall-back to the CPU."""
+    import subprocess
+
+    if _cuda_provider_here():
+        pytest.skip("this ONNX Runtime has the CUDA provider: not the refusal's case")
+    osc, web = free_udp_port(), _free_tcp_port()
+    sessions = tmp_path / "sessions"
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "divergent", "serve", "--device", "cuda"),
+            *("--osc-port", str(osc), "--web-port", str(web), "--sessions", str(sessions)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent.parent,
+    )
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # one line: nothing else was started to say anything
+    assert lines[0].startswith("divergent: error: --device cuda"), lines
+    assert "CUDAExecutionProvider" in lines[0] and "pip install onnxruntime-gpu" in lines[0]
+    assert "divergent is listening" not in r.stdout and r.stdout == "", r.stdout
+    assert not sessions.exists()  # not even the sessions folder was touched
+    assert _bindable(osc, web)
+
+
+def test_a_server_on_a_device_it_cannot_use_opens_nothing(tmp_path: Path) -> None:
+    """The app's own guard (Server used without the CLI): the device is checked before
+    the MIDI port, OSC, MQTT or the page are opened, and before the model loads."""
+    from divergent.model.runtime import DeviceError
+
+    if _cuda_provider_here():
+        pytest.skip("this ONNX Runtime has the CUDA provider: not the refusal's case")
+    osc, web = free_udp_port(), _free_tcp_port()
+    config = ServeConfig(
+        device="cuda", osc_port=osc, web_port=web, sessions=str(tmp_path / "s"), heartbeat_s=0
+    )
+    server = Server(config, print_banner=False)
+    with pytest.raises(DeviceError, match="pip install onnxruntime-gpu"):
+        asyncio.run(server.serve())
+    assert server.midi is None and server.osc is None and server.web is None
+    assert server.answers is None and server.sender is None  # the model never started
+    assert _bindable(osc, web)

@@ -41,7 +41,7 @@ def test_defaults_are_valid_and_as_documented() -> None:
         None,
         "auto",
     )
-    assert (c.channel, c.velocity) == (1, 0)
+    assert (c.channel, c.velocity, c.device) == (1, 0, "cpu")
     assert (c.mqtt, c.mqtt_username, c.mqtt_password, c.mqtt_tls, c.mqtt_cafile) == (
         None,
         None,
@@ -102,6 +102,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("sessions", 1, "must be a string"),
     ("record", "yes", "true or false"),
     ("decoder", "fp16", "one of auto, int8, fp32"),
+    ("device", "gpu", "one of cpu, cuda"),
+    ("device", "auto", "one of cpu, cuda"),
     ("mqtt", "broker:99999", "HOST[:PORT]"),
     ("mqtt", "", "HOST[:PORT]"),
     ("mqtt_tls", None, "required"),
@@ -219,6 +221,7 @@ def custom() -> ServeConfig:
         record=False,
         model_dir="m",
         decoder="fp32",
+        device="cuda",
         channel=10,
         velocity=100,
         mqtt="broker:1884",
@@ -384,6 +387,8 @@ def test_every_serve_flag_reaches_its_field(tmp_path: Path) -> None:
             "m",
             "--decoder",
             "int8",
+            "--device",
+            "cuda",
             "--mqtt",
             "b:2",
             "--mqtt-username",
@@ -432,6 +437,7 @@ def test_every_serve_flag_reaches_its_field(tmp_path: Path) -> None:
         record=True,
         model_dir="m",
         decoder="int8",
+        device="cuda",
         mqtt="b:2",
         mqtt_username="u",
         mqtt_password="p",
@@ -494,3 +500,15 @@ def test_each_range_and_choice_is_declared_once() -> None:
     assert rules == [MODES, QUANTIZE, CLOCKS]
     assert CLOCKS == CLOCK_SOURCES and MIDI_BACKENDS == BRIDGE_BACKENDS
     assert arg_range("bpm") == {"lo": BPM_MIN, "hi": BPM_MAX}
+    # --device: declared in model.files, the one rule for serve, generate and bench model
+    from divergent.cli import build_parser
+    from divergent.model.files import DECODER_CHOICES, DEVICE_CHOICES
+
+    assert ServeConfig.rule("device")["choices"] == DEVICE_CHOICES
+    assert ServeConfig.rule("decoder")["choices"] == DECODER_CHOICES
+    cli = build_parser()
+    for command in (["generate", "p.mid", "-o", "out.mid"], ["bench", "model"]):
+        assert cli.parse_args(command).device == ServeConfig().device == "cpu"
+        assert cli.parse_args([*command, "--device", "cuda"]).device == "cuda"
+        with pytest.raises(SystemExit):
+            cli.parse_args([*command, "--device", "gpu"])
