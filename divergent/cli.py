@@ -249,6 +249,21 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from divergent.server.bench_soak import run_bench_soak
+
+    if args.minutes <= 0 or args.window_seconds <= 0:
+        raise CLIError("--minutes and --window-seconds must be more than 0")
+    res = run_bench_soak(
+        minutes=args.minutes,
+        window_s=args.window_seconds,
+        jack_period=args.jack_period,
+        concepts=Path(args.concepts) if args.concepts else None,
+    )
+    print(json.dumps(res, indent=None if args.json else 1))
+    return 0
+
+
 def _cmd_evaluate_nll(args: argparse.Namespace) -> int:
     from divergent.model.evaluate import evaluate_nll
 
@@ -637,6 +652,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bl.add_argument("--json", action="store_true")
     bl.set_defaults(func=_cmd_bench_live)
+    bs = besub.add_parser("soak", help="a scripted performer for M minutes, measured per minute")
+    bs.add_argument("--minutes", type=float, required=True, help="how long (0.5: 30 s)")
+    bs.add_argument(
+        "--window-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="one row of figures per S seconds (default: a minute)",
+    )
+    bs.add_argument(
+        "--jack-period",
+        type=int,
+        default=64,
+        metavar="FRAMES",
+        help="frames per period of the JACK dummy server it starts, a named one of its own "
+        "(48 kHz; default 64 = 1.3 ms)",
+    )
+    bs.add_argument(
+        "--concepts",
+        default=None,
+        metavar="DIR",
+        help="the server's concepts folder (default: its own); the performer switches "
+        "between the concepts in it",
+    )
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=_cmd_bench_soak)
     return p
 
 

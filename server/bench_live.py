@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -493,8 +494,11 @@ def _phase(serve: ServeProcess, client: str, n: int) -> dict[str, Any]:
     }
 
 
-def _call_server(work: Path, client: str, *extra: str) -> ServeProcess:
-    """``divergent serve`` on JACK in call mode, as the side-by-side benches use it."""
+def _call_server(
+    work: Path, client: str, *extra: str, env: Mapping[str, str] | None = None
+) -> ServeProcess:
+    """``divergent serve`` on JACK in call mode, as the side-by-side benches use it
+    (``env``: a named JACK server's, :meth:`JackServer.env`)."""
     return ServeProcess(
         [
             "--midi-backend",
@@ -513,6 +517,7 @@ def _call_server(work: Path, client: str, *extra: str) -> ServeProcess:
         ],
         workdir=work,
         name=client,
+        env=env,
     )
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,12 @@ class OscClient:
             time.sleep(0.005)
         return None
 
+    def forget(self, before: float) -> None:
+        """Drop the replies that arrived before ``before``: a long run (``bench soak``)
+        would otherwise keep every heartbeat and machine note it was sent."""
+        with self._lock:
+            self.messages = [m for m in self.messages if m[0] >= before]
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=1)
@@ -114,8 +120,17 @@ class OscClient:
 class ServeProcess:
     """``divergent serve`` in its own process, with its OSC and reply ports chosen free."""
 
-    def __init__(self, extra: Sequence[str], *, workdir: Path, name: str = "divergent") -> None:
+    def __init__(
+        self,
+        extra: Sequence[str],
+        *,
+        workdir: Path,
+        name: str = "divergent",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
+        # None: this process's environment (a named JACK server: JackServer.env())
+        self.env = dict(env) if env is not None else None
         self.osc_port = free_udp_port()
         self.osc = OscClient(self.osc_port)
         self.trace = workdir / "trace.jsonl"
@@ -145,7 +160,11 @@ class ServeProcess:
         self._log = self.log_path.open("wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parent.parent,
+            env=self.env,
         )
         deadline = t0 + timeout
         while time.monotonic() < deadline:
