@@ -1,13 +1,14 @@
 """The server's outside: the MIDI port (an injectable factory, like mido's port
-template), address lookup off the loop, the model, and the note sink the answers use."""
+template), address lookup off the loop, and the note sink the answers use. (The model is
+loaded by :func:`divergent.server.app.load_on_device`, through
+:func:`divergent.model.generate.serving_generator`: one path for serve's model.)"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import mido
 
@@ -19,7 +20,6 @@ __all__ = [
     "MidiPort",
     "MidiPortFactory",
     "SenderSink",
-    "load_generator",
     "numeric_host",
     "open_midi_port",
 ]
@@ -122,21 +122,3 @@ class SenderSink:
     def cancel(self, tag: object | None = None) -> int:
         sender = self._sender()
         return sender.cancel(tag=tag) if sender is not None else 0
-
-
-def load_generator(config: ServeConfig) -> Any:
-    """The ONNX model of ``config``, warmed up (the worker thread)."""
-    from divergent.model.generate import Generator, ids_from_notes
-    from divergent.model.host import choose_decoder
-    from divergent.model.runtime import OnnxModel
-
-    choice = choose_decoder(config.model_dir, config.decoder)
-    logging.getLogger("divergent.server").info("%s", choice.banner())
-    generator = Generator(
-        OnnxModel(config.model_dir, precision=choice.variant, threads=choice.threads)
-    )
-    generator.decoder_choice = choice  # the banner says which decoder and why
-    # one tiny generation so the first answer does not pay ORT's first-run costs
-    ids = ids_from_notes(generator.model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
-    generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)
-    return generator
