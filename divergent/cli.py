@@ -473,16 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--json", action="store_true")
     ct.set_defaults(func=_cmd_critic_train)
 
-    from divergent.model.bad_config import BAD_DEVICES, BAD_LATENTS, METHODS, BadConfig
+    from divergent.model.bad_config import BAD_LATENTS, METHODS, BadConfig
+    from divergent.model.files import DEVICE_CHOICES
 
     bd = sub.add_parser("bad", help="Bounded Adversarial Divergence fine-tuning of the decoder")
     bdsub = bd.add_subparsers(dest="bad_command", required=True)
     bt = bdsub.add_parser("train", help="fine-tune the decoder away from every class, bounded")
-    bt.add_argument("--data", default="data/dataset", help="dataset (default: %(default)s)")
-    bt.add_argument("--base", default="model/bundled/model.pt", help="base weights")
-    bt.add_argument("--critic", default="runs/critic/critic.pt", help="the frozen critic")
-    bt.add_argument("--out", default="runs/bad", help="output folder (default: %(default)s)")
-    bt.add_argument("--method", default="expected", choices=METHODS, help="gradient path")
+    bt.add_argument("--data", default=BadConfig.data, help="dataset (default: %(default)s)")
+    bt.add_argument("--base", default=BadConfig.base, help="base weights (default: %(default)s)")
+    bt.add_argument("--critic", default=BadConfig.critic, help="the frozen critic (%(default)s)")
+    bt.add_argument("--out", default=BadConfig.out, help="output folder (default: %(default)s)")
+    bt.add_argument("--method", default=BadConfig.method, choices=METHODS, help="gradient path")
     # defaults are BadConfig's: one declaration of the recipe
     bt.add_argument("--steps", type=int, default=BadConfig.steps)
     bt.add_argument("--max-minutes", type=float, default=BadConfig.max_minutes, help="budget")
@@ -493,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--kl-weight", type=float, default=BadConfig.kl_weight, help="β, KL to base")
     bt.add_argument("--sigma", type=float, default=BadConfig.sigma, help="kernel width")
     bt.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    bt.add_argument("--device", default=BadConfig.device, choices=BAD_DEVICES)
+    bt.add_argument("--device", default=BadConfig.device, choices=DEVICE_CHOICES)
     bt.add_argument("--latents", default=BadConfig.latents, choices=BAD_LATENTS)
     bt.add_argument("--seed", type=int, default=BadConfig.seed)
     bt.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from divergent.model.configs import StrictConfig
-from divergent.model.files import CRITIC_PT_FILE, WEIGHTS_FILE
+from divergent.model.files import CRITIC_PT_FILE, DEVICE_CHOICES, WEIGHTS_FILE
 
-__all__ = ["BAD_DEVICES", "BAD_LATENTS", "METHODS", "BadConfig"]
+__all__ = ["BAD_LATENTS", "METHODS", "BadConfig"]
 
 METHODS = ("expected", "gumbel_st", "policy_gradient")
-BAD_DEVICES = ("cpu", "cuda")
 #: which latents the generator is trained under: the prompt's posterior mean only, or a
 #: mix of the latents the knob feeds it (posterior mean, pushed by d ~ U(0, 1), and
 #: prior samples at a latent temperature ~ U(0.5, 1.5), a third each)
@@ -24,21 +23,23 @@ BAD_LATENTS = ("posterior", "mixed")
 
 @dataclass(frozen=True)
 class BadConfig(StrictConfig):
+    """The BAD recipe; the defaults are the shipped decoder's (docs/divergence.md)."""
+
     config_name: ClassVar[str] = "BAD options"
     data: str = "data/dataset"
     base: str = f"model/bundled/{WEIGHTS_FILE}"
-    critic: str = f"runs/critic/{CRITIC_PT_FILE}"
+    critic: str = f"model/bundled/{CRITIC_PT_FILE}"
     out: str = "runs/bad"
     method: str = "expected"
     steps: int = 400
-    max_minutes: float = 30.0  # stop (and checkpoint) after this wall time; 0 = no limit
-    batch_size: int = 32
+    max_minutes: float = 60.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    batch_size: int = 16
     prompt_tokens: int = 128
     gen_tokens: int = 128
-    lr: float = 5e-5
+    lr: float = 1e-4
     class_weight: float = -1.0
     global_weight: float = 20.0  # λ: the pull back to the whole data (the bound)
-    kl_weight: float = 0.05  # β: KL to the base model per generated token
+    kl_weight: float = 0.2  # β: KL to the base model per generated token
     sigma: float = 1.0  # kernel width (features are standardised)
     real_per_class: int = 48  # real phrases per class drawn for each step's MMD
     gumbel_tau: float = 1.0
@@ -47,7 +48,7 @@ class BadConfig(StrictConfig):
     bf16: bool = True
     threads: int = 0
     device: str = "cpu"  # "cuda" where a GPU is lent: same recipe, faster steps
-    latents: str = "posterior"
+    latents: str = "mixed"
     knob_model: str = "model/bundled"  # the latent bank the knob's push uses (mixed)
     seed: int = 0
     resume: bool = False
@@ -59,7 +60,7 @@ class BadConfig(StrictConfig):
             raise ValueError("steps, batch_size, prompt_tokens, gen_tokens must be >= 1")
         for name, value, choices in (
             ("latents", self.latents, BAD_LATENTS),
-            ("device", self.device, BAD_DEVICES),
+            ("device", self.device, DEVICE_CHOICES),
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

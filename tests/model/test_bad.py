@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from divergent.model.bad_config import BAD_DEVICES, BAD_LATENTS, METHODS, BadConfig
-from divergent.model.files import CONFIG_FILE, CRITIC_PT_FILE, WEIGHTS_FILE
+from divergent.model.bad_config import BAD_LATENTS, METHODS, BadConfig
+from divergent.model.files import CONFIG_FILE, CRITIC_PT_FILE, DEVICE_CHOICES, WEIGHTS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def bad_setup(tiny_run: Path, two_class_dataset: Path, two_class_critic):  # typ
 
 def _tiny_bad(run: Path, data: Path, critic, tmp: Path, **kw) -> BadConfig:  # type: ignore[no-untyped-def]
     """A BAD run small enough for a test: the tiny model, the two-class critic."""
+    kw.setdefault("latents", "posterior")  # "mixed" pushes with a model folder's latents
     return BadConfig(
         data=str(data),
         base=str(run / WEIGHTS_FILE),
@@ -130,7 +131,7 @@ def test_config_round_trip_and_methods() -> None:
         BadConfig(method="nope")
     with pytest.raises(ValueError):
         BadConfig.from_dict({"warp": 1})
-    for field, good in (("device", BAD_DEVICES), ("latents", BAD_LATENTS)):
+    for field, good in (("device", DEVICE_CHOICES), ("latents", BAD_LATENTS)):
         for value in good:
             assert BadConfig.from_dict({field: value}).to_dict()[field] == value
         with pytest.raises(ValueError, match=field):
@@ -154,7 +155,8 @@ def test_mixed_latents_keep_a_third_posterior_and_push_or_sample_the_rest(  # ty
     same = (z == mu).all(1).float().mean().item()
     assert 0.2 < same < 0.47  # a third kept, the rest moved (pushed or drawn from the prior)
     # posterior: the latents are the prompts' own, untouched
-    assert _latents(BadConfig(), mu, steering, np.random.default_rng(0)) is mu
+    posterior = BadConfig(latents="posterior")
+    assert _latents(posterior, mu, steering, np.random.default_rng(0)) is mu
 
 
 def test_bad_train_with_mixed_latents_runs_and_logs(  # type: ignore[no-untyped-def]
