@@ -33,7 +33,7 @@ import mido
 import rtmidi
 
 from divergent.bridges.exceptions import BridgeError, MidiBackendError, MidiPortError
-from divergent.bridges.jack import XrunWatch, jack_running
+from divergent.bridges.jack import XrunWatch, jack_period_s, jack_running
 
 __all__ = [
     "MIDI_BACKENDS",
@@ -292,6 +292,10 @@ class MidiIO:
         self.wait_for_ports = wait_for_ports
         self.retry_s = retry_s
         self.fault = ""  # why MIDI does not fully work right now ("" when it does)
+        # The MIDI system's period in seconds, read whenever the ports open (JACK delivers
+        # MIDI once per period, so the sender sends half of one early); None without one
+        # (ALSA, CoreMIDI, Windows MM), before the ports first open, or when unreadable.
+        self.period_s: float | None = None
         self.losses = 0
         self.returns = 0
         self._ever_open = False  # a first opening after a start without JACK is no "return"
@@ -384,6 +388,7 @@ class MidiIO:
             self.close()
             raise
         self._ever_open = True
+        self.period_s = self._jack_probe()[1] if self.backend == "jack" else None
         self._start_poller()
         self._watch_xruns()
         self.fault = self._pending_fault()
@@ -661,27 +666,38 @@ class MidiIO:
                 except Exception as e:  # the server is gone; nothing left to free there
                     log.debug("closing a dead MIDI client: %r", e)
 
-    def _server_answers(self) -> bool:
-        """Whether the MIDI system is back (cheap; no process started)."""
+    def _server_answers(self) -> tuple[bool, float | None]:
+        """Whether the MIDI system is back, and its period (cheap; no process started)."""
         if self.backend != "jack":
-            return True
+            return True, None
+        return self._jack_probe()
+
+    def _jack_probe(self) -> tuple[bool, float | None]:
+        """Whether a JACK server answers, and its period in seconds (None: unknown),
+        through a short-lived client of ours with no ports (~50 ms; jack_bufsize and
+        jack_samplerate, the fall-back without JACK-Client, take ~150 ms)."""
         try:
             import jack  # JACK-Client: cffi over libjack
         except (ImportError, OSError):
-            return jack_running(timeout=1.0)
+            up = jack_running(timeout=1.0)
+            return up, jack_period_s(timeout=1.0) if up else None
         # libjack prints "Cannot connect to server socket" at every failed try: to debug
         jack.set_error_function(lambda m: log.debug("libjack: %s", m))
         try:
             probe = jack.Client(f"{self.client_name}-probe", no_start_server=True)
         except jack.JackError:
-            return False
+            return False, None
         finally:
             jack.set_error_function(None)
-        probe.close()
-        return True
+        try:
+            rate = probe.samplerate
+            return True, probe.blocksize / rate if rate > 0 else None
+        finally:
+            probe.close()
 
     def _try_reopen(self) -> None:
-        if not self._server_answers():
+        up, period = self._server_answers()
+        if not up:
             return
         self._pending_in = self._pending_out = False
         try:
@@ -690,6 +706,9 @@ class MidiIO:
             log.debug("MIDI not back yet: %s", e)
             self._teardown()
             return
+        # before "back" is said: its listener reads the period (a JACK server that
+        # appears or returns may run another one)
+        self.period_s = period
         self._start_poller()
         self._watch_xruns()
         with self._send_lock:

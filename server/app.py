@@ -35,7 +35,6 @@ from typing import Any
 import mido
 
 from divergent.bridges.clock import Clock, InternalClock, LinkClock, MidiClockFollower, make_clock
-from divergent.bridges.jack import jack_period_s
 from divergent.bridges.midi import MidiEvent, MidiIO
 from divergent.bridges.mqtt import MqttBridge
 from divergent.bridges.osc import OscBridge
@@ -60,6 +59,7 @@ from divergent.server.ports import (
     MidiPortFactory,
     SenderSink,
     open_midi_port,
+    sender_lead,
 )
 from divergent.server.recorder import (
     TakeRecorder,
@@ -247,11 +247,6 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         stack.callback(self._close_clock)
         self.clock = self._make_clock(self.clock_source)
         await self._open_midi(loop)
-        lead = 0.0
-        if self.midi is not None and self.midi.backend == "jack":
-            # JACK plays MIDI at the next period boundary: half a period early centres
-            # the onset error on zero (measured: p99 1.5 ms -> 0.8-1.6 ms at 64 frames)
-            lead = (await asyncio.to_thread(jack_period_s) or 0.0) / 2
         await model_future
         # the take first: a performer's first note may come the moment OSC answers a
         # ping, and it must be recorded
@@ -276,7 +271,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
             # no JACK server yet, or a named port not there yet: the watchdog waits for
             # it; said where the performer looks (error, health, MQTT), not only the log
             self._fault(self.midi_fault)
-        self._start_sender(lead)
+        self._start_sender()
         for coro in (self._consume_midi(), self._heartbeat(), self._housekeeping()):
             self._spawn(coro)
         self._spawn(self._lag_monitor())
@@ -313,7 +308,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
             self.concept = spec
             log.info("concept %s loaded in %.0f ms", spec, ms)
 
-    def _start_sender(self, lead: float) -> None:
+    def _start_sender(self) -> None:
         sinks: list[Callable[[mido.Message], None]] = []
         if self.midi is not None:
             sinks.append(self.midi.send)
@@ -322,7 +317,9 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
             sinks=sinks,
             on_sent=self._sent.append,
             max_note_s=self.config.max_note_s,
-            lead_s=lead,
+            # half the period the ports opened on; a JACK server that appears later sets
+            # it then (HealthDesk._midi_state)
+            lead_s=sender_lead(self.midi),
             # below JACK's client threads (priority 5 under jackd's 10); refused quietly
             # without the right to real-time scheduling
             realtime_priority=3 if sys.platform.startswith("linux") else None,

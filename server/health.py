@@ -15,6 +15,7 @@ from typing import Any
 from divergent.bridges.midi import MidiIO
 from divergent.bridges.mqtt import MqttBridge
 from divergent.server.performance import Performance
+from divergent.server.ports import sender_lead
 from divergent.server.sender import Sender
 from divergent.server.telemetry import Stats
 
@@ -73,6 +74,12 @@ class HealthDesk(ABC):
         if self.sender is not None:
             # a receiver connected while MIDI was away starts from silence
             self.sender.panic()
+            # the ports (re)opened on a MIDI system whose period may be new (JACK that
+            # was not running at start): the sender's lead follows it
+            lead = sender_lead(self.midi)
+            if lead != self.sender.lead_s:
+                log.info("sender lead %.2f ms: half the MIDI system's period", lead * 1000)
+                self.sender.lead_s = lead
         log.warning("%s", message)
         self._report_health()
 

@@ -22,6 +22,7 @@ __all__ = [
     "SenderSink",
     "numeric_host",
     "open_midi_port",
+    "sender_lead",
 ]
 
 
@@ -83,6 +84,15 @@ def open_midi_port(
         wait_for_ports=True,
     )
     return midi.open()
+
+
+def sender_lead(midi: MidiPort | None) -> float:
+    """How early the sender sends: half the MIDI system's period, 0 when it has none or
+    it is not known yet (no JACK server so far). JACK plays MIDI at the next period
+    boundary, so half a period early centres the onset error on zero (measured: p99
+    1.5 ms -> 0.8-1.6 ms at 64 frames). Asked at start and whenever the ports (re)open."""
+    period = midi.period_s if isinstance(midi, MidiIO) else None
+    return period / 2 if period else 0.0
 
 
 async def numeric_host(host: str, port: int) -> str:

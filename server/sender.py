@@ -47,6 +47,7 @@ from divergent.server.sendtypes import (
     SenderStats,
     Sent,
     SinkErrorLog,
+    cuts_nothing,
     is_release,
     set_realtime,
 )
@@ -378,6 +379,19 @@ class Sender:
         with self._cond:
             return self._c.snapshot(pending=len(self._pending), sounding=len(self._sounding))
 
+    @property
+    def lead_s(self) -> float:
+        """How early every event is sent (half a JACK period); settable from any thread."""
+        return self._lead_s
+
+    @lead_s.setter
+    def lead_s(self, lead_s: float) -> None:
+        if not lead_s >= 0:
+            raise ValueError(f"lead_s must be non-negative, got {lead_s!r}")
+        with self._cond:
+            self._lead_s = float(lead_s)
+            self._cond.notify_all()  # the thread's next wake-up moves with it
+
     # --- internals (``_locked``: caller holds self._cond) ---------------------------------
 
     def _push_locked(self, t: float, kind: int, payload: Note | Resend | mido.Message) -> None:
@@ -451,7 +465,7 @@ class Sender:
         while heap and heap[0][0] <= horizon:
             t, kind, _, payload = heapq.heappop(heap)
             if isinstance(payload, Resend):
-                if self._still_off_locked(payload.recent.msg):
+                if cuts_nothing(payload.recent.msg, self._sounding):
                     self._c.resent += 1
                     out.append((t, payload.recent.msg, payload.recent, False))
             elif isinstance(payload, Note):
@@ -489,13 +503,6 @@ class Sender:
                         ended.state = DONE
                 out.append((t, msg, None, False))
         return out
-
-    def _still_off_locked(self, msg: mido.Message) -> bool:
-        """Whether repeating ``msg`` (a note-off or CC) cuts nothing sounding now."""
-        channel = int(msg.channel)
-        if msg.type == "control_change":
-            return not any(ch == channel for ch, _ in self._sounding)
-        return (channel, int(msg.note)) not in self._sounding
 
     def _emit(self, out: list[_Out]) -> list[tuple[Sent, bool, list[tuple[int, Exception]]]]:
         """Call the sinks: the timing-critical part, so nothing else happens here."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import mido
@@ -22,6 +22,7 @@ __all__ = [
     "SenderStats",
     "Sent",
     "SinkErrorLog",
+    "cuts_nothing",
     "is_release",
     "set_realtime",
 ]
@@ -196,6 +197,16 @@ class SinkErrorLog:
             f" ({more} more errors since the last report)" if more else "",
             exc_info=err if last is None else None,
         )
+
+
+def cuts_nothing(msg: mido.Message, sounding: Mapping[tuple[int, int], object]) -> bool:
+    """Whether repeating ``msg`` (a note-off, or CC 123/64) cuts nothing in ``sounding``
+    (the sender's notes on now, by channel and key): a repeat must never end a note
+    that started since the original went out."""
+    channel = int(msg.channel)
+    if msg.type == "control_change":
+        return not any(ch == channel for ch, _ in sounding)
+    return (channel, int(msg.note)) not in sounding
 
 
 def set_realtime(priority: int | None) -> None:

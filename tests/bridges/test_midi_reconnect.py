@@ -103,6 +103,7 @@ def test_ports_come_back_after_jackd_is_killed_and_restarted(own_jack: JackServe
     ).open()
     try:
         assert midi.fault == ""
+        assert midi.period_s == pytest.approx(512 / 48000)  # the sender's lead is half
         t_kill = time.monotonic()
         own_jack.kill()
         lost = states.wait("lost", after=t_kill, timeout=2.0)
@@ -111,12 +112,14 @@ def test_ports_come_back_after_jackd_is_killed_and_restarted(own_jack: JackServe
         midi.send(mido.Message("note_on", note=60, velocity=90))  # no raise while gone
         assert midi.dropped_while_down == 1
         time.sleep(0.5)
+        own_jack.period = 256  # it returns with another period: read anew, before "back"
         own_jack.start()
         t_up = time.monotonic()
         back = states.wait("back", after=t_up - 0.05, timeout=5.0)
         assert back is not None, states.got
         assert back[0] - t_up <= BACK_WITHIN_S, back[0] - t_up
         assert midi.fault == "" and midi.losses == 1 and midi.returns == 1
+        assert midi.period_s == pytest.approx(256 / 48000)
         ports = _jack_ports(own_jack.env())
         assert f"{client}:divergent in" in ports and ":divergent out" in ports, ports
         # and answering: a peer connected after the return gets what we send, and we
@@ -209,6 +212,7 @@ def test_no_jack_server_at_open_is_waited_for(monkeypatch: pytest.MonkeyPatch) -
     try:
         assert midi.waiting and not midi.is_open
         assert "MIDI down" in midi.fault and "JACK server not running" in midi.fault
+        assert midi.period_s is None  # no server, no period (the sender's lead is 0)
         midi.send(mido.Message("note_on", note=60, velocity=90))  # dropped, not raised
         assert midi.dropped_while_down == 1
         server.start()
@@ -220,6 +224,9 @@ def test_no_jack_server_at_open_is_waited_for(monkeypatch: pytest.MonkeyPatch) -
         assert back is not None and "JACK server appeared" in back[2], states.got
         assert time.monotonic() - t_up <= BACK_WITHIN_S + 1.0
         assert midi.fault == "" and not midi.waiting and midi.losses == 0
+        # the period of the server that appeared, read before "back" was said: the
+        # server's sender takes its lead from it then
+        assert midi.period_s == pytest.approx(512 / 48000)
         ports = _jack_ports(server.env())
         assert f"{client}:divergent in" in ports and ":divergent out" in ports, ports
     finally:

@@ -41,12 +41,32 @@ def _errors(sp: ServeProcess, after: float) -> list[str]:
     return [m[2][0] for m in sp.osc.since(after, "/divergent/error")]
 
 
+# the period of the tests' own JACK servers
+PERIOD_FRAMES, RATE = 512, 48000
+PERIOD_S = PERIOD_FRAMES / RATE
+
+
+def _sent_early(sp: ServeProcess, *, notes: int, timeout: float) -> list[float]:
+    """How early (scheduled - actual, s) the server sent its note-ons, in order, once it
+    has sent ``notes`` of them or ``timeout`` passed: its trace, flushed every 50 ms."""
+    deadline = time.monotonic() + timeout
+    while True:
+        early = [
+            e["scheduled"] - e["actual"]
+            for e in sp.trace_events()
+            if e["event"] == "sent" and e["type"] == "note_on"
+        ]
+        if len(early) >= notes or time.monotonic() > deadline:
+            return early
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def own_jack(monkeypatch: pytest.MonkeyPatch) -> Iterator[JackServer]:
     """A JACK server of this test's own, killable; the server and peers started from
     here use it (JACK_DEFAULT_SERVER), the session's server is never touched."""
     require_tool("jackd", "jack_lsp")
-    server = JackServer(rate=48000, period=512, name=_name())
+    server = JackServer(rate=RATE, period=PERIOD_FRAMES, name=_name())
     monkeypatch.setenv("JACK_DEFAULT_SERVER", str(server.name))
     server.start()
     try:
@@ -64,6 +84,9 @@ def test_jackd_killed_and_restarted_mid_jam(own_jack: JackServer, tmp_path: Path
     try:
         player.start()
         time.sleep(2.5)  # the jam is on: the machine plays along
+        # JACK ran at start: the sender sends half its period early
+        early = _sent_early(sp, notes=4, timeout=3.0)
+        assert PERIOD_S / 4 < max(early, default=0.0) <= PERIOD_S / 2 + 1e-4, early
         t_kill = time.monotonic()
         own_jack.kill()
         deadline = t_kill + 2.0
@@ -140,7 +163,7 @@ def _jack_later(monkeypatch: pytest.MonkeyPatch) -> JackServer:
     """A JACK server of this test's own, NOT started: the server and the peers started
     from here use it (JACK_DEFAULT_SERVER) once the test starts it."""
     require_tool("jackd", "jack_lsp", "jack_connect")
-    server = JackServer(rate=48000, period=512, name=_name())
+    server = JackServer(rate=RATE, period=PERIOD_FRAMES, name=_name())
     monkeypatch.setenv("JACK_DEFAULT_SERVER", str(server.name))
     monkeypatch.setenv("JACK_NO_START_SERVER", "1")
     return server
@@ -226,14 +249,25 @@ def test_jack_absent_at_start_the_server_waits_and_connects_when_it_appears(
         while not any(m[0] & 0xF0 == 0x90 and m[2] > 0 for m in heard):
             assert time.monotonic() < deadline, f"no answer at the synth\n{sp.log()[-3000:]}"
             time.sleep(0.05)
+        # the sender's lead followed the JACK server that appeared: half its period early
+        # (it was 0, and every note went out at or after its time, when JACK was not
+        # there at start). The answer's first notes are placed as soon as they are
+        # generated, so they may reach the sender inside the lead; later ones do not.
+        early = _sent_early(sp, notes=8, timeout=6.0)
+        assert len(early) >= 8, (early, sp.log()[-3000:])
+        # never earlier than the lead; late wake-ups on a busy machine take from it
+        assert PERIOD_S / 4 < max(early) <= PERIOD_S / 2 + 1e-4, early
         assert sp.proc is not None and sp.proc.poll() is None
     finally:
+        code = sp.stop()  # first: no more notes reach the synth while it closes
+        if synth is not None:
+            synth.cancel_callback()
         for port in (keys, synth):
             if port is not None:
                 port.close_port()
                 port.delete()
-        assert sp.stop() == 0, sp.log()[-3000:]
         jack.stop()
+        assert code == 0, sp.log()[-3000:]
 
 
 def test_no_backend_chosen_no_alsa_no_jack_yet_waits_for_jack(

@@ -619,6 +619,31 @@ def test_late_notes_are_dropped_not_played() -> None:
     assert stats.late >= 1
 
 
+def test_the_lead_follows_a_new_period_while_running() -> None:
+    """The lead is set again when the MIDI system (re)appears with its period (JACK that
+    was not running at start): a note already waited for goes out that much earlier,
+    and so does its note-off."""
+    sink = ListSink()
+    sent: list[Sent] = []
+    # late_drop_s: a thread starved on a busy machine plays late here, it drops nothing
+    with Sender(sinks=[sink], on_sent=sent.append, late_drop_s=1.0) as sender:
+        assert sender.lead_s == 0.0
+        t = time.monotonic() + 0.4
+        sender.schedule_note(on=t, off=t + 0.2, pitch=60, velocity=90)
+        time.sleep(0.05)  # the thread waits for t with no lead
+        sender.lead_s = 0.1  # the ports opened on a period of 200 ms
+        assert _wait_until(lambda: len(sent) >= 2, 2.0), (sent, sender.stats)
+        with pytest.raises(ValueError):
+            sender.lead_s = -0.001
+        assert sender.lead_s == 0.1
+    on, off = (s for s in sent if s.message.type in ("note_on", "note_off"))
+    assert on.scheduled == t and off.scheduled == pytest.approx(t + 0.2)
+    for s in (on, off):
+        # never before its time minus the lead (at its time without one), and a wake-up
+        # late by up to 30 ms still counts as early
+        assert -0.1 - 1e-4 <= s.actual - s.scheduled < -0.07, (s, sender.stats)
+
+
 def test_notes_scheduled_before_start_wait_for_it() -> None:
     sink = ListSink()
     sender = Sender(sinks=[sink])
