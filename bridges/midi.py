@@ -20,6 +20,7 @@ default names the ports appear as ``divergent:divergent in`` and
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -65,6 +66,11 @@ _ALSA_HELP = (
     "not loaded). On a headless Linux machine start JACK (jackd -d dummy -r 48000 -p 64 &) "
     "and use the jack backend, or use the OSC note transport"
 )
+# The ALSA sequencer's device: there (and ours to open) or not. Asked before each retry,
+# because a failed open makes libasound print a line on stderr every time.
+_ALSA_SEQ = "/dev/snd/seq"
+# what appears when MIDI comes up after a start without it
+_SYSTEM_NAMES = {"jack": "the JACK server", "alsa": "the ALSA sequencer"}
 _WINMM_VIRTUAL_HELP = (
     "Windows MIDI has no virtual ports: install loopMIDI, create a port there and pass its "
     "name (in_name/out_name), or use the OSC note transport"
@@ -261,6 +267,7 @@ class MidiIO:
         on_state: Callable[[str, str], object] | None = None,
         supervise: bool = False,
         wait_for_ports: bool = False,
+        wait_for_systems: tuple[str, ...] = ("jack",),
         retry_s: float = 0.25,
     ) -> None:
         # only the name here: whether rtmidi has the backend is open()'s question
@@ -280,8 +287,11 @@ class MidiIO:
         # ``retry_s`` and calls ``on_state("back", what)`` once the ports are open (and
         # the named ones connected) again. ``on_state`` runs on that thread: hand it on.
         # ``wait_for_ports``: what is missing at open() is waited for, not an error: a
-        # named port, and (with ``supervise``, on JACK) the JACK server itself, so a
-        # server started before JACK opens its ports when JACK appears.
+        # named port, and (with ``supervise``, on a backend in ``wait_for_systems``) the
+        # MIDI system itself, so a server started before JACK opens its ports when JACK
+        # appears. ALSA is there only when asked for: a caller that chose it explicitly
+        # waits for the sequencer (a USB interface plugged in later brings it), one that
+        # fell back to it wants the error, to try JACK instead.
         # News the watchdog has before anyone listens (on_state set after open()) is kept
         # and handed over when on_state is set: a "back" right after open() is not lost.
         self._notify_lock = threading.Lock()
@@ -290,6 +300,7 @@ class MidiIO:
         self._on_state = on_state
         self.supervise = supervise
         self.wait_for_ports = wait_for_ports
+        self.wait_for_systems = wait_for_systems
         self.retry_s = retry_s
         self.fault = ""  # why MIDI does not fully work right now ("" when it does)
         # The MIDI system's period in seconds, read whenever the ports open (JACK delivers
@@ -399,13 +410,13 @@ class MidiIO:
         return self
 
     def _waits_for_server(self) -> bool:
-        # JACK only: it is the MIDI system that is started and stopped beside us; ALSA,
-        # CoreMIDI and Windows MM are the operating system's, there or not
-        return self.supervise and self.wait_for_ports and self.backend == "jack"
+        # JACK by default: it is the MIDI system that is started and stopped beside us;
+        # ALSA when asked for (see __init__); CoreMIDI and Windows MM never
+        return self.supervise and self.wait_for_ports and self.backend in self.wait_for_systems
 
     def _start_waiting(self, err: MidiBackendError) -> None:
-        """No JACK server at open(): nothing open, the watchdog opens the ports (and
-        connects the named ones) once the server answers."""
+        """No MIDI system at open() (no JACK server, no ALSA sequencer): nothing open, the
+        watchdog opens the ports (and connects the named ones) once it answers."""
         with self._send_lock:
             self._server_down = True
         self.fault = f"MIDI down: {err}; waiting for it, retrying every {self.retry_s:g} s"
@@ -668,6 +679,9 @@ class MidiIO:
 
     def _server_answers(self) -> tuple[bool, float | None]:
         """Whether the MIDI system is back, and its period (cheap; no process started)."""
+        if self.backend == "alsa":
+            # opening a missing sequencer prints on stderr: look for its device first
+            return os.access(_ALSA_SEQ, os.R_OK | os.W_OK), None
         if self.backend != "jack":
             return True, None
         return self._jack_probe()
@@ -717,8 +731,9 @@ class MidiIO:
         self.fault = self._pending_fault()
         first = not self._ever_open
         self._ever_open = True
+        system = _SYSTEM_NAMES.get(self.backend, "the MIDI system")
         message = (
-            f"MIDI {'up (the JACK server appeared)' if first else 'back'}: "
+            f"MIDI {f'up ({system} appeared)' if first else 'back'}: "
             f"in {self._input_name!r}, out {self._output_name!r}"
         )
         if self.dropped_while_down:

@@ -89,6 +89,10 @@ class Doors(ABC):
             if self.midi is None:
                 log.warning("no MIDI ports (%s): notes travel over OSC only", e)
                 self.midi_error = str(e)
+                if self._midi_asked_for():
+                    # MIDI the performer asked for and will not get: a fault they hear
+                    # of (error, health, MQTT, said once OSC is open), not a log line
+                    self.midi_fault = f"MIDI down: {e}; notes travel over OSC only"
                 return
         self._stack.callback(self._close_midi)
         if isinstance(self.midi, MidiIO):
@@ -96,6 +100,13 @@ class Doors(ABC):
             self.midi.on_state = on_state
             # a named port not there yet, or no JACK server yet: said once OSC is open
             self.midi_fault = self.midi.fault
+
+    def _midi_asked_for(self) -> bool:
+        """Whether MIDI was asked for by name (a backend, or a port to connect), so that
+        running without it is a fault; with the defaults it is MIDI if there is some."""
+        cfg = self.config
+        explicit = cfg.midi_backend is not None and cfg.midi_backend.lower() != "auto"
+        return explicit or cfg.midi_in is not None or cfg.midi_out is not None
 
     async def _wait_for_jack_instead(
         self,

@@ -72,7 +72,10 @@ def open_midi_port(
 ) -> MidiPort:
     """The real MIDI port: rtmidi through :class:`MidiIO` (raises BridgeError), with its
     watchdog: the ports come back when the MIDI system does, and a named port not there
-    yet is waited for (the app sets ``on_state`` to hear of both)."""
+    yet is waited for (the app sets ``on_state`` to hear of both). A JACK server not
+    running yet is waited for; so is the ALSA sequencer when ALSA was asked for by name
+    (chosen by default, its failure is raised: the app may wait for JACK instead)."""
+    explicit = config.midi_backend is not None and config.midi_backend.lower() != "auto"
     midi = MidiIO(
         backend=choose_backend(config.midi_backend),
         client_name=config.midi_client,
@@ -82,6 +85,7 @@ def open_midi_port(
         on_xrun=on_xrun,
         supervise=True,
         wait_for_ports=True,
+        wait_for_systems=("jack", "alsa") if explicit else ("jack",),
     )
     return midi.open()
 

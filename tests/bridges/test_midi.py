@@ -128,6 +128,38 @@ def test_alsa_without_sound_card_says_what_to_do() -> None:
         assert set(ports) == {"inputs", "outputs"}
 
 
+def test_alsa_asked_for_by_name_is_waited_for_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    """``--midi-backend alsa`` where ALSA cannot work (no sound card: this machine): with
+    ALSA among the systems waited for, open() does not raise; MIDI is down and says why,
+    and the watchdog's retries only look for the sequencer's device, so libasound does
+    not print a line on stderr at each one. Without it, the error is raised (the
+    server's default choice then waits for JACK instead)."""
+    if Path("/dev/snd/seq").exists():
+        pytest.skip("ALSA works on this machine: nothing to wait for")
+    with pytest.raises(MidiBackendError, match="ALSA sequencer unavailable"):
+        MidiIO(backend="alsa", on_event=print, supervise=True, wait_for_ports=True).open()
+    midi = MidiIO(
+        backend="alsa",
+        on_event=print,
+        supervise=True,
+        wait_for_ports=True,
+        wait_for_systems=("jack", "alsa"),
+        retry_s=0.02,
+    ).open()
+    try:
+        capfd.readouterr()  # libasound's line about the failed open() above
+        assert midi.waiting and not midi.is_open
+        assert midi.fault.startswith("MIDI down: ALSA sequencer unavailable"), midi.fault
+        assert "retrying every 0.02 s" in midi.fault and midi.period_s is None
+        midi.send(mido.Message("note_on", note=60, velocity=90))  # dropped, not raised
+        assert midi.dropped_while_down == 1
+        time.sleep(0.3)  # ~15 retries
+        assert midi.waiting and midi.returns == 0
+        assert "ALSA lib" not in capfd.readouterr().err
+    finally:
+        midi.close()
+
+
 def test_no_jack_server_gives_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     # libjack reads the server name at every client open: point it at one that is not there
     monkeypatch.setenv("JACK_NO_START_SERVER", "1")

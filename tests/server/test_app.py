@@ -5,6 +5,7 @@ its fix."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import sys
@@ -303,6 +304,48 @@ def test_the_take_records_before_any_control_surface_opens(
         "_open_mqtt: take ready",
         "_open_web: take ready",
     ], seen
+
+
+def test_a_midi_backend_asked_for_that_cannot_open_is_a_fault(
+    tmp_path: Path, generator: Any
+) -> None:
+    """``--midi-backend coremidi`` on Linux (the real port factory; python-rtmidi has no
+    CoreMIDI here, and it cannot be waited for): the server runs on OSC notes, and says
+    MIDI is down on /divergent/error and in /divergent/health, not "ok"."""
+    from pythonosc.osc_message import OscMessage
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as replies:
+        replies.bind(("127.0.0.1", 0))
+        replies.settimeout(5.0)
+        config = ServeConfig.from_dict(
+            {
+                "osc_port": 0,
+                "osc_reply": f"127.0.0.1:{replies.getsockname()[1]}",
+                "sessions": str(tmp_path / "sessions"),
+                "heartbeat_s": 0,
+                "mode": "off",
+                "midi_backend": "coremidi",
+            }
+        )
+        server = Server(config, print_banner=False, generator_factory=lambda cfg: generator)
+
+        async def main() -> tuple[str, str]:
+            await server.startup()
+            try:
+                return server.health_args()
+            finally:
+                await server.shutdown()
+
+        health = asyncio.run(main())
+        said: list[tuple[str, list[Any]]] = []
+        with contextlib.suppress(TimeoutError):
+            while not any(a == "/divergent/error" for a, _ in said):
+                msg = OscMessage(replies.recv(65536))
+                said.append((msg.address, list(msg.params)))
+    assert server.midi is None and "built without the coremidi" in server.midi_error
+    assert health[0].startswith("MIDI down: ") and "OSC only" in health[0], health
+    errors = [args[0] for address, args in said if address == "/divergent/error"]
+    assert errors and errors[0] == health[0], said
 
 
 # ------------------------------------------------------------------ --device cuda

@@ -302,6 +302,28 @@ def test_no_backend_chosen_no_alsa_no_jack_yet_waits_for_jack(
         jack.stop()
 
 
+def test_alsa_asked_for_where_it_cannot_work_says_midi_is_down(tmp_path: Path) -> None:
+    """``--midi-backend alsa`` on a machine without a sound card (this one): the server
+    starts (OSC answers) and says MIDI is down like the JACK case (error, health, log,
+    banner), and keeps looking for the sequencer, instead of reporting "ok"."""
+    if Path("/dev/snd/seq").exists():
+        pytest.skip("ALSA works on this machine: the server rightly uses it")
+    sp = _serve(tmp_path, "--midi-backend", "alsa", "--mode", "off").start()
+    try:
+        assert sp.ask("/divergent/ping", "/divergent/pong")
+        down = sp.osc.wait_for("/divergent/error", after=0.0, timeout=2.0)
+        assert down is not None and down[2][0].startswith("MIDI down: ALSA"), down
+        health = sp.ask("/divergent/status", "/divergent/health")
+        assert health[0].startswith("MIDI down: ALSA sequencer unavailable"), health
+        assert "retrying every 0.25 s" in health[0], health
+        assert "MIDI       down, waiting" in sp.log(), sp.log()
+        time.sleep(0.6)  # the watchdog's tries: still down, said the same, quietly
+        assert sp.ask("/divergent/status", "/divergent/health")[0] == health[0]
+        assert sp.log().count("ALSA lib") <= 1, sp.log()  # libasound's line at start only
+    finally:
+        assert sp.stop() == 0, sp.log()[-3000:]
+
+
 # ------------------------------------------------------------------ a full disk
 
 
