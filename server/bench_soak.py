@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from divergent.bridges.exceptions import BridgeError
 from divergent.bridges.jack import JackServer
 from divergent.server.bench_live import _call_server, onset_errors
 from divergent.server.livepeer import ServeProcess, _jack_ports, _open_named
@@ -655,6 +656,25 @@ def _soak(
     }
 
 
+def _own_jack(period: int, name: str, tries: int = 3) -> JackServer:
+    """The bench's own named JACK dummy server (48 kHz), started. jackd sometimes refuses
+    to start on a busy machine ("Failed to open server", seen once while another
+    engineer's test suite started named servers of its own): then another name, after a
+    second, ``tries`` times in all; the last failure is raised."""
+    for attempt in range(tries):
+        # the JACK server's name must not be a client's: a client named as its server
+        # takes over the server's socket and every later client fails (jackd 1.9.21)
+        jack = JackServer(rate=48000, period=period, name=f"{name}jack{attempt or ''}")
+        try:
+            return jack.start()
+        except BridgeError as e:
+            if attempt == tries - 1:
+                raise
+            log.warning("JACK server %s did not start (%s); trying another", jack.name, e)
+            time.sleep(1.0)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
 def run_bench_soak(
     *,
     minutes: float,
@@ -671,10 +691,10 @@ def run_bench_soak(
 
     window_lengths(minutes * 60.0, window_s)  # a soak of no time is refused before it starts
     name = f"divsoak{os.getpid() % 100000}x{random.randrange(10**6)}"
-    # the JACK server's name must not be a client's: a client named as its server takes
-    # over the server's socket and every later client fails (jackd 1.9.21)
-    jack = JackServer(rate=48000, period=jack_period, name=f"{name}jack")
-    with jack, tempfile.TemporaryDirectory() as tmp:
+    jack = _own_jack(jack_period, name)
+    with contextlib.ExitStack() as stack:
+        stack.callback(jack.stop)
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         work = Path(tmp)
         extra = ["--record", "--no-web", *(["--concepts", str(concepts)] if concepts else [])]
         serve = _call_server(work, name, *extra, env=jack.env())
