@@ -128,8 +128,10 @@ REPLIES += (
         "/divergent/health",
         (("midi", "s"), ("disk", "s")),
         doc='What does not work right now, "ok" when it does: midi (no JACK server yet '
-        "at start, the JACK server or a named port gone; the server keeps trying and opens "
-        "its ports and connects the named ones within 2 s of their arrival) and disk (the "
+        "at start, the JACK server or a named port gone, an ALSA sequencer asked for that "
+        "cannot be opened; the server keeps trying and opens its ports and connects the "
+        "named ones within 2 s of their arrival; a backend or port that can neither open "
+        'nor be waited for says "notes travel over OSC only") and disk (the '
         "take's journal cannot be written; the take is kept in memory and written when "
         "space returns, or to the rescue folder). Sent when either "
         "changes, after every /divergent/status reply, and with the heartbeat while "
