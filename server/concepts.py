@@ -5,7 +5,8 @@ what the performer played in this session (issue 10; ``docs/concepts.md``).
   thread at a lower priority than the inference worker: the concept's deltas added and
   the attention weights re-quantized (``model.concept.activate``), a new int8 decoder
   session, one warm-up step. The app swaps it in for the *next* answer; the answer
-  playing keeps the generator it began with, so a switch never lands mid-note.
+  playing keeps the generator it began with, so a switch never lands mid-note. The last
+  few built stay: switching back to a concept reuses its generator (no new session).
 - :class:`PlayedNotes` keeps the performer's notes of the last minutes and writes a
   window of them to a ``.mid`` file, the reference of a concept learned live.
 - :func:`learn_in_process` runs ``python -m divergent concept learn`` in a separate,
@@ -25,7 +26,7 @@ import os
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any
 import mido
 
 __all__ = [
+    "CACHE_SIZE",
     "LEARN_NICE",
     "MIN_LEARN_NOTES",
     "NONE",
@@ -59,6 +61,12 @@ LEARN_NICE = 10
 _LOADER_NICE = 5
 #: The longest window /divergent/concept/learn may ask for (the config's range).
 KEEP_S = 600.0
+#: How many built concept generators the loader keeps (each 25-40 MB resident once it
+#: has answered: its decoder session, ORT's arena and the KV caches): switching back to
+#: one of them builds nothing. Two concepts and their mix, or three, switch for free.
+CACHE_SIZE = 3
+#: What identifies a spec's concept files: (inode, size, modification ns) of each.
+_Stamp = tuple[tuple[int, int, int], ...]
 
 
 def canonical_spec(spec: str) -> str:
@@ -82,24 +90,82 @@ def _lower_thread_priority() -> None:
 class ConceptLoader:
     """Builds concept-bound generators on one low-priority thread (requests run in order).
 
-    The base model's fp32 weights a concept applies to are read once, on first use.
+    The base model's fp32 weights a concept applies to are read once, on first use. The
+    last ``cache_size`` generators built stay (least recently used out first), keyed by
+    spec and checked against their files (inode, size, modification time): switching
+    back to one costs a few ``stat`` calls and allocates nothing, while a concept learned
+    again under its name is rebuilt. Without it every switch, back included, built a new
+    decoder session and KV caches (25-40 MB once answering) and freed the previous ones:
+    RSS swung by about 30 MB a switch and settled higher (issue 12's soak).
     """
 
-    def __init__(self, *, folder: Path) -> None:
+    def __init__(self, *, folder: Path, cache_size: int = CACHE_SIZE) -> None:
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be at least 0, got {cache_size}")
         self.folder = folder
+        self.cache_size = cache_size
         self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="divergent-concept",
             initializer=_lower_thread_priority,
         )
         self._base_weights: Any = None  # BaseWeights, touched by the loader thread only
+        # spec -> (its files' stamp, generator), least recently used first
+        self._built: OrderedDict[str, tuple[_Stamp, Any]] = OrderedDict()
+        self._built_for: Any = None  # the base model the cached generators copy
+        self._lock = threading.Lock()  # build_now also runs on the worker at startup
+        #: decoder sessions built so far (switches the cache did not answer)
+        self.builds = 0
+
+    def cached(self) -> list[str]:
+        """The specs whose generators are kept, least recently used first."""
+        with self._lock:
+            return list(self._built)
+
+    def _stamp(self, spec: str) -> _Stamp | None:
+        """What identifies the files of ``spec`` now (None when one is missing)."""
+        from divergent.model.concept import concept_path, parse_spec
+
+        stamp = []
+        for name in parse_spec(spec):
+            try:
+                st = concept_path(name, self.folder).stat()
+            except OSError:
+                return None
+            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamp)
 
     def build_now(self, spec: str, base: Any) -> tuple[Any, float]:
-        """(generator, load ms) of ``spec`` over ``base``'s model, on the calling thread."""
+        """(generator, load ms) of ``spec`` over ``base``'s model, on the calling thread:
+        the one kept from an earlier switch, else a new one (then kept)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            if base.model is not self._built_for:
+                self._built.clear()  # copies of another model
+                self._built_for = base.model
+            stamp = self._stamp(spec)
+            kept = self._built.pop(spec, None)
+            if kept is not None and stamp is not None and kept[0] == stamp:
+                self._built[spec] = kept  # the most recently used now
+                return kept[1], (time.perf_counter() - t0) * 1000
+            # a stale entry (its file learned again or removed) is already out; the least
+            # recently used go before the new session is built, so what they held is
+            # free for it (an answer still running on one keeps it until it ends)
+            del kept
+            while stamp is not None and self._built and len(self._built) >= self.cache_size:
+                self._built.popitem(last=False)
+            generator = self._build(spec, base)  # a missing file: ConceptError here
+            self.builds += 1
+            if stamp is not None and self.cache_size > 0:
+                self._built[spec] = (stamp, generator)
+        return generator, (time.perf_counter() - t0) * 1000
+
+    def _build(self, spec: str, base: Any) -> Any:
+        """A new generator of ``spec``: deltas added, weights re-quantized, a new decoder
+        session, one warm-up step."""
         from divergent.model.concept import BaseWeights, activate
         from divergent.model.generate import Generator, ids_from_notes
 
-        t0 = time.perf_counter()
         model = base.model
         if self._base_weights is None:
             self._base_weights = BaseWeights(model.files.root, model.n_layer)
@@ -108,7 +174,7 @@ class ConceptLoader:
         # the new session's first run pays ORT's one-off costs here, not in an answer
         ids = ids_from_notes(generator.model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
         generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)
-        return generator, (time.perf_counter() - t0) * 1000
+        return generator
 
     async def build(self, spec: str, base: Any) -> tuple[Any, float]:
         """:meth:`build_now` on the loader thread."""
