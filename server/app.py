@@ -138,6 +138,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         )
         self.answers: Answers | None = None
         self.take: TakeRecorder | None = None
+        self._take_lock = asyncio.Lock()
         self.midi: MidiPort | None = None
         self.midi_error = ""
         # what does not work right now ("" when it does): /divergent/health, MQTT status
@@ -460,8 +461,8 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
             self._publish("performer", t, on, msg.note, msg.velocity)
             # the material /divergent/concept/learn learns from
             self._played.add(t, on, msg.note, msg.velocity, msg.channel)
-        if self.take is not None and not msg.is_meta and hasattr(msg, "channel"):
-            self.take.note(t, "performer", msg)
+        if not msg.is_meta and hasattr(msg, "channel"):
+            self._record_note(t, "performer", msg)
 
     # ------------------------------------------------------------------ output
 
@@ -491,8 +492,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
                 else:
                     self._sounding.pop(key, None)
                 self._publish("sounded", s.actual, s.tag, msg.note, on)
-            if self.take is not None:
-                self.take.note(s.scheduled, "machine", msg)
+            self._record_note(s.scheduled, "machine", msg)
             self.trace.write(
                 "sent",
                 scheduled=s.scheduled,

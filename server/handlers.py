@@ -81,8 +81,8 @@ class ControlHandlers(ABC):
         """Start a new take (closing the current one), in the background."""
 
     @abstractmethod
-    def _close_take(self) -> None:
-        """Finish the take, in the background."""
+    def _request_stop(self) -> None:
+        """Finish the take (after a take start still under way), in the background."""
 
     @abstractmethod
     def status_args(self) -> tuple[Any, ...]:
@@ -254,7 +254,7 @@ class ControlHandlers(ABC):
 
     @control("/divergent/record/stop", doc="Finish the take and write its .mid file.")
     def _record_stop(self) -> None:
-        self._close_take()
+        self._request_stop()
 
     @control("/divergent/ping", doc="Replies /divergent/pong.")
     def _ping(self) -> None:

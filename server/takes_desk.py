@@ -12,7 +12,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from divergent.server.handlers import VERSION
 from divergent.server.recorder import TakeRecorder
@@ -21,6 +21,10 @@ from divergent.server.telemetry import Stats
 __all__ = ["TakesDesk"]
 
 log = logging.getLogger("divergent.server")
+
+
+#: the take's two tracks
+Track = Literal["performer", "machine"]
 
 
 class TakesDesk(ABC):
@@ -37,6 +41,12 @@ class TakesDesk(ABC):
     disk_fault: str
     stats: Stats
     _writes: set[asyncio.Task[None]]
+    #: one take change at a time: a second record/start waits for the first (else the
+    #: first's new take was replaced before anything closed it)
+    _take_lock: asyncio.Lock
+    #: notes played while a new take's journal is being made (between the old take's
+    #: end and the new one's start), for the new take: none is lost in the switch
+    _take_gap: list[tuple[float, Track, Any]] | None = None
 
     @property
     @abstractmethod
@@ -58,9 +68,38 @@ class TakesDesk(ABC):
     def _request_take(self, name: str | None) -> None:
         self._spawn(self._start_take(name))
 
+    def _request_stop(self) -> None:
+        self._spawn(self._stop_take())
+
+    async def _stop_take(self) -> None:
+        """record/stop: in turn with the take starts asked for before it."""
+        async with self._take_lock:
+            self._close_take()
+
+    def _record_note(self, t: float, who: Track, msg: Any) -> None:
+        """A performer's or the machine's note into the take, or into the gap while a
+        new take is being started."""
+        if self.take is not None:
+            self.take.note(t, who, msg)
+        elif self._take_gap is not None:
+            self._take_gap.append((t, who, msg))
+
     async def _start_take(self, name: str | None) -> None:
-        """A new take; the journal is created in a thread (it touches the disk)."""
-        self._close_take()
+        """A new take; the journal is created in a thread (it touches the disk). What is
+        played meanwhile is kept and goes into the new take."""
+        async with self._take_lock:
+            self._close_take()
+            gap: list[tuple[float, Track, Any]] = []
+            self._take_gap = gap
+            try:
+                await self._open_take(name)
+            finally:
+                self._take_gap = None
+            if self.take is not None:
+                for t, who, msg in gap:
+                    self.take.note(t, who, msg)
+
+    async def _open_take(self, name: str | None) -> None:
         now = time.monotonic()
         meta = {"divergent": VERSION, "clock": self.clock_source, "mode": self.mode}
         loop = asyncio.get_running_loop()
