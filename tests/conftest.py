@@ -161,22 +161,44 @@ def two_class_critic(two_class_dataset: Path, tmp_path_factory: pytest.TempPathF
 # --- real peers: JACK, liblo, mosquitto, Pd ----------------------------------------------
 
 
-def require_tool(*names: str) -> None:
-    """Skip a test whose outside program is missing, except in CI, where it must fail.
+def require(condition: bool, why: str) -> None:
+    """Skip a test whose machine lacks what it needs, except in CI, where it must fail.
 
-    CI installs every peer (scripts/test.sh), so a missing one there is a broken set-up,
+    CI runs on a machine of the kind the tests are written for (every peer installed by
+    scripts/test.sh, no sound card, no GPU), so an unmet need there is a broken set-up,
     never a reason to skip.
     """
     import os
+
+    if condition:
+        return
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def require_no_alsa() -> None:
+    """:func:`require` a machine where ALSA cannot work (no sound card), as CI's."""
+    from pathlib import Path
+
+    require(not Path("/dev/snd/seq").exists(), "a machine where ALSA cannot work (no /dev/snd/seq)")
+
+
+def cuda_provider_here() -> bool:
+    """Whether this ONNX Runtime has the CUDA provider (the onnxruntime-gpu build)."""
+    import onnxruntime as ort
+
+    from divergent.model.runtime import CUDA_PROVIDER
+
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def require_tool(*names: str) -> None:
+    """:func:`require` that outside programs are installed."""
     import shutil
 
     missing = [n for n in names if shutil.which(n) is None]
-    if not missing:
-        return
-    msg = f"needs {', '.join(missing)} (scripts/test.sh installs them as root)"
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(msg)
-    pytest.skip(msg)
+    require(not missing, f"needs {', '.join(missing)} (scripts/test.sh installs them as root)")
 
 
 # The session JACK server's period: 512 frames (10.7 ms, a common DAW buffer), not the 64

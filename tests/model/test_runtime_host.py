@@ -28,6 +28,7 @@ from divergent.model.runtime import (
     session_device,
     session_options,
 )
+from tests.conftest import cuda_provider_here, require
 
 # a self-benchmark of a few steps: what is tested is the plumbing, not the speed
 QUICK = HostBenchConfig(steps=3, rounds=2, warmup=1)
@@ -123,12 +124,6 @@ def test_choice_round_trips_through_a_dict() -> None:
 # --- the device (--device cpu|cuda) -----------------------------------------------------
 
 
-def _cuda_provider_here() -> bool:
-    import onnxruntime as ort
-
-    return CUDA_PROVIDER in ort.get_available_providers()
-
-
 def test_the_banner_names_the_device(model_dir: Path, tmp_path: Path) -> None:
     choice = choose_decoder(model_dir, "int8", cache_dir=tmp_path, config=QUICK)
     assert choice.device == "cpu" and choice.banner().startswith("decoder int8 on cpu, 1 ")
@@ -157,8 +152,7 @@ def test_cuda_without_the_gpu_build_is_refused_naming_what_to_install(model_dir:
     check_device("cpu")
     with pytest.raises(DeviceError, match="one of cpu, cuda"):
         check_device("gpu")
-    if _cuda_provider_here():
-        pytest.skip("this ONNX Runtime has the CUDA provider: not the refusal's case")
+    require(not cuda_provider_here(), "an ONNX Runtime without the CUDA provider, as CI's")
     for refused in (
         lambda: check_device("cuda"),
         lambda: OnnxModel(model_dir, device="cuda"),
@@ -218,13 +212,13 @@ def test_cuda_runs_on_the_gpu_or_is_refused() -> None:
     try:
         gpu = OnnxModel(None, device="cuda")
     except DeviceError as e:
-        if not _cuda_provider_here():
+        if not cuda_provider_here():
             assert "pip install onnxruntime-gpu" in str(e), e
             return
         # the shipped decoder is fp32, and ORT's CUDA GroupQueryAttention takes fp16/bf16
         assert "GroupQueryAttention" in str(e) or "could not start" in str(e), e
         return
-    assert _cuda_provider_here(), "cuda accepted by an ONNX Runtime without its provider"
+    assert cuda_provider_here(), "cuda accepted by an ONNX Runtime without its provider"
     cpu = OnnxModel(None, precision="fp32", device="cpu")
     assert gpu.precision == "fp32" and gpu.device == "cuda"
     assert session_device(gpu.decoder)[0] == "cuda"

@@ -22,6 +22,7 @@ from divergent.bridges.midi import MidiEvent
 from divergent.server.app import Server
 from divergent.server.config import ServeConfig
 from divergent.server.livepeer import free_udp_port
+from tests.conftest import cuda_provider_here, require
 
 
 class FakePort:
@@ -351,12 +352,6 @@ def test_a_midi_backend_asked_for_that_cannot_open_is_a_fault(
 # ------------------------------------------------------------------ --device cuda
 
 
-def _cuda_provider_here() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 def _bindable(udp_port: int, tcp_port: int) -> bool:
     """Whether nothing holds these ports (each bound and released again)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
@@ -378,8 +373,7 @@ def test_serve_device_cuda_without_the_gpu_build_is_refused_at_start(tmp_path: P
     port opens, never a silent fall-back to the CPU."""
     import subprocess
 
-    if _cuda_provider_here():
-        pytest.skip("this ONNX Runtime has the CUDA provider: not the refusal's case")
+    require(not cuda_provider_here(), "an ONNX Runtime without the CUDA provider, as CI's")
     osc, web = free_udp_port(), _free_tcp_port()
     sessions = tmp_path / "sessions"
     r = subprocess.run(
@@ -407,8 +401,7 @@ def test_a_server_on_a_device_it_cannot_use_opens_nothing(tmp_path: Path) -> Non
     the MIDI port, OSC, MQTT or the page are opened, and before the model loads."""
     from divergent.model.runtime import DeviceError
 
-    if _cuda_provider_here():
-        pytest.skip("this ONNX Runtime has the CUDA provider: not the refusal's case")
+    require(not cuda_provider_here(), "an ONNX Runtime without the CUDA provider, as CI's")
     osc, web = free_udp_port(), _free_tcp_port()
     config = ServeConfig(
         device="cuda", osc_port=osc, web_port=web, sessions=str(tmp_path / "s"), heartbeat_s=0

@@ -21,6 +21,7 @@ from divergent.model.concept import Concept, ConceptError, concept_path
 from divergent.model.generate import Generator
 from divergent.server.app import Server
 from divergent.server.concepts import ConceptLoader
+from tests.conftest import require
 from tests.server.test_app import serve_in_process, wait_until
 from tests.server.test_concepts_app import learn_tiny
 
@@ -171,7 +172,6 @@ infer.shutdown()
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
 def test_switching_between_two_concepts_does_not_grow_memory(concepts: Path) -> None:
     """Switching back and forth allocates nothing: RSS stays put.
 
@@ -180,6 +180,7 @@ def test_switching_between_two_concepts_does_not_grow_memory(concepts: Path) -> 
     KV caches while the old ones were freed, so RSS moved by a generator's worth, 30-33 MB
     between its lowest and highest reading over the 20 switches (and ended 0-32 MB up);
     with it, by 0.5-0.7 MB. The bounds are memory ones, far from both (no timing)."""
+    require(Path("/proc/self/statm").exists(), "reads /proc (Linux)")
     done = subprocess.run(
         [sys.executable, "-c", _SWITCHES, str(concepts)],
         capture_output=True,

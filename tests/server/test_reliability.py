@@ -21,7 +21,7 @@ import pytest
 from divergent.bridges.jack import JackServer
 from divergent.server.bench_live import run_peer_process
 from divergent.server.livepeer import ServeProcess
-from tests.conftest import require_tool
+from tests.conftest import require_no_alsa, require_tool
 from tests.server.test_live import _wait_silent
 
 BACK_WITHIN_S = 2.0
@@ -276,8 +276,7 @@ def test_no_backend_chosen_no_alsa_no_jack_yet_waits_for_jack(
     """The default ``divergent serve`` on a headless Linux box before JACK runs: ALSA
     cannot work (no sound card), so the server waits for a JACK server (JACK is
     installed) instead of running the whole set without MIDI."""
-    if Path("/dev/snd/seq").exists():
-        pytest.skip("ALSA works on this machine: the server rightly uses it")
+    require_no_alsa()
     jack = _jack_later(monkeypatch)
     name = _name()
     sp = _serve(tmp_path, "--mode", "off", name=name).start()
@@ -306,8 +305,7 @@ def test_alsa_asked_for_where_it_cannot_work_says_midi_is_down(tmp_path: Path) -
     """``--midi-backend alsa`` on a machine without a sound card (this one): the server
     starts (OSC answers) and says MIDI is down like the JACK case (error, health, log,
     banner), and keeps looking for the sequencer, instead of reporting "ok"."""
-    if Path("/dev/snd/seq").exists():
-        pytest.skip("ALSA works on this machine: the server rightly uses it")
+    require_no_alsa()
     sp = _serve(tmp_path, "--midi-backend", "alsa", "--mode", "off").start()
     try:
         assert sp.ask("/divergent/ping", "/divergent/pong")
