@@ -529,21 +529,7 @@ class MidiIO:
             # it may be deleting a dead client (rtmidi's JACK output takes ~1 s for that)
             self._watchdog.join(timeout=3.0)
             self._watchdog = None
-        if self.xrun_watch is not None:
-            self.xrun_watch.close()
-            self.xrun_watch = None
-        self._poll_stop.set()
-        if self._poller is not None:
-            # the poller must not read from a half-deleted port
-            self._poller.join(timeout=1.0)
-            self._poller = None
-        if self._in is not None:
-            _delete(self._in)
-            self._in = None
-        with self._send_lock:
-            if self._out is not None:
-                _delete(self._out)
-                self._out = None
+        self._teardown()
         self._input_name = None
         self._output_name = None
         with self._send_lock:
@@ -659,11 +645,14 @@ class MidiIO:
         self._teardown()
 
     def _teardown(self) -> None:
+        """Stop the xrun watch and the poller, then delete both ports (a lost server's
+        or a closing one's alike)."""
         if self.xrun_watch is not None:
             self.xrun_watch.close()
             self.xrun_watch = None
         self._poll_stop.set()
         if self._poller is not None:
+            # the poller must not read from a half-deleted port
             self._poller.join(timeout=1.0)
             self._poller = None
         with self._send_lock:

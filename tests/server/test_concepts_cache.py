@@ -22,17 +22,11 @@ from divergent.model.generate import Generator
 from divergent.server.app import Server
 from divergent.server.concepts import ConceptLoader
 from tests.conftest import require
+from tests.server import test_concepts_app
 from tests.server.test_app import serve_in_process, wait_until
-from tests.server.test_concepts_app import learn_tiny
 
-
-@pytest.fixture(scope="module")
-def concepts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A concepts folder holding ``riff`` and ``waltz`` (learned on the bundled model)."""
-    folder = tmp_path_factory.mktemp("concepts")
-    learn_tiny(folder, "riff")
-    learn_tiny(folder, "waltz")
-    return folder
+#: a concepts folder holding ``riff`` and ``waltz``: the concept tests' own fixture
+concepts = test_concepts_app.concepts
 
 
 @pytest.fixture(scope="module")
