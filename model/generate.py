@@ -112,15 +112,22 @@ class Generator:
         ``bars``-bar answer, the readout) once, so the first answer does not pay ONNX
         Runtime's first-run costs and memory does not jump during a set: ORT's and the
         allocator's pools grow to the longest prefill and context they have seen.
-        Measured (100 random 4-bar answers after the warm-up, RSS growth): 9.0 MB after
-        a 2-note warm-up, 4.7 MB after 4 bars, 2.2 MB after 16 bars (which fill the
-        model's context once)."""
-        # sixteenths of a scale: more than PROMPT_TOKENS of REMI, the longest prompt
+        Measured (random 4-bar answers after the warm-up, RSS growth): 9.0 MB over 100
+        after a 2-note warm-up, 2.2 MB after 16 bars at d = 1 and 0 (which fill the
+        model's context once), 0.7 MB over 40 (base and two concepts, one arena) with
+        d = 0.5 added."""
+        # quarter notes of a scale: more than PROMPT_TOKENS of REMI in short bars, so the
+        # prompt cut at a bar line is within a bar (17 tokens) of the longest there is
         steps = (0, 2, 4, 5, 7, 9, 11, 12, 11, 9, 7, 5, 4, 2)
-        played = [(i * 0.25, 60 + steps[i % len(steps)], 0.25, 80) for i in range(128)]
+        played = [(float(i), 60 + steps[i % len(steps)], 1.0, 80) for i in range(112)]
         ids = ids_from_notes(self.model, played)
-        for d in (1.0, 0.0):
-            self.readout(self.continue_ids(ids, bars=bars, seed=0, divergence=d))
+        # d = 1, 0 < d < 1 and d = 0 run differently shaped calls (one or both decoders;
+        # without a BAD decoder, d = 1 runs what d = 0.5 runs); 0 < d < 1 runs the most
+        # (both decoders, two rows), so it fills the context, the others a bar each
+        levels = (0.5, 1.0, 0.0) if self.model.diverged is not None else (0.5, 0.0)
+        for d in levels:
+            n = bars if d == levels[0] else 1
+            self.readout(self.continue_ids(ids, bars=n, seed=0, divergence=d))
 
     def readout(self, cont: Continuation) -> Readout:
         """How novel an answer is (see ``model.readout``); a few milliseconds at most."""
