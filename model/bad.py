@@ -186,6 +186,9 @@ def _latents(
             out[i] = steering.latent(m[i], float(rng.uniform(0, 1)), int(rng.integers(1 << 30)))
         elif kind[i] == 2:  # a prior sample, as the evaluation's latent temperatures do
             out[i] = rng.uniform(0.5, 1.5) * rng.standard_normal(m.shape[1])
+            if cfg.latents == "knob":  # ... and pushed, as the knob pushes it at d > 0
+                d = float(rng.uniform(0, 1))
+                out[i] = steering.latent(out[i], d, int(rng.integers(1 << 30)))
     return torch.from_numpy(out.astype(np.float32)).to(mu.device)
 
 
@@ -303,7 +306,7 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
     banned = banned_tokens(vocab).to(device)
     real = _Real(critic, bank, cfg.real_per_class, device)
     params = _trainable(model)
-    steering = Steering.from_model_dir(cfg.knob_model) if cfg.latents == "mixed" else None
+    steering = Steering.from_model_dir(cfg.knob_model) if cfg.latents != "posterior" else None
     opt = torch.optim.Adam(params, lr=cfg.lr)
     step = 0
     ckpt = out / CHECKPOINT_FILE

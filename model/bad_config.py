@@ -16,9 +16,10 @@ __all__ = ["BAD_LATENTS", "METHODS", "BadConfig"]
 
 METHODS = ("expected", "gumbel_st", "policy_gradient")
 #: which latents the generator is trained under: the prompt's posterior mean only, or a
-#: mix of the latents the knob feeds it (posterior mean, pushed by d ~ U(0, 1), and
-#: prior samples at a latent temperature ~ U(0.5, 1.5), a third each)
-BAD_LATENTS = ("posterior", "mixed")
+#: mix of the latents the knob feeds it, a third each: the posterior mean, pushed by
+#: d ~ U(0, 1), and prior samples at a latent temperature ~ U(0.5, 1.5) ("mixed": as
+#: drawn; "knob": pushed by d ~ U(0, 1) too, as the knob pushes any latent it is given)
+BAD_LATENTS = ("posterior", "mixed", "knob")
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,29 @@ def test_mixed_latents_keep_a_third_posterior_and_push_or_sample_the_rest(  # ty
     assert _latents(posterior, mu, steering, np.random.default_rng(0)) is mu
 
 
+def test_knob_latents_push_the_prior_draws_as_well(  # type: ignore[no-untyped-def]
+    tiny_model,
+) -> None:
+    """The "knob" mix moves the same rows as "mixed" (the kinds come first from the rng), and
+    pushes its prior samples away from the latent bank, as the knob pushes any latent."""
+    import torch
+
+    from divergent.model.bad import _latents
+    from divergent.model.divergence import Steering
+
+    z_dim = json.loads((tiny_model[0] / CONFIG_FILE).read_text())["model"]["z_dim"]
+    mu = torch.randn(300, z_dim)
+    steering = Steering.from_model_dir(tiny_model[0])
+    kinds = np.random.default_rng(0).integers(0, 3, len(mu))
+    mixed = _latents(BadConfig(latents="mixed"), mu, steering, np.random.default_rng(0))
+    knob = _latents(BadConfig(latents="knob"), mu, steering, np.random.default_rng(0))
+    assert torch.equal(knob[kinds == 0], mu[kinds == 0])
+    assert not (knob[kinds != 0] == mu[kinds != 0]).all(1).any()
+    # pushed by d ~ U(0, 1) × latent_scale × √Z: further out than the plain prior draws
+    pushed, drawn = knob[kinds == 2].norm(dim=1).mean(), mixed[kinds == 2].norm(dim=1).mean()
+    assert float(pushed) > float(drawn) + 0.5
+
+
 def test_bad_train_with_mixed_latents_runs_and_logs(  # type: ignore[no-untyped-def]
     tiny_run: Path, tiny_model, two_class_dataset: Path, two_class_critic, tmp_path: Path
 ) -> None:
