@@ -147,6 +147,8 @@ def mix_logits(base: np.ndarray, diverged: np.ndarray, w: float) -> np.ndarray:
     """
     if w == 0.0:
         return base
+    if w == 1.0:
+        return diverged
     return np.asarray(base + np.float32(w) * (diverged - base), dtype=np.float32)
 
 

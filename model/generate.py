@@ -110,12 +110,11 @@ class Generator:
     def warm_up(self, bars: int = 4) -> None:
         """Run what a live answer runs (both decoders, a full prompt's prefill, a
         ``bars``-bar answer, the readout) once, so the first answer does not pay ONNX
-        Runtime's first-run costs and memory does not jump during a set: ORT's and the
-        allocator's pools grow to the longest prefill and context they have seen.
-        Measured (random 4-bar answers after the warm-up, RSS growth): 9.0 MB over 100
-        after a 2-note warm-up, 2.2 MB after 16 bars at d = 1 and 0 (which fill the
-        model's context once), 0.7 MB over 40 (base and two concepts, one arena) with
-        d = 0.5 added."""
+        Runtime's first-run costs and less memory appears during a set: ORT's arena and
+        the allocator grow to the longest prefill and context they have seen. Measured
+        (RSS growth over random 4-bar answers after it): 9.0 MB over 100 after the
+        earlier 2-note warm-up, 2.2 MB after 16 bars; the rest of a set's growth is the
+        allocator's, and stops (``docs/reliability.md``)."""
         # quarter notes of a scale: more than PROMPT_TOKENS of REMI in short bars, so the
         # prompt cut at a bar line is within a bar (17 tokens) of the longest there is
         steps = (0, 2, 4, 5, 7, 9, 11, 12, 11, 9, 7, 5, 4, 2)
@@ -207,8 +206,10 @@ class Generator:
         w_bad = self.steering.mix_weight(d) if steered else 0.0
         div = self.div_decoder if w_bad > 0 else None
         # a second base row only when the answer's latent differs from the prompt's (the
-        # surprisal readout is always under the base model at the prompt's latent)
-        pair = steered and not np.array_equal(z_answer, mu)
+        # surprisal readout is always under the base model at the prompt's latent), and
+        # when the answer uses the base decoder's logits at all: at w = 1 (d = 1 by
+        # default) the answer's logits are the diverged decoder's alone
+        pair = steered and w_bad != 1.0 and not np.array_equal(z_answer, mu)
         if steered:
             grammar.allow_empty_bars = d < self.steering.config.empty_bars_from
             margin = self.steering.register_margin(d)
@@ -245,7 +246,7 @@ class Generator:
                     mask[v.pitch_ids[0] + repeat_pitch - v.min_pitch] = -np.inf
                 if not np.isfinite(mask.max()):
                     mask = gmask  # the bounds never make an answer impossible
-                logits = dec.last_logits_all[0]
+                logits = dec.last_logits_all[0]  # the base row at z_answer, or at mu (w = 1)
                 if div is not None:
                     logits = mix_logits(logits, div.last_logits, w_bad)
                 logits = self.steering.adjust(logits, mask, prev, d)

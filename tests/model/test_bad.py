@@ -300,3 +300,28 @@ def test_knob_answers_are_deterministic_per_seed_with_the_diverged_decoder(
     b = Generator(m).continue_ids(prompt, bars=2, seed=5, divergence=0.7)
     assert a.tokens == b.tokens and a.base_logprobs == b.base_logprobs
     assert a.tokens != Generator(m).continue_ids(prompt, bars=2, seed=5, divergence=0.0).tokens
+
+
+def test_knob_at_one_skips_the_steered_base_row_and_answers_the_same(
+    diverged_model: Path,
+) -> None:
+    """At w(d) = 1 the answer's logits are the diverged decoder's alone, so the base
+    decoder runs only the readout's row: same answer and readout as the two-row path
+    (w a hair below 1), for less work a token."""
+    import dataclasses
+
+    from divergent.model.generate import Generator
+    from divergent.model.runtime import OnnxModel
+
+    m = OnnxModel(diverged_model)
+    prompt = _prompt(m)
+    one = Generator(m)
+    assert one.steering.mix_weight(1.0) == 1.0
+    near = Generator(m)
+    near.steering.config = dataclasses.replace(near.steering.config, bad_weight=1.0 - 1e-7)
+    for seed in range(3):
+        a = one.continue_ids(prompt, bars=2, seed=seed, divergence=1.0)
+        b = near.continue_ids(prompt, bars=2, seed=seed, divergence=1.0)
+        assert a.tokens == b.tokens
+        assert a.base_logprobs == pytest.approx(b.base_logprobs, abs=1e-4)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
