@@ -252,7 +252,11 @@ def bench_model(
         notes += len(cont.notes)
     # the knob at d = 1: one token through every decoder an answer then runs (the base
     # decoder, two rows when the latent is pushed, and the BAD-tuned decoder), context 256
-    knob = [gen.pair_decoder if gen.steering.config.latent_scale > 0 else gen.decoder]
+    # the decoders a d = 1 token runs, as continue_ids picks them: two base rows only when
+    # the answer's logits still use the base decoder's (w(1) < 1), else the readout's row
+    w1 = gen.steering.mix_weight(1.0) if gen.div_decoder is not None else 0.0
+    pair = gen.steering.config.latent_scale > 0 and w1 != 1.0
+    knob = [gen.pair_decoder if pair else gen.decoder]
     if gen.div_decoder is not None and gen.steering.mix_weight(1.0) > 0:
         knob.append(gen.div_decoder)
     ctx1 = 256 if model.block_size > 256 else model.block_size // 2
