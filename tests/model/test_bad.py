@@ -302,7 +302,7 @@ def test_knob_answers_are_deterministic_per_seed_with_the_diverged_decoder(
     assert a.tokens != Generator(m).continue_ids(prompt, bars=2, seed=5, divergence=0.0).tokens
 
 
-def test_knob_at_one_skips_the_steered_base_row_and_answers_the_same(
+def test_knob_at_one_runs_only_the_readout_row_and_answers_the_same(
     diverged_model: Path,
 ) -> None:
     """At w(d) = 1 the answer's logits are the diverged decoder's alone, so the base

@@ -771,7 +771,7 @@ def test_resend_lost_offs_repeats_recent_note_offs_once() -> None:
     assert sum(1 for s in sent if s.message.type == "note_off") == 2
 
 
-def test_resend_skips_a_pitch_that_sounds_again_and_old_offs() -> None:
+def test_resend_leaves_out_a_pitch_that_sounds_again_and_old_offs() -> None:
     sink = ListSink()
     with Sender(sinks=[sink]) as sender:
         t = time.monotonic() + 0.01
