@@ -348,7 +348,11 @@ def _cmd_concept_learn(args: argparse.Namespace) -> int:
         os.nice(args.nice)
     try:
         cfg = LearnConfig(
-            fraction=args.fraction, steps=args.steps, seed=args.seed, threads=args.threads
+            fraction=args.fraction,
+            mask=args.mask,
+            steps=args.steps,
+            seed=args.seed,
+            threads=args.threads,
         )
         _, path, summary = learn_concept(
             args.name,
@@ -528,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_argument(g)
     g.set_defaults(func=_cmd_generate)
 
+    from divergent.model.concept import MASK_MEASURES, LearnConfig
+
     co = sub.add_parser("concept", help="learn, list and remove named concepts (PPT)")
     cosub = co.add_subparsers(dest="concept_command", required=True)
     concepts_help = (
@@ -536,8 +542,22 @@ def build_parser() -> argparse.ArgumentParser:
     cl = cosub.add_parser("learn", help="learn a concept from reference MIDI (needs torch)")
     cl.add_argument("name", help="the concept's name (letters, digits, _ . -)")
     cl.add_argument("refs", nargs="+", metavar="REF.mid", help="reference MIDI files")
-    cl.add_argument("--fraction", type=float, default=0.1, help="pivotal share (default 0.1)")
-    cl.add_argument("--steps", type=int, default=60, help="tuning steps (default: 60)")
+    cl.add_argument(
+        "--fraction",
+        type=float,
+        default=LearnConfig.fraction,
+        help="pivotal share of each attention matrix (default: %(default)s)",
+    )
+    cl.add_argument(
+        "--mask",
+        default=LearnConfig.mask,
+        choices=MASK_MEASURES,
+        help="how entries are scored: the reference's Fisher over base samples' "
+        "(specific) or the reference's alone (fisher); default: %(default)s",
+    )
+    cl.add_argument(
+        "--steps", type=int, default=LearnConfig.steps, help="tuning steps (default: %(default)s)"
+    )
     cl.add_argument("--seed", type=int, default=0)
     cl.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     cl.add_argument("--model", default=None, help="model folder (default: the bundled model)")

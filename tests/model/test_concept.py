@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from divergent.model.concept import (
+    MASK_MEASURES,
     MAX_FILE_BYTES,
     BaseWeights,
     Concept,
@@ -109,12 +110,13 @@ def test_learn_config_round_trip_and_validation() -> None:
         LearnConfig.from_dict({"nope": 1})
 
 
-def test_mask_keeps_the_stated_fraction(tiny_base: Any, reference: Path) -> None:
+@pytest.mark.parametrize("measure", MASK_MEASURES)
+def test_mask_keeps_the_stated_fraction(tiny_base: Any, reference: Path, measure: str) -> None:
     import torch
 
-    from divergent.model.concept import _Windows, reference_ids
+    from divergent.model.concept import _Windows, general_windows, reference_ids
 
-    _, ckpt, onnx = tiny_base
+    model_dir, ckpt, onnx = tiny_base
     model = _torch_model(ckpt)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -123,8 +125,11 @@ def test_mask_keeps_the_stated_fraction(tiny_base: Any, reference: Path) -> None
     ids = reference_ids([reference], onnx.tokenizer)
     windows = _Windows(ids, onnx.tokenizer.vocab, FAST, model.cfg.block_size)
     prefix = model.transformer.wte.weight.detach()[:2].clone()
+    general = general_windows(model_dir, 2, FAST.window, seed=0)
     for fraction in (0.05, 0.2):
-        masks, scores = fisher_masks(model, prefix, windows, fraction, bf16=False, seed=0)
+        masks, scores = fisher_masks(
+            model, prefix, windows, fraction, bf16=False, seed=0, measure=measure, general=general
+        )
         assert set(masks) == set(pivotal_names(model.cfg.n_layer))
         for n, m in masks.items():
             assert m.shape == tuple(model.get_parameter(n).shape)
@@ -134,14 +139,47 @@ def test_mask_keeps_the_stated_fraction(tiny_base: Any, reference: Path) -> None
     assert torch.is_grad_enabled()
 
 
-def test_learning_leaves_frozen_weights_bit_identical(tiny_base: Any, reference: Path) -> None:
-    from divergent.model.concept import _learn, reference_ids
+def test_the_specific_mask_leaves_out_what_general_music_needs(
+    tiny_base: Any, reference: Path
+) -> None:
+    """Dividing by the base samples' Fisher changes which entries are kept, and it
+    cannot be asked for without base samples."""
+    from divergent.model.concept import _Windows, general_windows, reference_ids
 
-    _, ckpt, onnx = tiny_base
+    model_dir, ckpt, onnx = tiny_base
+    model = _torch_model(ckpt)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in pivotal_names(model.cfg.n_layer):
+        model.get_parameter(n).requires_grad_(True)
+    ids = reference_ids([reference], onnx.tokenizer)
+    windows = _Windows(ids, onnx.tokenizer.vocab, FAST, model.cfg.block_size)
+    prefix = model.transformer.wte.weight.detach()[:2].clone()
+    general = general_windows(model_dir, 2, FAST.window, seed=0)
+    plain, _ = fisher_masks(model, prefix, windows, 0.1, bf16=False, seed=0)
+    specific, _ = fisher_masks(
+        model, prefix, windows, 0.1, bf16=False, seed=0, measure="specific", general=general
+    )
+    assert any(not np.array_equal(plain[n], specific[n]) for n in plain)
+    with pytest.raises(ConceptError, match="base-model samples"):
+        fisher_masks(model, prefix, windows, 0.1, bf16=False, seed=0, measure="specific")
+    with pytest.raises(ConceptError):
+        LearnConfig(mask="largest")
+    with pytest.raises(ConceptError, match="base-model samples"):
+        LearnConfig(mask="specific", general_windows=0)
+    assert LearnConfig(mask="fisher", preserve=0).needs_general("ppt") is False
+    assert LearnConfig().needs_general("ppt") and not LearnConfig().needs_general("token_only")
+
+
+def test_learning_leaves_frozen_weights_bit_identical(tiny_base: Any, reference: Path) -> None:
+    from divergent.model.concept import _learn, general_windows, reference_ids
+
+    model_dir, ckpt, onnx = tiny_base
     model = _torch_model(ckpt)
     before = {n: t.detach().clone().numpy() for n, t in model.state_dict().items()}
     ids = reference_ids([reference], onnx.tokenizer)
-    res = _learn(model, ids, onnx.tokenizer.vocab, FAST, "ppt", progress=False)
+    general = general_windows(model_dir, 2, FAST.window, seed=0)
+    res = _learn(model, ids, onnx.tokenizer.vocab, FAST, "ppt", progress=False, general=general)
     after = {n: t.detach().numpy() for n, t in model.state_dict().items()}
     changed = 0
     for n in before:
@@ -172,6 +210,42 @@ def test_end_to_end_learn_file_and_round_trip(learned: Any) -> None:
     assert [c["name"] for c in listed] == ["riff"] and listed[0]["fraction"] == FAST.fraction
     with pytest.raises(ConceptError, match="not a concept file"):
         Concept.from_bytes(b"garbage")
+
+
+def test_a_version_1_file_still_loads(learned: Any) -> None:
+    """Files written before the packed-bits layout (int32 indices, float32 deltas) load
+    as the same concept."""
+    import io
+
+    concept, *_ = learned
+    meta = concept.meta.to_dict() | {"version": 1}
+    arrays: dict[str, np.ndarray] = {
+        "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        "identifiers": concept.identifiers,
+    }
+    for k, (name, (idx, val)) in enumerate(sorted(concept.deltas.items())):
+        arrays[f"name_{k}"] = np.frombuffer(name.encode(), dtype=np.uint8)
+        arrays[f"index_{k}"] = idx.astype(np.int32)
+        arrays[f"delta_{k}"] = val.astype(np.float32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    old = Concept.from_bytes(buf.getvalue())
+    assert old.meta.version == 1 and old.meta.name == concept.meta.name
+    for n, (idx, val) in concept.deltas.items():
+        assert np.array_equal(old.deltas[n][0], idx) and np.array_equal(old.deltas[n][1], val)
+    # written again, it is a current file with the same numbers
+    again = Concept.from_bytes(old.to_bytes())
+    assert again.meta.version == 2
+    for n, (idx, val) in concept.deltas.items():
+        assert np.array_equal(again.deltas[n][0], idx) and np.array_equal(again.deltas[n][1], val)
+    # a mask of the wrong length is refused, not misread
+    v2 = json.dumps(meta | {"version": 2}).encode()
+    bad = dict(arrays) | {"meta": np.frombuffer(v2, np.uint8)}
+    bad["mask_0"] = np.zeros(3, np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ConceptError, match="inconsistent deltas"):
+        Concept.from_bytes(buf.getvalue())
 
 
 def test_concept_of_another_base_model_is_refused(
