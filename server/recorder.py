@@ -20,9 +20,11 @@ second and a finished take is one ordinary MIDI file a DAW opens:
    event: the journal survives a killed process, not a power cut.
 
    **A full or vanished disk loses nothing played.** The journal's bytes are also held
-   in memory (up to :data:`MEMORY_LIMIT_BYTES`, 64 MiB: about two million events, days
-   of playing). When a write fails the take keeps recording in memory, ``fault`` says
-   why and ``on_fault`` is called at once; every later flush tries again, and once space
+   in memory (up to :data:`MEMORY_LIMIT_BYTES`, 64 MiB): the part not yet on disk as
+   it is, the part on disk zlib-compressed (about a sixth of its size: 90,000 events,
+   an hour of the soak bench's jam, are 2.6 MB of journal and 0.4 MB in memory). When
+   a write fails the take keeps recording in memory, ``fault`` says why and
+   ``on_fault`` is called at once; every later flush tries again, and once space
    returns the journal catches up (``on_fault("")``). Past the limit the part already on
    disk is let go from memory; events that can reach neither are counted in ``lost``
    (logged). A journal that cannot even be created (a sessions folder that cannot be
@@ -66,6 +68,7 @@ import re
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -294,6 +297,11 @@ class TakeRecorder:
         # the journal's bytes from file offset _mem_start on; _written: bytes on disk
         self._mem = bytearray()
         self._mem_start = 0
+        # the bytes before _mem_start (all on disk), compressed: what a vanished disk
+        # would take with it (None once let go past memory_limit: then read from disk)
+        self._packer: Any = zlib.compressobj()
+        self._packed: list[bytes] = []
+        self._packed_size = 0
         self._written = 0
         self._closed = False
         self._file: Any = None
@@ -359,14 +367,18 @@ class TakeRecorder:
         if now - self._last_flush >= FLUSH_INTERVAL_S:
             self._flush(now)
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of journal held in memory: the part not on disk, and the compressed
+        copy of the part on disk."""
+        return len(self._mem) + self._packed_size
+
     def _add(self, line: str) -> bool:
         data = line.encode("utf-8")
-        if len(self._mem) + len(data) > self.memory_limit:
+        if self.memory_bytes + len(data) > self.memory_limit:
             # let go of what is safely on disk; keep what is not
-            cut = self._written - self._mem_start
-            if cut > 0:
-                del self._mem[:cut]
-                self._mem_start = self._written
+            self._pack()
+            self._packer, self._packed, self._packed_size = None, [], 0
             if len(self._mem) + len(data) > self.memory_limit:
                 self.lost += 1
                 if self.lost == 1 or self.lost % 1000 == 0:
@@ -424,10 +436,25 @@ class TakeRecorder:
         finally:
             view.release()
         self._written += done
+        self._pack()
         if self.fault:
             self.fault = ""
             log.warning("take %s: the journal is written again (nothing lost)", self.name)
             self._tell("")
+
+    def _pack(self) -> None:
+        """Move the bytes now on disk out of ``_mem``, into the compressed copy (a few
+        kilobytes a flush: tens of microseconds)."""
+        cut = self._written - self._mem_start
+        if cut <= 0:
+            return
+        if self._packer is not None:
+            chunk = self._packer.compress(bytes(memoryview(self._mem)[:cut]))
+            if chunk:
+                self._packed.append(chunk)
+                self._packed_size += len(chunk)
+        del self._mem[:cut]
+        self._mem_start = self._written
 
     def _rel(self, t: float) -> float:
         rel = t - self._start
@@ -538,7 +565,10 @@ class TakeRecorder:
     def _journal_text(self) -> str:
         """The whole journal: from memory, with the part let go read back from disk."""
         head = b""
-        if self._mem_start > 0:
+        if self._mem_start > 0 and self._packer is not None:
+            # a copy of the compressor: its stream ends here, the take's may go on
+            head = zlib.decompress(b"".join(self._packed) + self._packer.copy().flush())
+        elif self._mem_start > 0:
             try:
                 head = read_head(self.journal_path, self._mem_start)
             except OSError as exc:

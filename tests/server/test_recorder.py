@@ -479,6 +479,67 @@ def test_full_disk_is_counted_not_raised(tmp_path: Path, caplog: pytest.LogCaptu
     rec.close(1.0)
 
 
+def _long_take(rec: TakeRecorder, n: int) -> None:
+    """``n`` note-ons and -offs of both parts and a knob move every 16 events, flushed
+    as the server does (every 0.25 s of take time)."""
+    for i in range(n):
+        t = i * 0.01
+        track = "performer" if i % 3 else "machine"
+        rec.note(t, track, on(40 + i % 48, 64 + i % 60) if i % 2 == 0 else off(40 + (i - 1) % 48))
+        if i % 16 == 0:
+            rec.control(t, "divergence", round((i % 100) / 100, 2))
+        if i % 25 == 0:
+            rec.flush()
+
+
+def test_a_long_take_holds_its_journal_compressed(tmp_path: Path) -> None:
+    """What is on disk is kept in memory compressed, not as it is: a long set's take
+    costs a fraction of its journal's size, and the .mid still holds every event."""
+    rec = TakeRecorder(folder=tmp_path, name="long", bpm=120, start=0.0)
+    n = 40_000
+    _long_take(rec, n)
+    rec.flush()
+    journal = rec.journal_path.stat().st_size
+    assert journal > 1_000_000
+    assert rec.memory_bytes < journal / 4, (rec.memory_bytes, journal)
+    path = rec.close(n * 0.01 + 1)
+    mid = load(path)
+    by_name = {t.name: t for t in mid.tracks}
+    notes = sum(1 for tr in ("performer", "machine") for m in by_name[tr] if m.type == "note_on")
+    assert notes == n // 2  # every note-on (the offs may be written as note_on velocity 0)
+    assert sum(1 for m in by_name["controls"] if m.type == "marker" or m.is_meta) > 0
+
+
+def test_a_vanished_journal_still_gives_the_whole_take(tmp_path: Path) -> None:
+    """The disk goes away after the journal's start was written: the .mid is built from
+    memory (the compressed copy), with every event."""
+    rec = TakeRecorder(folder=tmp_path / "sessions", name="gone", bpm=120, start=0.0)
+    _long_take(rec, 2_000)
+    rec.flush()
+    rec.journal_path.unlink()  # what was written can no longer be read back
+    _long_take_tail = [(20.0 + i * 0.01, on(60) if i % 2 == 0 else off(60)) for i in range(20)]
+    for t, msg in _long_take_tail:
+        rec.note(t, "performer", msg)
+    path = rec.close(30.0)
+    mid = load(path)
+    by_name = {t.name: t for t in mid.tracks}
+    ons = [m for tr in ("performer", "machine") for m in by_name[tr] if m.type == "note_on"]
+    assert len([m for m in ons if m.velocity > 0]) == 1_000 + 10
+
+
+def test_past_the_memory_limit_the_part_on_disk_is_read_back(tmp_path: Path) -> None:
+    """With the compressed copy let go (past memory_limit), closing reads the journal's
+    start back from disk: nothing is lost while the disk is there."""
+    rec = TakeRecorder(folder=tmp_path, name="limit", bpm=120, start=0.0, memory_limit=20_000)
+    _long_take(rec, 4_000)
+    rec.flush()
+    assert rec.memory_bytes <= 20_000 and rec.lost == 0
+    mid = load(rec.close(50.0))
+    by_name = {t.name: t for t in mid.tracks}
+    ons = [m for tr in ("performer", "machine") for m in by_name[tr] if m.type == "note_on"]
+    assert len([m for m in ons if m.velocity > 0]) == 2_000
+
+
 def test_note_is_cheap(tmp_path: Path) -> None:
     """note() runs on the event loop at up to 2,000 events/s: it must stay microseconds."""
     rec = TakeRecorder(folder=tmp_path, name="perf", bpm=120, start=0.0)
