@@ -425,6 +425,9 @@ class _Soak:
             "t_s": round(float(report["t0"]) - self._t0, 2),
             "seconds": round(float(report["t1"]) - float(report["t0"]), 2),
             "rss_mb": round(self.serve.rss_mb(), 2),
+            # private memory, where a leak would show: VmRSS also counts the JACK port
+            # table shared with jackd and the pages of shared libraries the server touched
+            "rss_anon_mb": round(self.serve.rss_mb("RssAnon"), 2),
             "loop_lag_p99_ms": _num(statistics.median(lags)),
             "loop_lag_p99_max_ms": _num(max(lags)),
             "onset_error_p50_ms": _p(errs, 50),
@@ -547,6 +550,7 @@ def summarize(
         "windows_compared": k,
         "rss_growth_mb": rss_growth,
         "rss_max_mb": max(r["rss_mb"] for r in rows),
+        "rss_anon_growth_mb": round(rows[-1]["rss_anon_mb"] - rows[0]["rss_anon_mb"], 2),
         "loop_lag_p99_ms_first_last": list(lag),
         "loop_lag_p99_ratio_last_vs_first": _ratio(*lag),
         "onset_error_p99_ms_first_last": list(onset),

@@ -22,6 +22,7 @@ ROW_KEYS = {
     "t_s",
     "seconds",
     "rss_mb",
+    "rss_anon_mb",
     "loop_lag_p99_ms",
     "onset_error_p99_ms",
     "answers",
@@ -36,6 +37,7 @@ ROW_KEYS = {
 }
 SUMMARY_KEYS = {
     "rss_growth_mb",
+    "rss_anon_growth_mb",
     "loop_lag_p99_ratio_last_vs_first",
     "onset_error_p99_ratio_last_vs_first",
     "stuck_notes",
@@ -50,24 +52,25 @@ def test_short_soak_end_to_end(tmp_path: Path) -> None:
     concepts = tmp_path / "concepts"
     concepts.mkdir()
     learn_tiny(concepts, "riff")
-    # three 12-s windows, each call then jam; the period of the tests' JACK server (512
-    # frames, see tests/conftest.py): a short period makes xruns on these VMs, and JACK
-    # drops the MIDI events of an xrun's cycle, which would be the machine's loss, not ours
-    res = run_bench_soak(
-        minutes=0.6, window_s=12, jack_period=JACK_PERIOD_FRAMES, concepts=concepts
-    )
+    # three 12-s windows, each call then jam, at twice the period of the tests' JACK
+    # server (1,024 frames; see tests/conftest.py). JACK drops the MIDI of a cycle it
+    # misses, and under host steal a CI run at 512 frames logged 70 xruns and lost one
+    # performer note in them: the machine's loss, not the server's. This test checks the
+    # server's invariants; the bench's own runs report the timing at shorter periods.
+    period = 2 * JACK_PERIOD_FRAMES
+    res = run_bench_soak(minutes=0.6, window_s=12, jack_period=period, concepts=concepts)
     json.dumps(res, allow_nan=False)  # valid JSON: what cannot be measured is null
     rows, summary = res["per_minute"], res["summary"]
     assert res["minutes"] == 0.6 and len(rows) == 3, res
     assert all(set(r) >= ROW_KEYS for r in rows), rows[0]
     assert set(summary) >= SUMMARY_KEYS, summary
-    assert res["cpu"] and res["jack"]["period"] == JACK_PERIOD_FRAMES
+    assert res["cpu"] and res["jack"]["period"] == period
     xruns = f"(jackd logged {res['jack']['xruns']} xruns)"
     assert summary["stuck_notes"] == 0 and all(r["stuck_notes"] == 0 for r in rows), xruns
     assert summary["dropped_events"] == 0, (rows, xruns)
     assert all(r["dropped_events"] == 0 and r["input_queue_dropped"] == 0 for r in rows)
     assert summary["answers"] > 0 and all(r["answers"] > 0 for r in rows), rows
-    assert all(r["rss_mb"] > 0 and r["onsets"] > 0 for r in rows), rows
+    assert all(0 < r["rss_anon_mb"] < r["rss_mb"] and r["onsets"] > 0 for r in rows), rows
     assert all(r["events_sent"] > 0 and r["knob_moves"] > 0 for r in rows), rows
     # call then jam in every window, a concept switch at each: riff, none, riff, ...
     assert res["concepts"] == ["riff"]
@@ -88,7 +91,8 @@ def test_windows_and_summary() -> None:
         window_lengths(0, 60)
 
     def window(rss: float, lag: float, onset: float, **extra: int) -> _Measured:
-        row = {"rss_mb": rss, "answers": 5, "dropped_events": 0, "xruns": 0, **extra}
+        row = {"rss_mb": rss, "rss_anon_mb": rss / 2, "answers": 5, "dropped_events": 0}
+        row |= {"xruns": 0, **extra}
         return _Measured(row, [onset] * 50, [lag] * 6)
 
     # 60 one-minute windows: the first and last ten compared
@@ -96,6 +100,7 @@ def test_windows_and_summary() -> None:
     s = summarize(soak, minutes=60, window_s=60, stuck=0)
     assert s["windows_compared"] == 10 and s["answers"] == 300
     assert s["rss_growth_mb"] == pytest.approx(2.95)
+    assert s["rss_anon_growth_mb"] == pytest.approx(1.475, abs=0.01)  # rounded to 0.01
     assert s["loop_lag_p99_ratio_last_vs_first"] == pytest.approx(1.1)
     assert s["onset_error_p99_ratio_last_vs_first"] == pytest.approx(1.0)
     assert all(s["within_targets"].values())
