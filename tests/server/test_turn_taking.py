@@ -19,6 +19,26 @@ from tests.server.test_live import ROOT, _name, _osc_notes, _wait_silent, serve_
 __all__ = ["serve_factory"]  # the fixture, shared with test_live
 
 
+def _wait_sounding(sp: ServeProcess, *, after: float, timeout: float = 4.0) -> None:
+    """Return just after a note of the answer began (reported over OSC after ``after``)
+    and while it still sounds: a fixed sleep could land in a rest, or after the end of
+    a short note, and then there is nothing for the performer to interrupt."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sounding: dict[tuple[int, int], float] = {}
+        for when, _, args in sp.osc.since(0.0, "/divergent/out/note"):
+            key = (int(args[0]), int(args[2]))
+            if int(args[1]) > 0:
+                sounding[key] = when
+            else:
+                sounding.pop(key, None)
+        now = time.monotonic()
+        if any(after < began and now - began < 0.03 for began in sounding.values()):
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"no note of the answer began after {after:.3f} s: {sp.log()}")
+
+
 def _interrupt(sp: ServeProcess, name: str) -> tuple[float, float, dict[str, Any], list[Any]]:
     """A phrase, then a new one while the answer sounds: (when the performer came back in,
     when that note ended, the listening peer's result, the server's trace)."""
@@ -39,8 +59,9 @@ def _interrupt(sp: ServeProcess, name: str) -> tuple[float, float, dict[str, Any
     time.sleep(0.5)  # the listener's ports are connected
     t = time.monotonic()
     _osc_notes(sp, [60, 62, 64, 67, 65, 64], gap=0.1)
-    assert sp.osc.wait_for("/divergent/out/note", after=t, timeout=5) is not None, sp.log()
-    time.sleep(0.4)  # the answer is sounding
+    first = sp.osc.wait_for("/divergent/out/note", after=t, timeout=5)
+    assert first is not None, sp.log()
+    _wait_sounding(sp, after=first[0] + 0.3)  # well into the answer, a note sounding
     t_in = time.monotonic()
     sp.osc.send("/divergent/note", 72, 90, 1)  # the performer's next phrase begins (held)
     time.sleep(1.0)
