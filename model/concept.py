@@ -292,7 +292,8 @@ class ConceptMeta:
                 name=check_name(str(d["name"])),
                 base_hash=str(d["base_hash"]),
                 tokenizer_hash=str(d["tokenizer_hash"]),
-                config=LearnConfig.from_dict(d["config"]),
+                # version 1 had one measure and no "mask" setting: not today's default
+                config=LearnConfig.from_dict({"mask": "fisher", **d["config"]}),
                 references=[str(r) for r in d["references"]],
                 identifier_ids=[int(i) for i in d["identifier_ids"]],
                 reference_tokens=int(d["reference_tokens"]),

@@ -219,6 +219,7 @@ def test_a_version_1_file_still_loads(learned: Any) -> None:
 
     concept, *_ = learned
     meta = concept.meta.to_dict() | {"version": 1}
+    meta["config"] = {k: v for k, v in meta["config"].items() if k != "mask"}  # none in v1
     arrays: dict[str, np.ndarray] = {
         "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
         "identifiers": concept.identifiers,
@@ -231,6 +232,7 @@ def test_a_version_1_file_still_loads(learned: Any) -> None:
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     old = Concept.from_bytes(buf.getvalue())
     assert old.meta.version == 1 and old.meta.name == concept.meta.name
+    assert old.meta.config.mask == "fisher"  # the only measure there was
     for n, (idx, val) in concept.deltas.items():
         assert np.array_equal(old.deltas[n][0], idx) and np.array_equal(old.deltas[n][1], val)
     # written again, it is a current file with the same numbers
