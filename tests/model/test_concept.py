@@ -87,6 +87,24 @@ def _torch_model(ckpt: Path):  # type: ignore[no-untyped-def]
     return load_model(ckpt)[0]
 
 
+@pytest.fixture
+def mask_inputs(tiny_base: Any, reference: Path):  # type: ignore[no-untyped-def]
+    """What `fisher_masks` takes: the torch model with only its pivotal matrices
+    trainable, a two-token identifier prefix, the reference's windows, base samples."""
+    from divergent.model.concept import _Windows, general_windows, reference_ids
+
+    model_dir, ckpt, onnx = tiny_base
+    model = _torch_model(ckpt)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in pivotal_names(model.cfg.n_layer):
+        model.get_parameter(n).requires_grad_(True)
+    ids = reference_ids([reference], onnx.tokenizer)
+    windows = _Windows(ids, onnx.tokenizer.vocab, FAST, model.cfg.block_size)
+    prefix = model.transformer.wte.weight.detach()[:2].clone()
+    return model, prefix, windows, general_windows(model_dir, 2, FAST.window, seed=0)
+
+
 def test_bad_names_are_refused() -> None:
     for bad in ("", "../x", "a/b", "a\\b", "a\0b", "x" * 65, "..", ".hidden", "a+b", "none",
                 "a b", "é"):  # fmt: skip
@@ -111,21 +129,10 @@ def test_learn_config_round_trip_and_validation() -> None:
 
 
 @pytest.mark.parametrize("measure", MASK_MEASURES)
-def test_mask_keeps_the_stated_fraction(tiny_base: Any, reference: Path, measure: str) -> None:
+def test_mask_keeps_the_stated_fraction(mask_inputs: Any, measure: str) -> None:
     import torch
 
-    from divergent.model.concept import _Windows, general_windows, reference_ids
-
-    model_dir, ckpt, onnx = tiny_base
-    model = _torch_model(ckpt)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in pivotal_names(model.cfg.n_layer):
-        model.get_parameter(n).requires_grad_(True)
-    ids = reference_ids([reference], onnx.tokenizer)
-    windows = _Windows(ids, onnx.tokenizer.vocab, FAST, model.cfg.block_size)
-    prefix = model.transformer.wte.weight.detach()[:2].clone()
-    general = general_windows(model_dir, 2, FAST.window, seed=0)
+    model, prefix, windows, general = mask_inputs
     for fraction in (0.05, 0.2):
         masks, scores = fisher_masks(
             model, prefix, windows, fraction, bf16=False, seed=0, measure=measure, general=general
@@ -139,23 +146,10 @@ def test_mask_keeps_the_stated_fraction(tiny_base: Any, reference: Path, measure
     assert torch.is_grad_enabled()
 
 
-def test_the_specific_mask_leaves_out_what_general_music_needs(
-    tiny_base: Any, reference: Path
-) -> None:
+def test_the_specific_mask_leaves_out_what_general_music_needs(mask_inputs: Any) -> None:
     """Dividing by the base samples' Fisher changes which entries are kept, and it
     cannot be asked for without base samples."""
-    from divergent.model.concept import _Windows, general_windows, reference_ids
-
-    model_dir, ckpt, onnx = tiny_base
-    model = _torch_model(ckpt)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in pivotal_names(model.cfg.n_layer):
-        model.get_parameter(n).requires_grad_(True)
-    ids = reference_ids([reference], onnx.tokenizer)
-    windows = _Windows(ids, onnx.tokenizer.vocab, FAST, model.cfg.block_size)
-    prefix = model.transformer.wte.weight.detach()[:2].clone()
-    general = general_windows(model_dir, 2, FAST.window, seed=0)
+    model, prefix, windows, general = mask_inputs
     plain, _ = fisher_masks(model, prefix, windows, 0.1, bf16=False, seed=0)
     specific, _ = fisher_masks(
         model, prefix, windows, 0.1, bf16=False, seed=0, measure="specific", general=general
