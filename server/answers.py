@@ -147,7 +147,8 @@ class Answers:
     notes, before the release) and as it is placed (grid notes with ``on``, ``off``,
     ``pitch``, ``velocity`` in beats, after they went to the sink), ``on_cancel(answer_id)``
     when an answer's notes still to come go (None: every answer's); both must return at
-    once (they run on the placement path).
+    once (they run on the placement path). ``after_job()`` runs on the worker after each
+    job, generated or failed (the server gives the C heap's free pages back there).
     """
 
     def __init__(
@@ -165,6 +166,7 @@ class Answers:
         on_notes: Callable[[AnswerJob, list[Any], bool], None] | None = None,
         on_cancel: Callable[[int | None], None] | None = None,
         handoff_size: int = HANDOFF_SIZE,
+        after_job: Callable[[], object] | None = None,
     ) -> None:
         self.generator = generator
         self._grid = grid
@@ -177,6 +179,7 @@ class Answers:
         self._on_error = on_error or (lambda message: None)
         self._on_notes = on_notes or (lambda job, notes, placed: None)
         self._on_cancel = on_cancel or (lambda answer_id: None)
+        self._after_job = after_job or (lambda: None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="divergent-infer")
         # the one hand-off between threads: (job, notes) from the worker to the loop
         self._handoff: queue.Queue[tuple[AnswerJob, list[Any]]] = queue.Queue(handoff_size)
@@ -191,6 +194,16 @@ class Answers:
     def call_in_worker(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``fn`` on the worker thread (e.g. loading the model)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _run(self, job: AnswerJob, generator: Any) -> Any:
+        # the worker thread: the job, then what is done between answers
+        try:
+            return job.run(generator, self._hand)
+        finally:
+            try:
+                self._after_job()
+            except Exception:  # housekeeping: the answer must not fail because of it
+                log.exception("after an answer")
 
     def _hand(self, job: AnswerJob, notes: list[Any]) -> None:
         # the worker thread: waits while the loop is behind by a whole queue, never drops
@@ -230,7 +243,7 @@ class Answers:
             self._generating[0].cancel.set()  # the old answer stops at its next token
         job = AnswerJob(request=request, settings=settings)
         self._jobs[job.answer_id] = job
-        fut = loop.run_in_executor(self._executor, job.run, self.generator, self._hand)
+        fut = loop.run_in_executor(self._executor, self._run, job, self.generator)
         self._generating = (job, fut)
         fut.add_done_callback(lambda f: self._done(job, f))
         return job

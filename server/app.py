@@ -53,6 +53,7 @@ from divergent.server.config import ServeConfig
 from divergent.server.doors import Doors
 from divergent.server.handlers import VERSION, ControlHandlers
 from divergent.server.health import HealthDesk
+from divergent.server.heap import HeapTrimmer
 from divergent.server.performance import Performance, Timeline
 from divergent.server.ports import (
     MidiPort,
@@ -297,6 +298,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
             on_error=self._error,
             on_notes=self._web_notes,
             on_cancel=lambda answer_id: self._publish("cancel", time.monotonic(), answer_id),
+            after_job=HeapTrimmer().maybe_trim,
         )
         return self.answers
 

@@ -1,4 +1,5 @@
-"""The server process's C heap over a long set: two malloc arenas, not one per contention.
+"""The server process's C heap over a long set: two malloc arenas, not one per contention,
+and free pages given back between answers.
 
 glibc hands a thread that finds its malloc arena locked a new arena, up to eight per
 core, and every arena keeps the memory it grew. The server's threads (the event loop,
@@ -11,6 +12,15 @@ started, every time. With two arenas the same contention reuses what is there.
 
 Python offers no binding for ``mallopt``; this is the one call to it, through ctypes.
 ``MALLOC_ARENA_MAX`` in the environment, if set, wins (glibc reads it at start).
+
+Each answer's prefill allocates buffers whose size follows the prompt's length (the
+attention scores alone are up to 4.7 MB), and glibc keeps what was freed inside its heap
+wherever a smaller block still lives above it: over random answers RSS rose in steps
+(+7 to +8 MB over the first 250 answers of four generators, then flat), and by 70 MB with
+ONNX Runtime's arena off. ``malloc_trim`` hands the whole free pages inside the heap back
+(glibc's ``free`` only trims the top): :class:`HeapTrimmer` calls it on the inference
+worker after an answer, at most every few seconds. Measured there: 0.36 ms a call
+(max 0.94 ms), and RSS over 600 random answers stayed within ±3.3 MB of its start.
 """
 
 from __future__ import annotations
@@ -19,14 +29,29 @@ import ctypes
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["MALLOC_ARENAS", "limit_malloc_arenas"]
+__all__ = ["MALLOC_ARENAS", "TRIM_INTERVAL_S", "HeapTrimmer", "limit_malloc_arenas", "trim_heap"]
 
 log = logging.getLogger(__name__)
 
 #: arenas for the server process: the main thread's and one shared by all others
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's <malloc.h>
+#: the shortest time between two trims: a trim frees pages the next prefill faults in again
+TRIM_INTERVAL_S = 5.0
+
+
+def _libc_function(name: str) -> Any:
+    """The process's own C library's ``name`` (None where there is none, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
@@ -38,14 +63,62 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """
     if arenas < 1:
         raise ValueError(f"arenas must be at least 1, got {arenas}")
-    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_ARENA_MAX"):
+    if os.environ.get("MALLOC_ARENA_MAX"):
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     done = bool(mallopt(_M_ARENA_MAX, arenas))
     log.debug("malloc arenas capped at %d: %s", arenas, done)
     return done
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim(0)``).
+
+    True when some memory was released; False when none was, or where the C library has
+    no ``malloc_trim`` (macOS, Windows, musl).
+    """
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))
+
+
+class HeapTrimmer:
+    """:func:`trim_heap`, at most once every ``interval`` seconds.
+
+    Call :meth:`maybe_trim` where a pause costs nothing: the server calls it on the
+    inference worker after each answer (a trim holds glibc's arena locks for well under
+    a millisecond).
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = TRIM_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        trim: Callable[[], bool] = trim_heap,
+    ) -> None:
+        if interval < 0:
+            raise ValueError(f"interval must be at least 0, got {interval}")
+        self.interval = interval
+        self._clock = clock
+        self._trim = trim
+        self._last: float | None = None
+        #: trims done so far
+        self.trims = 0
+
+    def maybe_trim(self) -> bool:
+        """Trim when ``interval`` has passed since the last trim; True when it did."""
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval:
+            return False
+        self._last = now
+        self._trim()
+        self.trims += 1
+        return True

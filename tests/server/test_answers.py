@@ -139,3 +139,36 @@ def test_a_generation_outlasting_the_drain_is_reported(
     with caplog.at_level(logging.WARNING, logger="divergent.server"):
         asyncio.run(main())
     assert any("still generating at shutdown" in r.getMessage() for r in caplog.records)
+
+
+def test_after_job_runs_on_the_worker_after_every_answer_and_cannot_fail_one(
+    generator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heap trim's hook: on the inference thread, after a generated and a failed
+    answer alike; an error in it is logged and the answer still sounds."""
+    import threading
+
+    threads: list[str] = []
+
+    def after() -> None:
+        threads.append(threading.current_thread().name)
+        raise OSError("housekeeping failed")
+
+    sink = ListSink()
+
+    async def main() -> None:
+        answers = make(generator, sink, after_job=after)
+        job = answers.start(request(), SETTINGS)
+        answers.release(1)
+        while not job.done:
+            await asyncio.sleep(0.01)
+        answers.generator = Failing(generator)
+        answers.start(request(2), SETTINGS)
+        await answers.drain(5.0)
+        answers.close()
+
+    with caplog.at_level(logging.ERROR, logger="divergent.server"):
+        asyncio.run(main())
+    assert sink.notes and {n["tag"] for n in sink.notes} == {1}
+    assert len(threads) == 2 and all(t.startswith("divergent-infer") for t in threads)
+    assert sum("after an answer" in r.getMessage() for r in caplog.records) == 2
