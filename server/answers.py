@@ -248,6 +248,11 @@ class Answers:
         fut.add_done_callback(lambda f: self._done(job, f))
         return job
 
+    @property
+    def busy(self) -> bool:
+        """Whether an answer is being generated now."""
+        return self._generating is not None
+
     def usable(self, answer_id: int) -> bool:
         """Whether answer ``answer_id`` may still be released."""
         job = self._jobs.get(answer_id)

@@ -154,6 +154,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         self.trace = Trace(Path(config.trace) if config.trace else None)
         self.sessions = Path(config.sessions) if config.sessions else default_sessions_dir()
         self.cold_start_s = 0.0
+        self.warmed_prefills = 0  # prompt lengths prefilled after start (_warm_prefills)
         self._stack = contextlib.AsyncExitStack()
         self._forced = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -278,6 +279,8 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
             self._spawn(coro)
         self._spawn(self._lag_monitor())
         self._spawn(self._feed_deferred())
+        if self.config.warm_prefills:
+            self._spawn(self._warm_prefills(self.config.warm_prefills))
         self._rearm()
         self.cold_start_s = time.monotonic() - t0
         if self.print_banner:
@@ -583,6 +586,27 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         if self.take is not None:
             self.take.flush()
         self.trace.flush()
+
+    async def _warm_prefills(self, count: int) -> None:
+        """The model's prefills at ``count`` prompt lengths, one at a time on the worker,
+        only while it has no answer to make: an answer asked for meanwhile waits for one
+        prefill at most (``Generator.warm_prefill`` says why)."""
+        from divergent.model.generate import warm_lengths
+
+        generator, answers = self._base_generator, self.answers
+        assert answers is not None  # started before this task
+        t0, done = time.monotonic(), 0
+        for length in warm_lengths(count):
+            while answers.busy:
+                await asyncio.sleep(0.05)
+            try:
+                await answers.call_in_worker(functools.partial(generator.warm_prefill, length))
+            except Exception:  # the answers do not need it: said, and no more of it
+                log.exception("warming the model at prompt length %d failed", length)
+                return
+            done += 1
+        log.info("warmed %d prefill lengths in %.1f s", done, time.monotonic() - t0)
+        self.warmed_prefills = done
 
     async def _lag_monitor(self) -> None:
         interval = 0.005

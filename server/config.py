@@ -225,6 +225,14 @@ class ServeConfig:
         8.0, "float", "longest note the machine holds, in seconds", lo=0.05, hi=60
     )
     channel: int = _f(1, "int", "MIDI channel the machine plays on", lo=1, hi=16)
+    warm_prefills: int = _f(
+        48,
+        "int",
+        "prompt lengths the model prefills once after start, between answers, so its memory "
+        "settles at once instead of over the first hundreds of answers (0: none)",
+        lo=0,
+        hi=1000,
+    )
     yield_: str = _f(
         "on",
         "str",
@@ -529,6 +537,7 @@ _FLAGS: tuple[tuple[str, str, str | None], ...] = (
     ("--bar-ends-phrase", "bar_ends_phrase", None),
     ("--max-note-s", "max_note_s", "S"),
     ("--channel", "channel", "N"),
+    ("--warm-prefills", "warm_prefills", "N"),
     ("--velocity", "velocity", "V"),
     ("--yield", "yield", None),
     ("--midi-backend", "midi_backend", None),

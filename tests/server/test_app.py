@@ -58,14 +58,20 @@ class Recording:
         self._g = generator
         self.hang_s = hang_s
         self.calls: list[dict[str, Any]] = []
+        self.order: list[str] = []  # "answer" and "warm N", as the worker ran them
 
     def continue_ids(self, ids: Any, **kw: Any) -> Any:
         self.calls.append(kw)
+        self.order.append("answer")
         time.sleep(self.hang_s)  # a generation that does not stop at once
         return self._g.continue_ids(ids, **kw)
 
     def readout(self, cont: Any) -> Any:
         return self._g.readout(cont)
+
+    def warm_prefill(self, length: int) -> None:
+        self.order.append(f"warm {length}")
+        self._g.warm_prefill(length)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +99,7 @@ def serve_in_process(
             "sessions": str(tmp_path / "sessions"),
             "heartbeat_s": 0,
             "mode": "off",
+            "warm_prefills": 0,  # the tests that count the generator's calls
             **options,
         }
     )
@@ -142,6 +149,27 @@ def test_grid_readers_get_a_snapshot_that_never_changes() -> None:
         follower.feed(t + k * 60 / 150 / 24, mido.Message("clock"))
     assert server.grid.bpm() == pytest.approx(150, abs=0.5)
     assert held.bpm() == pytest.approx(100), "a reader's grid changed under it"
+
+
+def test_the_model_is_warmed_at_many_prompt_lengths_without_holding_up_an_answer(
+    tmp_path: Path, generator: Any
+) -> None:
+    from divergent.model.generate import warm_lengths
+
+    rec = Recording(generator)
+
+    async def body(server: Server, port: FakePort) -> None:
+        port.play([60, 62, 64, 65])  # and the button at once, while the warm-up runs
+        await wait_until(lambda: server.perf.performer_notes == 4)
+        server._control("/divergent/generate", [])
+        await wait_until(lambda: server.warmed_prefills == 12, timeout=60)
+
+    serve_in_process(tmp_path, body, gen=rec, warm_prefills=12)
+    warmed = [int(o.split()[1]) for o in rec.order if o != "answer"]
+    assert warmed == warm_lengths(12) and len(set(warmed)) == 12
+    assert min(warmed) == 16 and max(warmed) == 384
+    # the answer ran between two prefills, not after all of them
+    assert rec.order.count("answer") == 1 and rec.order.index("answer") < len(rec.order) - 1
 
 
 def test_top_p_reaches_the_model(tmp_path: Path, generator: Any) -> None:

@@ -82,6 +82,7 @@ INVALID: list[tuple[str, Any, str]] = [
     ("max_note_s", 0, "in 0.05..60"),
     ("channel", 0, "in 1..16"),
     ("channel", 17, "in 1..16"),
+    ("warm_prefills", -1, "in 0..1000"),
     ("velocity", -1, "in 0..127"),
     ("velocity", 128, "in 0..127"),
     ("midi_backend", "oss", "one of jack, alsa, coremidi, winmm"),
