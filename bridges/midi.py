@@ -69,6 +69,16 @@ _ALSA_HELP = (
 # The ALSA sequencer's device: there (and ours to open) or not. Asked before each retry,
 # because a failed open makes libasound print a line on stderr every time.
 _ALSA_SEQ = "/dev/snd/seq"
+# What our input drops: sysex (big, unused), not timing (we follow MIDI clock), active sensing
+_IGNORED_INPUT = {"sysex": True, "timing": False, "active_sense": True}
+# Registering our JACK clients again when another program's client left meanwhile (see
+# MidiIO._open_ports): how often at most, and how long the watch gets to hear of it.
+_OPEN_TRIES = 5
+_OPEN_SETTLE_S = 0.1
+# The loopback check's message: a SysEx under the MIDI spec's non-commercial ID (0x7D),
+# which instruments ignore, and how long it may take (two JACK periods, generously).
+_PROBE = [0xF0, 0x7D, 0x64, 0x76, 0x00, 0xF7]
+_PROBE_WAIT_S = 0.3
 # what appears when MIDI comes up after a start without it
 _SYSTEM_NAMES = {"jack": "the JACK server", "alsa": "the ALSA sequencer"}
 _WINMM_VIRTUAL_HELP = (
@@ -387,7 +397,12 @@ class MidiIO:
         _validate(self.backend)
         if self._server_down:
             return self  # already waiting for the MIDI system
+        period = None
         try:
+            if self.backend == "jack":
+                up, period = self._jack_probe()
+                if up:
+                    self._watch_xruns()  # before the ports: _open_ports reads it
             self._open_ports()
         except MidiBackendError as e:
             self.close()
@@ -399,9 +414,8 @@ class MidiIO:
             self.close()
             raise
         self._ever_open = True
-        self.period_s = self._jack_probe()[1] if self.backend == "jack" else None
+        self.period_s = period
         self._start_poller()
-        self._watch_xruns()
         self.fault = self._pending_fault()
         self._start_watchdog()
         log.info("MIDI (%s) in %r, out %r", self.backend, self._input_name, self._output_name)
@@ -433,6 +447,73 @@ class MidiIO:
         self._watchdog.start()
 
     def _open_ports(self) -> None:
+        """Open both clients, and again while other programs' JACK clients leave meanwhile.
+
+        Why again: jack2's libjack (1.9.21 and 1.9.22, the copy python-rtmidi bundles)
+        ignores a "client removed" notice that reaches a client of ours still registering
+        (ClientNotifyImp skips kRemoveClient until the client's control block is set), so
+        the synchro table our clients share keeps the departed client's semaphore under
+        its refnum. The next client JACK gives that refnum (our other port, or a peer
+        connected later) is then waited for, or signalled, on a dead semaphore: its ports
+        are listed and connected, and no MIDI passes (seen in 2 of 40 JACK restarts while
+        ``jack_lsp`` polled). Deleting both clients frees the table (they are the only
+        rtmidi JACK clients in the server's process). With our own virtual ports a
+        departure is checked first: what we send must come back.
+        """
+        watch = self.xrun_watch
+        for attempt in range(1, _OPEN_TRIES + 1):
+            left = watch.clients_left if watch is not None else 0
+            self._open_ports_once()
+            if watch is None:
+                return
+            time.sleep(_OPEN_SETTLE_S)  # the watch hears of departures on its own thread
+            if watch.clients_left == left or self._output_reaches_input():
+                return
+            if attempt == _OPEN_TRIES:
+                log.warning(
+                    "JACK clients kept leaving while ours registered (%d tries): if no MIDI "
+                    "passes, restart divergent",
+                    attempt,
+                )
+                return
+            log.info("a JACK client left while ours registered: registering ours again")
+            self._delete_ports()
+
+    def _output_reaches_input(self) -> bool:
+        """Whether a probe sent on our virtual output arrives at our virtual input through
+        a connection made for the check (False where it cannot be checked: named ports,
+        whose other ends would receive it or send into it)."""
+        watch = self.xrun_watch
+        if watch is None or self.in_name is not None or self.out_name is not None:
+            return False
+        src, dst = self.output_name, self.input_name
+        try:
+            watch.connect(src, dst)
+        except BridgeError as e:
+            log.debug("no loopback check: %s", e)
+            return False
+        try:
+            self._in.ignore_types(**{**_IGNORED_INPUT, "sysex": False})
+            self._out.send_message(_PROBE)
+            clock = ArrivalClock()
+            deadline = time.monotonic() + _PROBE_WAIT_S
+            while time.monotonic() < deadline:
+                event = self._in.get_message()
+                if event is None:
+                    time.sleep(0.001)
+                elif event[0] == _PROBE:
+                    return True
+                elif event[0][:1] != [0xF0]:  # someone already playing into us: theirs
+                    self._deliver(event[0], clock.stamp(event[1], time.monotonic()))
+            return False
+        finally:
+            self._in.ignore_types(**_IGNORED_INPUT)
+            try:
+                watch.connect(src, dst, on=False)
+            except BridgeError as e:
+                log.warning("the loopback check's connection stays: %s", e)
+
+    def _open_ports_once(self) -> None:
         # both clients first: each lists the other direction's ports, which is how we
         # learn the name the MIDI system gave our virtual port
         # a deep queue: the poller may lose the GIL for a while under a 2 kHz flood
@@ -462,9 +543,13 @@ class MidiIO:
     def _watch_xruns(self) -> None:
         if self.backend != "jack" or (self.on_xrun is None and not self.supervise):
             return
+        if self.xrun_watch is not None:
+            return
         # with supervision the watch also tells when the JACK server goes away
         on_xrun = self.on_xrun or (lambda: None)
-        watch = XrunWatch(client_name=f"{self.client_name}-xruns", on_xrun=on_xrun)
+        watch = XrunWatch(
+            client_name=f"{self.client_name}-xruns", on_xrun=on_xrun, own_prefix=self.client_name
+        )
         try:
             self.xrun_watch = watch.open()
         except BridgeError as e:
@@ -472,8 +557,7 @@ class MidiIO:
             log.warning("JACK xruns not watched (lost note-offs are not re-sent): %s", e)
 
     def _open_input(self, mi: Any, lister: Any) -> str:
-        # sysex off (big, unused), timing on (we follow MIDI clock), active sensing off
-        mi.ignore_types(sysex=True, timing=False, active_sense=True)
+        mi.ignore_types(**_IGNORED_INPUT)
         if self.in_name is not None:
             ports = list(mi.get_ports())
             if self._waits_for(self.in_name, ports):
@@ -655,6 +739,9 @@ class MidiIO:
             # the poller must not read from a half-deleted port
             self._poller.join(timeout=1.0)
             self._poller = None
+        self._delete_ports()
+
+    def _delete_ports(self) -> None:
         with self._send_lock:
             old_in, old_out = self._in, self._out
             self._in = self._out = None
@@ -704,6 +791,7 @@ class MidiIO:
             return
         self._pending_in = self._pending_out = False
         try:
+            self._watch_xruns()  # before the ports: _open_ports reads it
             self._open_ports()
         except BridgeError as e:
             log.debug("MIDI not back yet: %s", e)
@@ -713,7 +801,6 @@ class MidiIO:
         # appears or returns may run another one)
         self.period_s = period
         self._start_poller()
-        self._watch_xruns()
         with self._send_lock:
             self._server_down = False
         self.returns += 1
