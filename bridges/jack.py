@@ -207,16 +207,10 @@ class XrunWatch:
     server is missing; the server then runs without the watch (and says so).
     """
 
-    def __init__(
-        self, *, client_name: str, on_xrun: Callable[[], object], own_prefix: str | None = None
-    ) -> None:
+    def __init__(self, *, client_name: str, on_xrun: Callable[[], object]) -> None:
         self.client_name = client_name
         self.on_xrun = on_xrun
         self.xruns = 0
-        # Other programs' JACK clients that went away (names starting with ``own_prefix``,
-        # ours, are not counted): see MidiIO._open_ports for why it matters.
-        self.own_prefix = own_prefix if own_prefix is not None else client_name
-        self.clients_left = 0
         self.handler_errors = 0
         # set by JACK when the server goes away (stopped, crashed): the client is dead
         self.server_gone = threading.Event()
@@ -240,7 +234,9 @@ class XrunWatch:
             raise BridgeError(f"JACK server not reachable for the xrun watch: {e}") from e
         client.set_xrun_callback(self._on_jack_xrun)
         client.set_shutdown_callback(self._on_jack_shutdown)
-        client.set_client_registration_callback(self._on_jack_client)
+        # No callback JACK waits for (client or port registration): it would need the
+        # GIL, which python-rtmidi holds through its own calls to the server (port
+        # close, open) while that server waits for the callback: a deadlock (seen).
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="divergent-xruns", daemon=True)
         self._thread.start()
@@ -291,11 +287,6 @@ class XrunWatch:
         # JACK's notification thread: count and wake ours, nothing else
         self.xruns += 1
         self._wake.set()
-
-    def _on_jack_client(self, name: str, register: bool) -> None:
-        # JACK's notification thread: count, nothing else
-        if not register and not name.startswith(self.own_prefix):
-            self.clients_left += 1
 
     def _on_jack_shutdown(self, status: Any, reason: str) -> None:
         # libjack's thread, after the server went away: no JACK calls here, only the flag

@@ -71,10 +71,9 @@ _ALSA_HELP = (
 _ALSA_SEQ = "/dev/snd/seq"
 # What our input drops: sysex (big, unused), not timing (we follow MIDI clock), active sensing
 _IGNORED_INPUT = {"sysex": True, "timing": False, "active_sense": True}
-# Registering our JACK clients again when another program's client left meanwhile (see
-# MidiIO._open_ports): how often at most, and how long the watch gets to hear of it.
+# Registering our JACK clients again while what they send does not come back (see
+# MidiIO._open_checked): how often at most.
 _OPEN_TRIES = 5
-_OPEN_SETTLE_S = 0.1
 # The loopback check's message: a SysEx under the MIDI spec's non-commercial ID (0x7D),
 # which instruments ignore, and how long it may take (two JACK periods, generously).
 _PROBE = [0xF0, 0x7D, 0x64, 0x76, 0x00, 0xF7]
@@ -319,6 +318,7 @@ class MidiIO:
         self.period_s: float | None = None
         self.losses = 0
         self.returns = 0
+        self.reregistrations = 0  # our clients registered again: their MIDI did not pass
         self._ever_open = False  # a first opening after a start without JACK is no "return"
         self.dropped_while_down = 0  # messages the sender gave us while the output was gone
         self._server_down = False
@@ -397,13 +397,8 @@ class MidiIO:
         _validate(self.backend)
         if self._server_down:
             return self  # already waiting for the MIDI system
-        period = None
         try:
-            if self.backend == "jack":
-                up, period = self._jack_probe()
-                if up:
-                    self._watch_xruns()  # before the ports: _open_ports reads it
-            self._open_ports()
+            self._open_checked()
         except MidiBackendError as e:
             self.close()
             if not self._waits_for_server():
@@ -414,7 +409,7 @@ class MidiIO:
             self.close()
             raise
         self._ever_open = True
-        self.period_s = period
+        self.period_s = self._jack_probe()[1] if self.backend == "jack" else None
         self._start_poller()
         self.fault = self._pending_fault()
         self._start_watchdog()
@@ -446,52 +441,54 @@ class MidiIO:
         )
         self._watchdog.start()
 
-    def _open_ports(self) -> None:
-        """Open both clients, and again while other programs' JACK clients leave meanwhile.
+    def _open_checked(self) -> None:
+        """Open both clients and the xrun watch; with our own virtual JACK ports, again
+        until what we send comes back.
 
-        Why again: jack2's libjack (1.9.21 and 1.9.22, the copy python-rtmidi bundles)
-        ignores a "client removed" notice that reaches a client of ours still registering
+        Why: jack2's libjack (1.9.21 and 1.9.22, the copy python-rtmidi bundles) ignores
+        a "client removed" notice that reaches a client of ours still registering
         (ClientNotifyImp skips kRemoveClient until the client's control block is set), so
         the synchro table our clients share keeps the departed client's semaphore under
-        its refnum. The next client JACK gives that refnum (our other port, or a peer
-        connected later) is then waited for, or signalled, on a dead semaphore: its ports
-        are listed and connected, and no MIDI passes (seen in 2 of 40 JACK restarts while
-        ``jack_lsp`` polled). Deleting both clients frees the table (they are the only
-        rtmidi JACK clients in the server's process). With our own virtual ports a
-        departure is checked first: what we send must come back.
+        its refnum. A client of ours given that refnum then waits on a dead semaphore:
+        its ports are listed and connected, and no MIDI passes (seen in 2 of 40 JACK
+        restarts while ``jack_lsp`` polled). Deleting both clients frees the table (they
+        are the only rtmidi JACK clients in the server's process). Named ports are not
+        checked: the devices at their other ends would receive the check's message.
+        The watch is closed before our clients are deleted: its Python callbacks need
+        the GIL, which python-rtmidi holds while it waits for the server, and the server
+        may be waiting for the watch (a deadlock, seen).
         """
-        watch = self.xrun_watch
         for attempt in range(1, _OPEN_TRIES + 1):
-            left = watch.clients_left if watch is not None else 0
-            self._open_ports_once()
-            if watch is None:
-                return
-            time.sleep(_OPEN_SETTLE_S)  # the watch hears of departures on its own thread
-            if watch.clients_left == left or self._output_reaches_input():
+            self._open_ports()
+            self._watch_xruns()
+            if not self._loopback_checkable() or self._output_reaches_input():
                 return
             if attempt == _OPEN_TRIES:
                 log.warning(
-                    "JACK clients kept leaving while ours registered (%d tries): if no MIDI "
-                    "passes, restart divergent",
+                    "MIDI sent on our JACK output did not reach our input in %d tries: if "
+                    "no MIDI passes, restart JACK or divergent",
                     attempt,
                 )
                 return
-            log.info("a JACK client left while ours registered: registering ours again")
+            log.info("our JACK ports pass no MIDI (a jack2 race): registering them again")
+            self.reregistrations += 1
+            self._close_watch()
             self._delete_ports()
+
+    def _loopback_checkable(self) -> bool:
+        return self.xrun_watch is not None and self.in_name is None and self.out_name is None
 
     def _output_reaches_input(self) -> bool:
         """Whether a probe sent on our virtual output arrives at our virtual input through
-        a connection made for the check (False where it cannot be checked: named ports,
-        whose other ends would receive it or send into it)."""
+        a connection made for the check (one or two JACK periods when it does)."""
         watch = self.xrun_watch
-        if watch is None or self.in_name is not None or self.out_name is not None:
-            return False
+        assert watch is not None
         src, dst = self.output_name, self.input_name
         try:
             watch.connect(src, dst)
         except BridgeError as e:
-            log.debug("no loopback check: %s", e)
-            return False
+            log.warning("no loopback check of our JACK ports: %s", e)
+            return True
         try:
             self._in.ignore_types(**{**_IGNORED_INPUT, "sysex": False})
             self._out.send_message(_PROBE)
@@ -513,7 +510,7 @@ class MidiIO:
             except BridgeError as e:
                 log.warning("the loopback check's connection stays: %s", e)
 
-    def _open_ports_once(self) -> None:
+    def _open_ports(self) -> None:
         # both clients first: each lists the other direction's ports, which is how we
         # learn the name the MIDI system gave our virtual port
         # a deep queue: the poller may lose the GIL for a while under a 2 kHz flood
@@ -547,9 +544,7 @@ class MidiIO:
             return
         # with supervision the watch also tells when the JACK server goes away
         on_xrun = self.on_xrun or (lambda: None)
-        watch = XrunWatch(
-            client_name=f"{self.client_name}-xruns", on_xrun=on_xrun, own_prefix=self.client_name
-        )
+        watch = XrunWatch(client_name=f"{self.client_name}-xruns", on_xrun=on_xrun)
         try:
             self.xrun_watch = watch.open()
         except BridgeError as e:
@@ -731,15 +726,18 @@ class MidiIO:
     def _teardown(self) -> None:
         """Stop the xrun watch and the poller, then delete both ports (a lost server's
         or a closing one's alike)."""
-        if self.xrun_watch is not None:
-            self.xrun_watch.close()
-            self.xrun_watch = None
+        self._close_watch()
         self._poll_stop.set()
         if self._poller is not None:
             # the poller must not read from a half-deleted port
             self._poller.join(timeout=1.0)
             self._poller = None
         self._delete_ports()
+
+    def _close_watch(self) -> None:
+        if self.xrun_watch is not None:
+            self.xrun_watch.close()
+            self.xrun_watch = None
 
     def _delete_ports(self) -> None:
         with self._send_lock:
@@ -791,8 +789,7 @@ class MidiIO:
             return
         self._pending_in = self._pending_out = False
         try:
-            self._watch_xruns()  # before the ports: _open_ports reads it
-            self._open_ports()
+            self._open_checked()
         except BridgeError as e:
             log.debug("MIDI not back yet: %s", e)
             self._teardown()

@@ -26,6 +26,8 @@ from tests.conftest import require_tool
 
 # JACK's return to the ports open and the named ones connected again (the issue's bound)
 BACK_WITHIN_S = 2.0
+# what registering our clients again costs (MidiIO._open_checked), measured ~1.2 s
+RE_REGISTRATION_S = 1.6
 
 
 def _tag() -> str:
@@ -238,7 +240,7 @@ class _Churn:
     """Another program's JACK clients coming and going, as a script polling ``jack_lsp``
     does (each run is a client that registers and leaves)."""
 
-    def __init__(self, env: dict[str, str], *, scripts: int = 3) -> None:
+    def __init__(self, env: dict[str, str], *, scripts: int = 2) -> None:
         self._env = env
         self._stop = threading.Event()
         self.runs = 0
@@ -281,10 +283,11 @@ def test_ports_pass_midi_when_other_clients_leave_while_ours_register(
 ) -> None:
     """jack2's libjack ignores a "client removed" notice reaching a client still
     registering, so a client of ours could inherit the departed one's semaphore and pass
-    no MIDI (its ports listed and connectable): seen 2 returns in 40 with ``jack_lsp``
-    polling, so this test does not fail every time without the fix. Every open here
-    overlaps such departures; every one must pass MIDI, and the loopback check (not five
-    re-registrations) must settle it."""
+    no MIDI (its ports listed and connectable): seen in 2 of 40 returns with one script
+    polling ``jack_lsp``. Here two such scripts run through every opening (without the
+    loopback check this test failed 2 runs of 2; with it, 2-5 re-registrations in its 7
+    openings); after every one MIDI must pass, and the check must have found it passing
+    within its tries."""
     env = own_jack.env()
     received: list[MidiEvent] = []
     states = States()
@@ -296,23 +299,31 @@ def test_ports_pass_midi_when_other_clients_leave_while_ours_register(
         on_state=states,
         supervise=True,
     )
+
+    def within_s(before: int) -> float:
+        # each re-registration costs rtmidi's 1 s wait to close an output whose JACK
+        # cycle never runs, and another opening: allowed for, on top of the bound
+        return BACK_WITHIN_S + RE_REGISTRATION_S * (midi.reregistrations - before)
+
     with _Churn(env) as churn:
         t0 = time.monotonic()
         midi.open()
         opened_s = time.monotonic() - t0
     try:
         assert churn.runs > 0
-        assert opened_s < 1.5, opened_s
+        assert opened_s < within_s(0), opened_s
         assert _loops_back(midi, received, env, 60)
         for i in range(6):
             own_jack.kill()
             time.sleep(0.3)
+            before = midi.reregistrations
             with _Churn(env):
                 own_jack.start()
                 t_up = time.monotonic()
-                back = states.wait("back", after=t_up - 0.05, timeout=5.0)
-            assert back is not None and back[0] - t_up <= BACK_WITHIN_S, states.got
+                back = states.wait("back", after=t_up - 0.05, timeout=10.0)
+            assert back is not None and back[0] - t_up <= within_s(before), states.got
             assert _loops_back(midi, received, env, 61 + i), f"return {i}: no MIDI passes"
-        assert "kept leaving" not in caplog.text
+        assert "did not reach our input" not in caplog.text
+        print(f"re-registrations: {midi.reregistrations} in 7 openings")
     finally:
         midi.close()
