@@ -172,10 +172,11 @@ class ConceptLoader:
         active = activate(spec, model, self.folder, base=self._base_weights)
         generator = Generator(model, concept=active)
         # The new session's first run pays ORT's one-off costs here, not in an answer: one
-        # prefill of the longest prompt, both decoders. Measured side by side (riff+waltz,
-        # this 2-vCPU Xeon): 215 ms of loading and a first answer of 190-202 ms, where
-        # warm_up's full 1-bar answers took 3x as long (630 vs 210 ms in one run) and left
-        # the first answer no faster; with no run at all it was ~25 ms slower.
+        # prefill of the longest prompt, both decoders. Measured (riff+waltz, a 2-vCPU
+        # Xeon, two runs): warm_up's 1-bar answers took 614-659 ms to build and warm
+        # against 488-498 for two short prefills, the first answer no faster after them;
+        # one prefill took 211-263 ms against 73-87 with none, whose first answer was
+        # ~25 ms slower.
         generator.warm_prefill(PROMPT_TOKENS)
         return generator
 
