@@ -83,14 +83,21 @@ class Generator:
         steering: Steering | None = None,
         *,
         concept: ActiveConcept | None = None,
+        like: Generator | None = None,
     ) -> None:
+        """``like``: a generator of the same model files whose read-only banks (steering,
+        copy index, feature reference) this one shares instead of reading its own copies
+        (a concept's generator in the server: 29.0 -> 23.2 MB of private memory for each
+        one kept, measured with the bundled model)."""
+        if like is not None and like.model.files.root != model.files.root:
+            raise GenerateError("a generator shares banks only with one of the same model")
         # a concept (``model.concept``): its weights in the decoder session, and its
         # identifier tokens first in every context; without one nothing changes
         self.concept = concept
         self.concept_prefix: list[int] = list(concept.prefix) if concept is not None else []
         if concept is not None:
             model = concept.bind(model)
-        self.model = model
+        self.model: OnnxModel = model
         self.vocab = model.tokenizer.vocab
         self.decoder = IncrementalDecoder(model)
         # the steered answer and the base model's view of it, in one batched ONNX call
@@ -101,7 +108,9 @@ class Generator:
             if model.diverged is not None
             else None
         )
-        self.steering = steering or Steering.from_model_dir(model.files.root)
+        self.steering: Steering = steering or (
+            like.steering if like is not None else Steering.from_model_dir(model.files.root)
+        )
         # how the decoder was chosen for this host (a model.host.Choice), when someone chose
         # it: the serve banner says which and why
         self.decoder_choice: Any = None
@@ -109,8 +118,13 @@ class Generator:
         root = model.files.root
         # the readout's banks are optional: without them copy rate / distance are empty
         index, reference = root / COPY_INDEX_FILE, root / FEATURE_REFERENCE_FILE
-        self.index = NgramIndex.load(index) if index.exists() else None
-        self.reference = FeatureReference.load(reference) if reference.exists() else None
+        self.index: NgramIndex | None
+        self.reference: FeatureReference | None
+        if like is not None:
+            self.index, self.reference = like.index, like.reference
+        else:
+            self.index = NgramIndex.load(index) if index.exists() else None
+            self.reference = FeatureReference.load(reference) if reference.exists() else None
 
     def warm_up(self, bars: int = 4) -> None:
         """Run what a live answer runs (both decoders, a full prompt's prefill, a

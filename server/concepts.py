@@ -170,7 +170,8 @@ class ConceptLoader:
         if self._base_weights is None:
             self._base_weights = BaseWeights(model.files.root, model.n_layer)
         active = activate(spec, model, self.folder, base=self._base_weights)
-        generator = Generator(model, concept=active)
+        # the base generator's read-only banks are shared, not read again
+        generator = Generator(model, concept=active, like=base)
         # The new session's first run pays ORT's one-off costs here, not in an answer: one
         # prefill of the longest prompt, both decoders. Measured (riff+waltz, a 2-vCPU
         # Xeon, two runs): warm_up's 1-bar answers took 614-659 ms to build and warm

@@ -72,6 +72,19 @@ def test_same_seed_same_answer(tiny: OnnxModel) -> None:
     assert a.tokens != c.tokens
 
 
+def test_sharing_banks_changes_no_answer_and_needs_the_same_model(tiny: OnnxModel) -> None:
+    ids = tiny.tokenizer.encode_score(chord_score())
+    own = Generator(tiny)
+    shared = Generator(tiny, like=own)
+    assert shared.steering is own.steering and shared.reference is own.reference
+    for d in (0.0, 0.6):
+        a = own.continue_ids(ids, bars=2, seed=3, divergence=d)
+        b = shared.continue_ids(ids, bars=2, seed=3, divergence=d)
+        assert a.tokens == b.tokens
+    with pytest.raises(GenerateError, match="same model"):
+        Generator(OnnxModel(None, threads=1), like=own)
+
+
 @pytest.mark.parametrize("bad", [0, 65])
 def test_bars_out_of_range(tiny: OnnxModel, bad: int) -> None:
     ids = tiny.tokenizer.encode_score(chord_score())

@@ -69,6 +69,10 @@ class Recording:
     def readout(self, cont: Any) -> Any:
         return self._g.readout(cont)
 
+    def __getattr__(self, name: str) -> Any:
+        # the rest (banks a concept's generator shares, the vocabulary, ...) is the real one's
+        return getattr(self._g, name)
+
     def warm_prefill(self, length: int) -> None:
         self.order.append(f"warm {length}")
         self._g.warm_prefill(length)

@@ -67,6 +67,16 @@ def test_switching_back_reuses_the_generator_built(loader: ConceptLoader, base: 
     assert loader.build_now("riff+waltz", base)[0] is both
 
 
+def test_a_built_concept_shares_the_base_generators_read_only_banks(
+    loader: ConceptLoader, base: Any
+) -> None:
+    riff, _ = loader.build_now("riff", base)
+    assert riff.steering is base.steering
+    assert riff.index is base.index and riff.reference is base.reference
+    assert riff.reference is not None  # the bundled model ships them: something is shared
+    assert riff.model is not base.model  # its own decoder session, with the concept's weights
+
+
 def test_a_concept_learned_again_or_removed_is_not_served_from_the_cache(
     concepts: Path, tmp_path: Path, base: Any
 ) -> None:
