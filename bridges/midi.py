@@ -331,6 +331,8 @@ class MidiIO:
         # python-rtmidi is a Cython module without type information: its objects are Any
         self._in: Any = None
         self._out: Any = None
+        self._opening = False  # an opening under way: its ports may yet be registered again
+        self._held_probe: Any = None  # _jack_probe's client, kept while ours register
         self._input_name: str | None = None
         self._output_name: str | None = None
         self._send_lock = threading.Lock()
@@ -362,8 +364,8 @@ class MidiIO:
 
     @property
     def is_open(self) -> bool:
-        """Whether both ports are open."""
-        return self._in is not None and self._out is not None
+        """Whether both ports are open (and, with our own JACK ports, checked)."""
+        return not self._opening and self._in is not None and self._out is not None
 
     @property
     def waiting(self) -> bool:
@@ -458,6 +460,13 @@ class MidiIO:
         the GIL, which python-rtmidi holds while it waits for the server, and the server
         may be waiting for the watch (a deadlock, seen).
         """
+        self._opening = True
+        try:
+            self._open_until_it_passes()
+        finally:
+            self._opening = False
+
+    def _open_until_it_passes(self) -> None:
         for attempt in range(1, _OPEN_TRIES + 1):
             self._open_ports()
             self._watch_xruns()
@@ -752,18 +761,30 @@ class MidiIO:
                     log.debug("closing a dead MIDI client: %r", e)
 
     def _server_answers(self) -> tuple[bool, float | None]:
-        """Whether the MIDI system is back, and its period (cheap; no process started)."""
+        """Whether the MIDI system is back, and its period (cheap; no process started).
+        JACK's probe client stays open until :meth:`_release_probe`."""
         if self.backend == "alsa":
             # opening a missing sequencer prints on stderr: look for its device first
             return os.access(_ALSA_SEQ, os.R_OK | os.W_OK), None
         if self.backend != "jack":
             return True, None
-        return self._jack_probe()
+        return self._jack_probe(hold=True)
 
-    def _jack_probe(self) -> tuple[bool, float | None]:
+    def _release_probe(self) -> None:
+        probe, self._held_probe = self._held_probe, None
+        if probe is not None:
+            probe.close()
+
+    def _jack_probe(self, *, hold: bool = False) -> tuple[bool, float | None]:
         """Whether a JACK server answers, and its period in seconds (None: unknown),
         through a short-lived client of ours with no ports (~50 ms; jack_bufsize and
-        jack_samplerate, the fall-back without JACK-Client, take ~150 ms)."""
+        jack_samplerate, the fall-back without JACK-Client, take ~150 ms).
+
+        ``hold``: the client is kept (closed by :meth:`_release_probe`) instead of closed
+        at once. Why: a client leaving while ours register is jack2's race that leaves a
+        client of ours deaf (see :meth:`_open_checked`); closed right before our ports
+        registered, the probe was such a client at every return of JACK.
+        """
         try:
             import jack  # JACK-Client: cffi over libjack
         except (ImportError, OSError):
@@ -781,19 +802,26 @@ class MidiIO:
             rate = probe.samplerate
             return True, probe.blocksize / rate if rate > 0 else None
         finally:
-            probe.close()
+            if hold:
+                self._release_probe()  # an earlier one, if any, first
+                self._held_probe = probe
+            else:
+                probe.close()
 
     def _try_reopen(self) -> None:
         up, period = self._server_answers()
-        if not up:
-            return
-        self._pending_in = self._pending_out = False
         try:
-            self._open_checked()
-        except BridgeError as e:
-            log.debug("MIDI not back yet: %s", e)
-            self._teardown()
-            return
+            if not up:
+                return
+            self._pending_in = self._pending_out = False
+            try:
+                self._open_checked()
+            except BridgeError as e:
+                log.debug("MIDI not back yet: %s", e)
+                self._teardown()
+                return
+        finally:
+            self._release_probe()  # our clients are registered (or gone): it may leave
         # before "back" is said: its listener reads the period (a JACK server that
         # appears or returns may run another one)
         self.period_s = period

@@ -21,7 +21,7 @@ import rtmidi
 
 from divergent.bridges.exceptions import MidiBackendError
 from divergent.bridges.jack import JackServer
-from divergent.bridges.midi import MidiEvent, MidiIO
+from divergent.bridges.midi import _OPEN_TRIES, MidiEvent, MidiIO
 from tests.conftest import require_tool
 
 # JACK's return to the ports open and the named ones connected again (the issue's bound)
@@ -219,12 +219,16 @@ def test_no_jack_server_at_open_is_waited_for(monkeypatch: pytest.MonkeyPatch) -
         assert midi.dropped_while_down == 1
         server.start()
         t_up = time.monotonic()
-        assert _wait_for(lambda: midi.is_open, BACK_WITHIN_S), midi.fault
+        # open means checked: a re-registration (jack2's race, see the test below) is
+        # allowed for, as there
+        longest = BACK_WITHIN_S + RE_REGISTRATION_S * (_OPEN_TRIES - 1)
+        assert _wait_for(lambda: midi.is_open, longest), midi.fault
+        up_s = time.monotonic() - t_up
+        assert up_s <= BACK_WITHIN_S + RE_REGISTRATION_S * midi.reregistrations, up_s
         states = States()
         midi.on_state = states  # late: the news already happened, it is handed over
         back = states.wait("back", after=0.0, timeout=1.0)
         assert back is not None and "JACK server appeared" in back[2], states.got
-        assert time.monotonic() - t_up <= BACK_WITHIN_S + 1.0
         assert midi.fault == "" and not midi.waiting and midi.losses == 0
         # the period of the server that appeared, read before "back" was said: the
         # server's sender takes its lead from it then
