@@ -429,7 +429,10 @@ class Sender:
         out: list[_Out] = []
         for note in self._sounding.values():
             note.state = DONE
-            out.append((now, note.msg_off, note.tag, False))
+            # a note-on goes out up to a lead early, so a release can come before the
+            # time it was scheduled for; the note-off is never reported before it (the
+            # take would hold an off before its on, and a note hanging to the end)
+            out.append((max(now, note.on), note.msg_off, note.tag, False))
         self._sounding.clear()
         if self._release_ccs:
             channels: Iterable[int] = (
@@ -501,6 +504,7 @@ class Sender:
                     ended = self._sounding.pop((int(msg.channel), int(msg.note)), None)
                     if ended is not None:
                         ended.state = DONE
+                        t = max(t, ended.on)  # as for a release: never before its on
                 out.append((t, msg, None, False))
         return out
 

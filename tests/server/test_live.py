@@ -306,7 +306,13 @@ def test_sigterm_mid_answer_leaves_no_stuck_notes_and_a_complete_take(
     n_off = sum(
         1 for m in machine if m.type == "note_off" or (m.type == "note_on" and m.velocity == 0)
     )
-    assert n_on == n_off == len(ons)
+    # every note the listener heard is in the take, each with its note-off
+    assert n_on == n_off == len(ons), (
+        f"take: {n_on} on / {n_off} off; heard {len(ons)} on",
+        [(r[0] - res["received"][0][0], r[1], r[2], r[3]) for r in res["received"]],
+        [m for m in machine if not m.is_meta],
+        f"{jack_server.xruns() - xruns} xruns",
+    )
 
 
 def test_sigkill_leaves_a_take_with_everything_older_than_a_second(serve_factory: Any) -> None:

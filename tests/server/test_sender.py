@@ -703,6 +703,35 @@ def test_on_sent_reports_every_message_and_may_raise() -> None:
     assert all(s.actual >= s.scheduled - 0.0005 for s in sent[1:3])
 
 
+@pytest.mark.parametrize("how", ["panic", "close", "passed_through_off"])
+def test_a_note_off_is_never_reported_before_its_lead_early_note_on(how: str) -> None:
+    """A note-on leaves up to a lead early; a release right after it still reports its
+    note-off at or after the on's time, or the take holds an off before its on (and a
+    note hanging to the end: CI saw 4 on / 5 off in a take)."""
+    sent: list[Sent] = []
+    # late_drop_s: a note due a lead minus 50 ms ahead is not "late" for this test
+    sender = Sender(sinks=[ListSink()], on_sent=sent.append, lead_s=0.3, late_drop_s=1.0)
+    sender.start()
+    try:
+        on = time.monotonic() + 0.25  # inside the lead: sent now, a quarter second early
+        sender.schedule_note(on=on, off=on + 1.0, pitch=64, velocity=90)
+        assert _wait_until(lambda: sender.sounding() == 1)
+        if how == "panic":
+            assert sender.panic(wait=1.0)
+        elif how == "close":
+            sender.close(panic=True)
+        else:
+            sender.send_now(mido.Message("note_off", channel=0, note=64))
+            assert _wait_until(lambda: sender.sounding() == 0)
+    finally:
+        sender.close()
+    notes = [s for s in sent if s.message.type in ("note_on", "note_off")]
+    assert [s.message.type for s in notes] == ["note_on", "note_off"]
+    assert notes[0].scheduled == on
+    assert notes[1].scheduled >= notes[0].scheduled
+    assert notes[1].actual < on  # it did leave early: the case this test is about
+
+
 def test_passed_through_notes_are_tracked_and_released_on_close() -> None:
     sink = ListSink()
     sender = Sender(sinks=[sink])
