@@ -115,14 +115,14 @@ class Generator:
         # it: the serve banner says which and why
         self.decoder_choice: Any = None
         self._pool: ThreadPoolExecutor | None = None  # the diverged decoder's worker
-        root = model.files.root
         # the readout's banks are optional: without them copy rate / distance are empty
-        index, reference = root / COPY_INDEX_FILE, root / FEATURE_REFERENCE_FILE
         self.index: NgramIndex | None
         self.reference: FeatureReference | None
         if like is not None:
             self.index, self.reference = like.index, like.reference
         else:
+            root = model.files.root
+            index, reference = root / COPY_INDEX_FILE, root / FEATURE_REFERENCE_FILE
             self.index = NgramIndex.load(index) if index.exists() else None
             self.reference = FeatureReference.load(reference) if reference.exists() else None
 
