@@ -256,11 +256,14 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
 
     if args.minutes <= 0 or args.window_seconds <= 0:
         raise CLIError("--minutes and --window-seconds must be more than 0")
+    if args.warm_prefills is not None and args.warm_prefills < 0:
+        raise CLIError("--warm-prefills must be 0 or more")
     res = run_bench_soak(
         minutes=args.minutes,
         window_s=args.window_seconds,
         jack_period=args.jack_period,
         concepts=Path(args.concepts) if args.concepts else None,
+        warm_prefills=args.warm_prefills,
     )
     print(json.dumps(res, indent=None if args.json else 1))
     return 0
@@ -698,6 +701,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the server's concepts folder (default: its own); the performer switches "
         "between the concepts in it",
+    )
+    bs.add_argument(
+        "--warm-prefills",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the server's --warm-prefills (default: the server's own default)",
     )
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=_cmd_bench_soak)

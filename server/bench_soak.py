@@ -685,12 +685,14 @@ def run_bench_soak(
     window_s: float = 60.0,
     jack_period: int = 64,
     concepts: Path | None = None,
+    warm_prefills: int | None = None,
 ) -> dict[str, Any]:
     """Soak ``divergent serve`` for ``minutes`` with a scripted performer; one row per
     ``window_s`` and a summary against issue 12's targets. ``concepts``: the server's
     concepts folder (default: the server's own default); the performer switches between
     the concepts the server lists. ``jack_period``: frames per period of the JACK dummy
-    server it starts (48 kHz), a named one of its own."""
+    server it starts (48 kHz), a named one of its own. ``warm_prefills``: the server's
+    ``--warm-prefills`` (None: its default)."""
     from divergent.model.host import cpu_model
 
     window_lengths(minutes * 60.0, window_s)  # a soak of no time is refused before it starts
@@ -701,6 +703,8 @@ def run_bench_soak(
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         work = Path(tmp)
         extra = ["--record", "--no-web", *(["--concepts", str(concepts)] if concepts else [])]
+        if warm_prefills is not None:
+            extra += ["--warm-prefills", str(warm_prefills)]
         serve = _call_server(work, name, *extra, env=jack.env())
         try:
             serve.start(timeout=60)
@@ -712,6 +716,7 @@ def run_bench_soak(
     result["cpu"] = cpu_model()
     result["jack"] = {"period": jack_period, "rate": 48000, "xruns": xruns}
     result["cold_start_s"] = round(serve.cold_start_s, 3)
+    result["serve_args"] = extra
     result["exit_code"] = rc
     return result
 

@@ -58,7 +58,9 @@ def test_short_soak_end_to_end(tmp_path: Path) -> None:
     # performer note in them: the machine's loss, not the server's. This test checks the
     # server's invariants; the bench's own runs report the timing at shorter periods.
     period = 2 * JACK_PERIOD_FRAMES
-    res = run_bench_soak(minutes=0.6, window_s=12, jack_period=period, concepts=concepts)
+    res = run_bench_soak(
+        minutes=0.6, window_s=12, jack_period=period, concepts=concepts, warm_prefills=4
+    )
     json.dumps(res, allow_nan=False)  # valid JSON: what cannot be measured is null
     rows, summary = res["per_minute"], res["summary"]
     assert res["minutes"] == 0.6 and len(rows) == 3, res
@@ -81,6 +83,8 @@ def test_short_soak_end_to_end(tmp_path: Path) -> None:
     assert res["take"]["takes"] >= 1
     assert res["take"]["performer_notes"] == res["heard"]["performer_note_ons_sent"], res
     assert res["exit_code"] == 0
+    # the server ran with the option given (serve refuses an option it does not know)
+    assert res["serve_args"][-2:] == ["--warm-prefills", "4"]
 
 
 def test_windows_and_summary() -> None:
@@ -123,3 +127,6 @@ def test_cli_soak_arguments() -> None:
     assert args.minutes == 0.5 and args.window_seconds == 60 and args.jack_period == 64
     assert args.func.__name__ == "_cmd_bench_soak"
     assert main(["bench", "soak", "--minutes", "0"]) == 2  # refused before anything starts
+    args = build_parser().parse_args(["bench", "soak", "--minutes", "1", "--warm-prefills", "48"])
+    assert args.warm_prefills == 48
+    assert main(["bench", "soak", "--minutes", "1", "--warm-prefills", "-1"]) == 2
