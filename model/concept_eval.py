@@ -99,10 +99,15 @@ class ConceptProtocol:
     steps: int = 60
     threads: int = 1
     seed: int = 0
+    #: resamples of each method's answers for the fidelity's 90 % interval (0: none).
+    #: Only the answers' sampling: learning seeds move fidelity as much again
+    bootstrap: int = 1000
 
     def __post_init__(self) -> None:
         if self.val_references < 0 or self.prompts < 1 or self.seeds < 2 or self.bars < 1:
             raise ValueError("val_references >= 0, prompts >= 1, seeds >= 2, bars >= 1")
+        if self.bootstrap < 0:
+            raise ValueError("bootstrap must be >= 0")
         if not 0.0 < self.extra_fraction <= 1.0:
             raise ValueError("extra_fraction must be in (0, 1]")
         if self.val_references + len(self.played_references) < 1:
@@ -150,6 +155,51 @@ def style_distance(answers: np.ndarray, reference: np.ndarray) -> float:
     return float(
         np.mean([0.5 * np.abs(a[b] / a[b].sum() - r[b] / r[b].sum()).sum() for b in _BLOCKS])
     )
+
+
+def bootstrap_style_distance(
+    answers: np.ndarray, reference: np.ndarray, draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """:func:`style_distance` of ``draws`` resamples (with replacement) of the answers:
+    how far the answers' sampling alone moves it. Shape (draws,)."""
+    a = np.asarray(answers, np.float64)
+    n = len(a)
+    if n == 0 or draws == 0:
+        return np.zeros(0)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=draws) / n  # (draws, n)
+    hist = weights @ a  # (draws, D): each resample's mean histogram
+    r = _mean_hist(reference)
+    tv = [
+        0.5 * np.abs(hist[:, b] / hist[:, b].sum(1, keepdims=True) - r[b] / r[b].sum()).sum(1)
+        for b in _BLOCKS
+    ]
+    return np.asarray(np.mean(tv, axis=0))
+
+
+def _ci90(x: np.ndarray) -> list[float] | None:
+    return [float(np.percentile(x, 5)), float(np.percentile(x, 95))] if len(x) else None
+
+
+def _intervals(
+    draws: dict[str, dict[str, np.ndarray]], methods: list[str]
+) -> tuple[dict[str, list[float] | None], dict[str, dict[str, Any]]]:
+    """From each reference's and method's resampled style distances: every method's
+    fidelity interval (mean over references, per draw), and PPT's fidelity as a share of
+    full fine-tuning's with its interval."""
+
+    def resampled(m: str) -> bool:  # a method with an answerless reference has none
+        return all(len(d["base"]) and len(d[m]) for d in draws.values())
+
+    fid = {
+        m: np.mean([1.0 - d[m] / d["base"] for d in draws.values()], axis=0)
+        for m in methods
+        if draws and resampled(m)
+    }
+    ratios: dict[str, dict[str, Any]] = {}
+    for other in ("full_plain", "full"):
+        if "ppt" in fid and other in fid:
+            ratios[f"ppt_vs_{other}"] = {"fidelity_ci90": _ci90(fid["ppt"] / fid[other])}
+    return {m: _ci90(fid[m]) if m in fid else None for m in methods}, ratios
 
 
 def _knn_radii(x: np.ndarray, k: int) -> np.ndarray:
@@ -272,6 +322,14 @@ class _Answers:
             self.by_prompt.append(row)
 
 
+def _boot(
+    ans: _Answers, ref_feats: np.ndarray, p: ConceptProtocol, rng: np.random.Generator
+) -> np.ndarray:
+    if not ans.feats or not p.bootstrap:
+        return np.zeros(0)
+    return bootstrap_style_distance(np.stack(ans.feats), ref_feats, p.bootstrap, rng)
+
+
 def _ref_features(ids: np.ndarray, vocab: Any) -> tuple[np.ndarray, set[int]]:
     from divergent.model.grammar import RemiGrammar
 
@@ -391,6 +449,8 @@ def evaluate_concept(
     if p.only:
         methods = ["base", *(m for m in methods if m in p.only)]
     per_ref: dict[str, dict[str, dict[str, float]]] = {}
+    draws: dict[str, dict[str, np.ndarray]] = {}  # reference -> method -> resampled distances
+    boot_rng = np.random.default_rng(p.seed)
     base_answers = _Answers(onnx, None, prompts, p)
     concepts_for_combo: dict[str, Concept] = {}
     load_ms: list[float] = []
@@ -398,6 +458,7 @@ def evaluate_concept(
         ref_feats, ref_grams = _ref_features(ids, vocab)
         rows: dict[str, dict[str, float]] = {}
         m = _metrics(base_answers, ref_feats, ref_grams, ref_std)
+        draws[ref_name] = {"base": _boot(base_answers, ref_feats, p, boot_rng)}
         rows["base"] = m | {
             "retention_nll_delta": 0.0,
             "seconds": 0.0,
@@ -458,6 +519,7 @@ def evaluate_concept(
                 nbytes = res.state_bytes
                 active = _active_from_result(res, onnx, base)
             ans = _Answers(onnx, active, prompts, p)
+            draws[ref_name][method] = _boot(ans, ref_feats, p, boot_rng)
             rows[method] = _metrics(ans, ref_feats, ref_grams, ref_std) | {
                 "retention_nll_delta": _nll(model, ret_windows) - base_nll,
                 "seconds": res.seconds,
@@ -467,16 +529,23 @@ def evaluate_concept(
         for r in rows.values():
             r["fidelity"] = 1.0 - r["style_distance"] / rows["base"]["style_distance"]
         per_ref[ref_name] = rows
-    summary = {
+    summary: dict[str, dict[str, Any]] = {
         method: {
             k: float(np.mean([per_ref[r][method][k] for r in per_ref]))
             for k in per_ref[next(iter(per_ref))][method]
         }
         for method in methods
     }
+    cis, ratios = _intervals(draws, methods)
+    for method, ci in cis.items():
+        summary[method]["fidelity_ci90"] = ci
+    for key, ratio in ratios.items():
+        a, b = summary["ppt"]["fidelity"], summary[key.removeprefix("ppt_vs_")]["fidelity"]
+        ratio["fidelity"] = a / b if b else None
     combination = _combination(concepts_for_combo, refs, onnx, base, prompts, p, ref_std)
     result: dict[str, Any] = {
         "methods": summary,
+        "ratios": ratios,
         "references": per_ref,
         "combination": combination,
         "load_ms": {
@@ -548,6 +617,25 @@ def table(result: dict[str, Any]) -> str:
             v = r[c]
             cells.append(f"{int(v):,}" if c in ("trainable_params", "bytes") else f"{v:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    notes = [
+        f"- {m}: fidelity {r['fidelity']:.3f}, 90 % interval {ci[0]:.3f} – {ci[1]:.3f}"
+        for m, r in result["methods"].items()
+        if (ci := r.get("fidelity_ci90"))
+    ]
+    notes += [
+        f"- PPT's fidelity as a share of {k.removeprefix('ppt_vs_')}'s: {r['fidelity']:.2f}×, "
+        f"90 % interval {r['fidelity_ci90'][0]:.2f}× – {r['fidelity_ci90'][1]:.2f}×"
+        for k, r in result.get("ratios", {}).items()
+        if r.get("fidelity") is not None and r.get("fidelity_ci90")
+    ]
+    if notes:
+        lines += [
+            "",
+            "Intervals: the answers resampled with replacement (the protocol's `bootstrap`); "
+            "the learning seed moves fidelity as much again.",
+            "",
+            *notes,
+        ]
     return "\n".join(lines)
 
 

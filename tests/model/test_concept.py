@@ -367,6 +367,50 @@ def test_evaluation_protocol_round_trip_and_style_distance() -> None:
     assert 0.0 < style_distance(a, b) <= 1.0
 
 
+def test_bootstrap_of_the_style_distance_and_the_intervals() -> None:
+    from divergent.model.concept_eval import (
+        _COLUMNS,
+        ConceptProtocol,
+        _intervals,
+        bootstrap_style_distance,
+        style_distance,
+        table,
+    )
+
+    with pytest.raises(ValueError):
+        ConceptProtocol(bootstrap=-1)
+    rng = np.random.default_rng(0)
+    ref = rng.random((6, 40))
+    same = np.repeat(rng.random((1, 40)), 10, axis=0)
+    # resampling identical answers changes nothing
+    d = bootstrap_style_distance(same, ref, 50, np.random.default_rng(1))
+    assert d.shape == (50,) and np.allclose(d, style_distance(same, ref))
+    # varied answers: the draws spread around the point estimate, reproducibly per seed
+    varied = rng.random((40, 40))
+    d = bootstrap_style_distance(varied, ref, 500, np.random.default_rng(1))
+    point = style_distance(varied, ref)
+    assert d.std() > 0 and np.percentile(d, 5) <= point <= np.percentile(d, 95)
+    assert np.array_equal(d, bootstrap_style_distance(varied, ref, 500, np.random.default_rng(1)))
+    # fidelity = 1 - method / base, the mean over references, per draw
+    draws = {
+        "a": {"base": np.full(4, 0.4), "ppt": np.full(4, 0.3), "full_plain": np.full(4, 0.2)},
+        "b": {"base": np.full(4, 0.2), "ppt": np.full(4, 0.15), "full_plain": np.full(4, 0.1)},
+    }
+    cis, ratios = _intervals(draws, ["base", "ppt", "full_plain"])
+    assert cis["base"] == [0.0, 0.0]
+    assert cis["ppt"] == pytest.approx([0.25, 0.25])
+    assert ratios["ppt_vs_full_plain"]["fidelity_ci90"] == pytest.approx([0.5, 0.5])
+    draws["b"]["ppt"] = np.zeros(0)  # no answer with notes for one reference
+    cis, _ = _intervals(draws, ["base", "ppt", "full_plain"])
+    assert cis["ppt"] is None and cis["full_plain"] is not None
+    # the report's table says them
+    row = dict.fromkeys(_COLUMNS, 0.0) | {"fidelity": 0.25, "fidelity_ci90": [0.2, 0.3]}
+    ratio = {"fidelity": 0.8, "fidelity_ci90": [0.7, 0.9]}
+    text = table({"methods": {"ppt": row}, "ratios": {"ppt_vs_full_plain": ratio}})
+    assert "ppt: fidelity 0.250, 90 % interval 0.200 – 0.300" in text
+    assert "share of full_plain's: 0.80×, 90 % interval 0.70× – 0.90×" in text
+
+
 def test_requantization_reproduces_the_bundled_int8_decoder() -> None:
     base = BaseWeights(BUNDLED, 4)
     stored = read_onnx_initializers(BUNDLED / decoder_file("int8"))
