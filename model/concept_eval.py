@@ -33,6 +33,11 @@ Metrics (per reference, then the mean over references):
 
 ``combination``: two played concepts A and B alone and as ``A+B`` (deltas summed where
 masks overlap): each reference's style distance under A, B and A+B.
+
+``fidelity_ci90`` (per method) and ``ratios`` (PPT's fidelity as a share of ``full`` and
+``full_plain``'s): 90 % intervals from resampling each method's answers with replacement
+(``bootstrap`` draws), so a difference can be told from the answers' sampling noise. The
+learning seed is not resampled (it would mean learning again).
 """
 
 from __future__ import annotations
