@@ -153,13 +153,21 @@ def _mean_hist(feats: np.ndarray) -> np.ndarray:
     return np.asarray(feats, np.float64).mean(0)
 
 
+def _distances(hist: np.ndarray, ref_hist: np.ndarray) -> np.ndarray:
+    """Each row of ``hist`` (n, D) against ``ref_hist`` (D,): the mean over the blocks of
+    the total variation distance. Shape (n,)."""
+    r = ref_hist
+    tv = [
+        0.5 * np.abs(hist[:, b] / hist[:, b].sum(1, keepdims=True) - r[b] / r[b].sum()).sum(1)
+        for b in _BLOCKS
+    ]
+    return np.asarray(np.mean(tv, axis=0))
+
+
 def style_distance(answers: np.ndarray, reference: np.ndarray) -> float:
     """Mean total variation distance of the pitch-class, interval and IOI histograms of
     two sets of feature vectors (rows of ``model.features.features``)."""
-    a, r = _mean_hist(answers), _mean_hist(reference)
-    return float(
-        np.mean([0.5 * np.abs(a[b] / a[b].sum() - r[b] / r[b].sum()).sum() for b in _BLOCKS])
-    )
+    return float(_distances(_mean_hist(answers)[None], _mean_hist(reference))[0])
 
 
 def bootstrap_style_distance(
@@ -172,13 +180,7 @@ def bootstrap_style_distance(
     if n == 0 or draws == 0:
         return np.zeros(0)
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=draws) / n  # (draws, n)
-    hist = weights @ a  # (draws, D): each resample's mean histogram
-    r = _mean_hist(reference)
-    tv = [
-        0.5 * np.abs(hist[:, b] / hist[:, b].sum(1, keepdims=True) - r[b] / r[b].sum()).sum(1)
-        for b in _BLOCKS
-    ]
-    return np.asarray(np.mean(tv, axis=0))
+    return _distances(weights @ a, _mean_hist(reference))  # each resample's mean histogram
 
 
 def _ci90(x: np.ndarray) -> list[float] | None:
@@ -330,7 +332,7 @@ class _Answers:
 def _boot(
     ans: _Answers, ref_feats: np.ndarray, p: ConceptProtocol, rng: np.random.Generator
 ) -> np.ndarray:
-    if not ans.feats or not p.bootstrap:
+    if not ans.feats:  # (no draws wanted: bootstrap_style_distance gives none)
         return np.zeros(0)
     return bootstrap_style_distance(np.stack(ans.feats), ref_feats, p.bootstrap, rng)
 
