@@ -335,6 +335,12 @@ class MidiIO:
         self._held_probe: Any = None  # _jack_probe's client, kept while ours register
         self._input_name: str | None = None
         self._output_name: str | None = None
+        # With JACK and the watch's client: our ports are always our own virtual ones
+        # (checked like any), and named ports are connected to them through JACK; their
+        # full names here (None where rtmidi connected a named port itself)
+        self._own_in: str | None = None
+        self._own_out: str | None = None
+        self._via_jack = False
         self._send_lock = threading.Lock()
         self._poll_stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -455,7 +461,8 @@ class MidiIO:
         its ports are listed and connected, and no MIDI passes (seen in 2 of 40 JACK
         restarts while ``jack_lsp`` polled). Deleting both clients frees the table (they
         are the only rtmidi JACK clients in the server's process). Named ports are not
-        checked: the devices at their other ends would receive the check's message.
+        checked as such (their devices would receive the check's message): with JACK our
+        own virtual ports are opened and checked, then connected to them.
         The watch is closed before our clients are deleted: its Python callbacks need
         the GIL, which python-rtmidi holds while it waits for the server, and the server
         may be waiting for the watch (a deadlock, seen).
@@ -468,9 +475,11 @@ class MidiIO:
 
     def _open_until_it_passes(self) -> None:
         for attempt in range(1, _OPEN_TRIES + 1):
-            self._open_ports()
+            # the watch first: with named JACK ports its client makes their connections
             self._watch_xruns()
+            self._open_ports()
             if not self._loopback_checkable() or self._output_reaches_input():
+                self._connect_named()
                 return
             if attempt == _OPEN_TRIES:
                 log.warning(
@@ -478,6 +487,7 @@ class MidiIO:
                     "no MIDI passes, restart JACK or divergent",
                     attempt,
                 )
+                self._connect_named()
                 return
             log.info("our JACK ports pass no MIDI (a jack2 race): registering them again")
             self.reregistrations += 1
@@ -485,14 +495,44 @@ class MidiIO:
             self._delete_ports()
 
     def _loopback_checkable(self) -> bool:
-        return self.xrun_watch is not None and self.in_name is None and self.out_name is None
+        return self.xrun_watch is not None and None not in (self._own_in, self._own_out)
+
+    def _connect_named(self) -> None:
+        """Connect the named ports found at opening to our own (JACK, after the check)."""
+        if not self._via_jack:
+            return
+        for direction, wanted, pending in (
+            ("input", self.in_name, self._pending_in),
+            ("output", self.out_name, self._pending_out),
+        ):
+            if wanted is None or pending:
+                continue
+            name = self._input_name if direction == "input" else self._output_name
+            assert name is not None
+            try:
+                self._jack_connect(direction, name)
+            except BridgeError as e:
+                raise MidiPortError(f"cannot connect MIDI {direction} {name!r}: {e}") from e
+
+    def _jack_connect(self, direction: str, peer: str) -> None:
+        """Connect a named port to our own one of ``direction`` (input: it plays into us)."""
+        watch = self.xrun_watch
+        if watch is None:
+            raise BridgeError("the JACK watch is not open")
+        if direction == "input":
+            assert self._own_in is not None
+            watch.connect(peer, self._own_in)
+        else:
+            assert self._own_out is not None
+            watch.connect(self._own_out, peer)
 
     def _output_reaches_input(self) -> bool:
         """Whether a probe sent on our virtual output arrives at our virtual input through
         a connection made for the check (one or two JACK periods when it does)."""
         watch = self.xrun_watch
         assert watch is not None
-        src, dst = self.output_name, self.input_name
+        src, dst = self._own_out, self._own_in
+        assert src is not None and dst is not None
         try:
             watch.connect(src, dst)
         except BridgeError as e:
@@ -525,6 +565,8 @@ class MidiIO:
         # a deep queue: the poller may lose the GIL for a while under a 2 kHz flood
         self._in = _make(rtmidi.MidiIn, self.backend, self.client_name, queue_size_limit=16384)
         self._out = _make(rtmidi.MidiOut, self.backend, self.client_name)
+        self._via_jack = self.xrun_watch is not None
+        self._own_in = self._own_out = None
         self._input_name = self._open_input(self._in, self._out)
         self._output_name = self._open_output(self._out, self._in)
 
@@ -547,47 +589,54 @@ class MidiIO:
         return "; ".join(waiting)
 
     def _watch_xruns(self) -> None:
-        if self.backend != "jack" or (self.on_xrun is None and not self.supervise):
+        named = self.in_name is not None or self.out_name is not None
+        if self.backend != "jack" or (self.on_xrun is None and not self.supervise and not named):
             return
         if self.xrun_watch is not None:
             return
-        # with supervision the watch also tells when the JACK server goes away
+        # with supervision the watch also tells when the JACK server goes away, and with
+        # named ports its client connects them to ours
         on_xrun = self.on_xrun or (lambda: None)
         watch = XrunWatch(client_name=f"{self.client_name}-xruns", on_xrun=on_xrun)
         try:
             self.xrun_watch = watch.open()
         except BridgeError as e:
-            # MIDI still works; only the repeat of note-offs JACK may drop is missing
+            # MIDI still works (rtmidi connects named ports itself, unchecked); only the
+            # repeat of note-offs JACK may drop is missing
             log.warning("JACK xruns not watched (lost note-offs are not re-sent): %s", e)
 
     def _open_input(self, mi: Any, lister: Any) -> str:
         mi.ignore_types(**_IGNORED_INPUT)
-        if self.in_name is not None:
-            ports = list(mi.get_ports())
-            if self._waits_for(self.in_name, ports):
-                self._pending_in = True
-                return self.in_name
-            idx = _match_port(self.in_name, ports, "input")
-            try:
-                mi.open_port(idx, name=self.virtual_in)
-            except rtmidi.RtMidiError as e:
-                raise MidiPortError(f"cannot open MIDI input {ports[idx]!r}: {e}") from e
-            return ports[idx]
-        return self._open_virtual(mi, self.virtual_in, lister)
+        return self._open_direction("input", mi, lister)
 
     def _open_output(self, mo: Any, lister: Any) -> str:
-        if self.out_name is not None:
-            ports = list(mo.get_ports())
-            if self._waits_for(self.out_name, ports):
-                self._pending_out = True
-                return self.out_name
-            idx = _match_port(self.out_name, ports, "output")
+        return self._open_direction("output", mo, lister)
+
+    def _open_direction(self, direction: str, port: Any, lister: Any) -> str:
+        """Open one direction: our virtual port, or the named one (waited for when it is
+        not there). With JACK's watch our own virtual port is opened either way, and the
+        named one is connected to it after the loopback check (:meth:`_connect_named`)."""
+        wanted = self.in_name if direction == "input" else self.out_name
+        virtual = self.virtual_in if direction == "input" else self.virtual_out
+        if wanted is None or self._via_jack:
+            own = self._open_virtual(port, virtual, lister)
+            if direction == "input":
+                self._own_in = own
+            else:
+                self._own_out = own
+            if wanted is None:
+                return own
+        ports = list(port.get_ports())
+        if self._waits_for(wanted, ports):
+            self._set_pending(direction, True)
+            return wanted
+        idx = _match_port(wanted, ports, direction)
+        if not self._via_jack:
             try:
-                mo.open_port(idx, name=self.virtual_out)
+                port.open_port(idx, name=virtual)
             except rtmidi.RtMidiError as e:
-                raise MidiPortError(f"cannot open MIDI output {ports[idx]!r}: {e}") from e
-            return ports[idx]
-        return self._open_virtual(mo, self.virtual_out, lister)
+                raise MidiPortError(f"cannot open MIDI {direction} {ports[idx]!r}: {e}") from e
+        return str(ports[idx])
 
     def _waits_for(self, wanted: str, ports: list[str]) -> bool:
         """Whether a named port that is not there is waited for (else: an error)."""
@@ -867,7 +916,8 @@ class MidiIO:
                 return False
             # the peer went away: JACK dropped the connection; wait for it to come back
             with self._send_lock:
-                port.close_port()
+                if not self._via_jack:
+                    port.close_port()
                 self._set_pending(direction, True)
             message = f"MIDI {direction} {current!r} disappeared: waiting for it to return"
             log.error("%s", message)
@@ -879,10 +929,13 @@ class MidiIO:
         try:
             idx = _match_port(wanted, ports, direction)
             virtual = self.virtual_in if direction == "input" else self.virtual_out
+            if self._via_jack:
+                self._jack_connect(direction, ports[idx])
             with self._send_lock:
-                port.open_port(idx, name=virtual)
+                if not self._via_jack:
+                    port.open_port(idx, name=virtual)
                 self._set_pending(direction, False)
-        except (MidiPortError, rtmidi.RtMidiError) as e:
+        except (BridgeError, rtmidi.RtMidiError) as e:
             log.debug("MIDI %s %r not connectable yet: %s", direction, wanted, e)
             return False
         if direction == "input":

@@ -7,9 +7,11 @@ clients pick it through ``JACK_DEFAULT_SERVER``), so the session's server is not
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -331,3 +333,141 @@ def test_ports_pass_midi_when_other_clients_leave_while_ours_register(
         print(f"re-registrations: {midi.reregistrations} in 7 openings")
     finally:
         midi.close()
+
+
+# The performer's keyboard ("keys", an output) and synth ("synth", an input): another
+# program's JACK clients, driven over stdin ("open", then "play N", "heard", "quit"). In a
+# process of their own: rtmidi clients of the test's process itself crashed libjack when
+# the server was killed under them.
+GEAR_SCRIPT = r"""
+import json, sys, rtmidi
+print("STARTED", flush=True)
+sys.stdin.readline()
+keys = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=sys.argv[1])
+keys.open_virtual_port("keys")
+synth = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=sys.argv[1] + "s")
+synth.ignore_types(sysex=False)  # a check message reaching the synth would show
+synth.open_virtual_port("synth")
+heard = []
+synth.set_callback(lambda ev, _: heard.append(list(ev[0])))
+print("READY", flush=True)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "play":
+        keys.send_message([0x90, int(cmd[1]), 70])
+        print("OK", flush=True)
+    elif cmd[0] == "heard":
+        print(json.dumps(heard), flush=True)
+    else:
+        break
+"""
+
+
+class _Gear:
+    def __init__(self, env: dict[str, str], name: str) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", GEAR_SCRIPT, name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self._line() == "STARTED"
+
+    def open(self) -> _Gear:
+        """Its ports (the process was started before: opening them takes a few ms)."""
+        assert self._ask("open") == "READY"
+        return self
+
+    def _line(self) -> str:
+        assert self._proc.stdout is not None
+        return self._proc.stdout.readline().strip()
+
+    def _ask(self, command: str) -> str:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+        return self._line()
+
+    def play(self, note: int) -> None:
+        assert self._ask(f"play {note}") == "OK"
+
+    def heard(self) -> list[list[int]]:
+        return list(json.loads(self._ask("heard")))
+
+    def close(self) -> None:
+        try:
+            self._ask("quit")
+            self._proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+            self._proc.wait()
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_named_ports_pass_midi_when_other_clients_leave_while_ours_register(
+    own_jack: JackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same race with named ports (``--midi-in/--midi-out``): our clients open ports
+    of their own, checked as virtual ones are, and only then are the named ports
+    connected to them through JACK, so the check's SysEx never reaches the gear. After
+    every opening a note from the keyboard reaches us and ours reaches the synth."""
+    env = own_jack.env()
+    received: list[MidiEvent] = []
+    states = States()
+    peer = _tag()
+    midi = MidiIO(
+        backend="jack",
+        client_name=_tag(),
+        in_name=f"{peer}:keys",
+        out_name=f"{peer}s:synth",
+        on_event=received.append,
+        on_xrun=lambda: None,
+        on_state=states,
+        supervise=True,
+        wait_for_ports=True,
+    )
+
+    def passes(gear: _Gear, note: int) -> bool:
+        assert _wait_for(lambda: midi.is_open and midi.fault == "", 5.0), midi.fault
+        time.sleep(0.05)
+        gear.play(note)
+        heard_in = _wait_for(
+            lambda: any(e.message.type == "note_on" and e.message.note == note for e in received),
+            1.0,
+        )
+        midi.send(mido.Message("note_on", note=note, velocity=71))
+        heard_out = _wait_for(lambda: [0x90, note, 71] in gear.heard(), 1.0)
+        assert not any(m[0] == 0xF0 for m in gear.heard())  # the gear heard no check
+        return heard_in and heard_out
+
+    gear = _Gear(env, peer).open()
+    try:
+        with _Churn(env) as churn:
+            time.sleep(0.2)  # the scripts' clients come and go
+            midi.open()
+        assert churn.runs > 0
+        assert passes(gear, 60), "no MIDI passes after the first opening"
+        for i in range(4):
+            gear.close()
+            gear = _Gear(env, peer)
+            own_jack.kill()
+            time.sleep(0.3)
+            before = midi.reregistrations
+            own_jack.start()
+            t_up = time.monotonic()
+            # the gear's ports first, before the churn: its own clients registering are
+            # not what this test is about; ours mostly come after, inside the churn
+            gear.open()
+            with _Churn(env):
+                back = states.wait("back", after=t_up - 0.05, timeout=10.0)
+                within = BACK_WITHIN_S + RE_REGISTRATION_S * (midi.reregistrations - before)
+                assert back is not None and back[0] - t_up <= within, states.got
+                assert passes(gear, 61 + i), f"return {i}: no MIDI passes"
+        assert "did not reach our input" not in caplog.text
+        print(f"re-registrations: {midi.reregistrations} in 5 openings")
+    finally:
+        midi.close()
+        gear.close()
