@@ -39,9 +39,19 @@ def _wait_sounding(sp: ServeProcess, *, after: float, timeout: float = 4.0) -> N
     raise AssertionError(f"no note of the answer began after {after:.3f} s: {sp.log()}")
 
 
-def _interrupt(sp: ServeProcess, name: str) -> tuple[float, float, dict[str, Any], list[Any]]:
+def _machine_note_on_after(sp: ServeProcess, t: float) -> bool:
+    return any(int(args[1]) > 0 for _, _, args in sp.osc.since(t, "/divergent/out/note"))
+
+
+def _interrupt(
+    sp: ServeProcess, name: str, *, plays_on: bool
+) -> tuple[float, float, dict[str, Any], list[Any]]:
     """A phrase, then a new one while the answer sounds: (when the performer came back in,
-    when that note ended, the listening peer's result, the server's trace)."""
+    when that note ended, the listening peer's result, the server's trace).
+
+    ``plays_on``: the answer is expected to go on, so the window lasts past its next
+    note-on (up to 4 s of the 8-s answer's rest): a sampled answer may rest for a beat or
+    two, and a rest is not a yield (CI once saw no note-on in a 1-s window)."""
     listener = subprocess.Popen(
         [
             sys.executable,
@@ -50,7 +60,7 @@ def _interrupt(sp: ServeProcess, name: str) -> tuple[float, float, dict[str, Any
             "listen",
             "--server",
             name,
-            *("--no-send", "--seconds", "8"),
+            *("--no-send", "--seconds", "10"),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -65,6 +75,11 @@ def _interrupt(sp: ServeProcess, name: str) -> tuple[float, float, dict[str, Any
     t_in = time.monotonic()
     sp.osc.send("/divergent/note", 72, 90, 1)  # the performer's next phrase begins (held)
     time.sleep(1.0)
+    if plays_on:
+        deadline = t_in + 4.0
+        while not _machine_note_on_after(sp, t_in + 0.05) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # that note's way to the peer
     t_out = time.monotonic()
     # the window is over: silence the machine (mode off, a panic) so no answer to the new
     # phrase starts while the peer and the trace are read
@@ -86,7 +101,7 @@ def test_a_new_phrase_over_the_answer(serve_factory: Any, yield_mode: str) -> No
         "--mode", "call", "--bpm", "120", "--bars", "4", "--phrase-silence", "0.25",
         "--yield", yield_mode, name=name,
     )  # fmt: skip
-    t_in, t_out, peer, trace = _interrupt(sp, name)
+    t_in, t_out, peer, trace = _interrupt(sp, name, plays_on=yield_mode == "off")
     sent = [
         (e["actual"], e["type"] == "note_on")
         for e in trace
