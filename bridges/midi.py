@@ -475,9 +475,10 @@ class MidiIO:
 
     def _open_until_it_passes(self) -> None:
         for attempt in range(1, _OPEN_TRIES + 1):
-            # the watch first: with named JACK ports its client makes their connections
-            self._watch_xruns()
+            # the ports first: opening the watch first left our ports deaf more often
+            # (the race test failed 2 of 3 runs that way, 0 of 3 in this order)
             self._open_ports()
+            self._watch_xruns()
             if not self._loopback_checkable() or self._output_reaches_input():
                 self._connect_named()
                 return
@@ -498,33 +499,44 @@ class MidiIO:
         return self.xrun_watch is not None and None not in (self._own_in, self._own_out)
 
     def _connect_named(self) -> None:
-        """Connect the named ports found at opening to our own (JACK, after the check)."""
+        """With JACK: connect the named ports found at opening, after the check."""
         if not self._via_jack:
-            return
+            return  # connected by rtmidi at opening
         for direction, wanted, pending in (
             ("input", self.in_name, self._pending_in),
             ("output", self.out_name, self._pending_out),
         ):
             if wanted is None or pending:
                 continue
-            name = self._input_name if direction == "input" else self._output_name
-            assert name is not None
+            port = self._in if direction == "input" else self._out
+            ports = list(port.get_ports())
+            idx = _match_port(wanted, ports, direction)
             try:
-                self._jack_connect(direction, name)
-            except BridgeError as e:
-                raise MidiPortError(f"cannot connect MIDI {direction} {name!r}: {e}") from e
+                self._connect(direction, port, ports, idx)
+            except (BridgeError, rtmidi.RtMidiError) as e:
+                raise MidiPortError(f"cannot connect MIDI {direction} {ports[idx]!r}: {e}") from e
 
-    def _jack_connect(self, direction: str, peer: str) -> None:
-        """Connect a named port to our own one of ``direction`` (input: it plays into us)."""
-        watch = self.xrun_watch
-        if watch is None:
-            raise BridgeError("the JACK watch is not open")
-        if direction == "input":
-            assert self._own_in is not None
-            watch.connect(peer, self._own_in)
-        else:
-            assert self._own_out is not None
-            watch.connect(self._own_out, peer)
+    def _own(self, direction: str) -> str | None:
+        return self._own_in if direction == "input" else self._own_out
+
+    def _jack_connects(self, direction: str) -> bool:
+        """Whether a named port of ``direction`` is connected to our own port by JACK."""
+        return self.xrun_watch is not None and self._own(direction) is not None
+
+    def _connect(self, direction: str, port: Any, ports: list[str], idx: int) -> None:
+        """Connect ``direction`` to the named port ``ports[idx]``: through JACK to our own
+        (checked) port while the watch is open, else by rtmidi itself (our own port, if
+        any, gives way to a port connected to the named one)."""
+        own = self._own(direction)
+        if self.xrun_watch is not None and own is not None:
+            if direction == "input":
+                self.xrun_watch.connect(ports[idx], own)
+            else:
+                self.xrun_watch.connect(own, ports[idx])
+            return
+        if port.is_port_open():
+            port.close_port()
+        port.open_port(idx, name=self.virtual_in if direction == "input" else self.virtual_out)
 
     def _output_reaches_input(self) -> bool:
         """Whether a probe sent on our virtual output arrives at our virtual input through
@@ -565,7 +577,8 @@ class MidiIO:
         # a deep queue: the poller may lose the GIL for a while under a 2 kHz flood
         self._in = _make(rtmidi.MidiIn, self.backend, self.client_name, queue_size_limit=16384)
         self._out = _make(rtmidi.MidiOut, self.backend, self.client_name)
-        self._via_jack = self.xrun_watch is not None
+        # with JACK, named ports are connected after the loopback check (_connect_named)
+        self._via_jack = self.backend == "jack"
         self._own_in = self._own_out = None
         self._input_name = self._open_input(self._in, self._out)
         self._output_name = self._open_output(self._out, self._in)
@@ -595,14 +608,13 @@ class MidiIO:
         if self.xrun_watch is not None:
             return
         # with supervision the watch also tells when the JACK server goes away, and with
-        # named ports its client connects them to ours
+        # named ports its client connects them to ours (without it rtmidi does, unchecked)
         on_xrun = self.on_xrun or (lambda: None)
         watch = XrunWatch(client_name=f"{self.client_name}-xruns", on_xrun=on_xrun)
         try:
             self.xrun_watch = watch.open()
         except BridgeError as e:
-            # MIDI still works (rtmidi connects named ports itself, unchecked); only the
-            # repeat of note-offs JACK may drop is missing
+            # MIDI still works; only the repeat of note-offs JACK may drop is missing
             log.warning("JACK xruns not watched (lost note-offs are not re-sent): %s", e)
 
     def _open_input(self, mi: Any, lister: Any) -> str:
@@ -633,7 +645,7 @@ class MidiIO:
         idx = _match_port(wanted, ports, direction)
         if not self._via_jack:
             try:
-                port.open_port(idx, name=virtual)
+                self._connect(direction, port, ports, idx)
             except rtmidi.RtMidiError as e:
                 raise MidiPortError(f"cannot open MIDI {direction} {ports[idx]!r}: {e}") from e
         return str(ports[idx])
@@ -916,8 +928,8 @@ class MidiIO:
                 return False
             # the peer went away: JACK dropped the connection; wait for it to come back
             with self._send_lock:
-                if not self._via_jack:
-                    port.close_port()
+                if not self._jack_connects(direction):
+                    port.close_port()  # rtmidi's connection: opened again on return
                 self._set_pending(direction, True)
             message = f"MIDI {direction} {current!r} disappeared: waiting for it to return"
             log.error("%s", message)
@@ -928,12 +940,8 @@ class MidiIO:
             return False
         try:
             idx = _match_port(wanted, ports, direction)
-            virtual = self.virtual_in if direction == "input" else self.virtual_out
-            if self._via_jack:
-                self._jack_connect(direction, ports[idx])
             with self._send_lock:
-                if not self._via_jack:
-                    port.open_port(idx, name=virtual)
+                self._connect(direction, port, ports, idx)
                 self._set_pending(direction, False)
         except (BridgeError, rtmidi.RtMidiError) as e:
             log.debug("MIDI %s %r not connectable yet: %s", direction, wanted, e)

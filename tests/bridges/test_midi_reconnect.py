@@ -360,6 +360,11 @@ for line in sys.stdin:
         print(json.dumps(heard), flush=True)
     else:
         break
+# closed, not left to the exit: jackd, stopped while it still removed a vanished client,
+# died of SIGPIPE and left its entry in JACK's table of servers (8 at most)
+for port in (keys, synth):
+    port.close_port()
+    port.delete()
 """
 
 
