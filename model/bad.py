@@ -33,6 +33,7 @@ torch is imported by this module: training only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from divergent.model.divergence import Steering
 from divergent.model.files import CHECKPOINT_FILE, WEIGHTS_FILE
 from divergent.model.tokenizer import Vocab
 from divergent.model.train import load_model
+from divergent.model.train_config import use_bf16
 from divergent.model.transformer import Block, DivergentModel
 
 log = logging.getLogger(__name__)
@@ -287,6 +289,8 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # None: bf16 only where the device computes it natively (what runs is recorded)
+    cfg = dataclasses.replace(cfg, bf16=use_bf16(cfg.bf16, cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

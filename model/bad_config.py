@@ -46,7 +46,7 @@ class BadConfig(StrictConfig):
     gumbel_tau: float = 1.0
     grad_clip: float = 1.0
     checkpoint_every: int = 20
-    bf16: bool = True
+    bf16: bool | None = None  # bf16 autocast; None: where the device has it (use_bf16)
     threads: int = 0
     device: str = "cpu"  # "cuda" where a GPU is lent: same recipe, faster steps
     latents: str = "mixed"

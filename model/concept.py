@@ -48,8 +48,8 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,7 +187,9 @@ class LearnConfig:
     lora_rank: int = 4  # for the `lora` comparison method only
     seed: int = 0
     threads: int = 0  # torch threads; 0 leaves torch's default
-    bf16: bool = True  # bf16 autocast (measured 2.3x faster than fp32 on these CPUs)
+    #: bf16 autocast; None: only where the CPU computes bf16 natively (``use_bf16``:
+    #: 26x slower than fp32 where it does not); the stored settings say what ran
+    bf16: bool | None = None
     #: weight of the preservation term: KL(base || tuned) on reference windows *without*
     #: the identifiers, so the tuned weights act when the concept is called and keep the
     #: base model's predictions when it is not (0 turns it off)
@@ -240,9 +242,9 @@ class LearnConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConceptError(f"unknown learn settings: {sorted(unknown)}")
-        types: dict[str, type] = {
+        types: dict[str, Callable[[Any], Any]] = {
             "mask": str,
-            "bf16": bool,
+            "bf16": lambda v: None if v is None else bool(v),
             "fraction": float,
             "lr": float,
             "ident_lr": float,
@@ -947,7 +949,7 @@ def _preservation_targets(
         w = np.concatenate([general[:, : w.shape[1]], w])
     x = torch.from_numpy(w[:, :-1])
     z = torch.randn(len(w), model.cfg.z_dim, generator=gen)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.bf16)):
         logits = model.decode(x, z)
     return x, z, torch.log_softmax(logits.float(), dim=-1)
 
@@ -961,7 +963,7 @@ def _preservation(
 
     x, z, logq = targets
     pick = torch.from_numpy(rng.choice(len(x), size=min(cfg.preserve_batch, len(x)), replace=False))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.bf16)):
         logits = model.decode(x[pick], z[pick])
     logp = F.log_softmax(logits.float(), dim=-1)
     q = logq[pick]
@@ -1089,8 +1091,11 @@ def _learn(
     import torch
     from tqdm import tqdm
 
+    from divergent.model.train_config import use_bf16
+
     if method not in ("ppt", "token_only", "full", "lora"):
         raise ConceptError(f"unknown method {method!r}")
+    cfg = replace(cfg, bf16=use_bf16(cfg.bf16))  # None: bf16 only where the CPU has it
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -1124,7 +1129,7 @@ def _learn(
             prefix,
             windows,
             cfg.fraction,
-            bf16=cfg.bf16,
+            bf16=bool(cfg.bf16),
             seed=cfg.seed,
             measure=cfg.mask,
             general=general,
@@ -1156,7 +1161,7 @@ def _learn(
     bar = tqdm(range(cfg.steps), desc=f"learning ({method})", disable=not progress, leave=False)
     for _ in bar:
         z = torch.randn(cfg.batch, model.cfg.z_dim, generator=gen)
-        loss = _loss(model, prefix, windows.sample(rng), z, cfg.bf16)
+        loss = _loss(model, prefix, windows.sample(rng), z, bool(cfg.bf16))
         if preserve is not None:
             loss = loss + cfg.preserve * _preservation(model, preserve, cfg, rng)
         opt.zero_grad(set_to_none=True)
@@ -1278,6 +1283,9 @@ def learn_concept(
         raise TrainingExtraMissing(
             "learning concepts needs torch: pip install 'divergent[train]' (torch==2.13.0 first)"
         ) from e
+    from divergent.model.train_config import use_bf16
+
+    cfg = replace(cfg, bf16=use_bf16(cfg.bf16))  # what runs, and what the file records
     from divergent.model.runtime import default_model_dir
     from divergent.model.tokenizer import load_tokenizer
     from divergent.model.train import load_model

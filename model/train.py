@@ -7,6 +7,7 @@ a wall-time limit that stops cleanly, and a JSON-lines log of every evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from divergent.model.files import (
     WEIGHTS_FILE,
 )
 from divergent.model.tokenizer import Vocab, load_tokenizer
-from divergent.model.train_config import TrainConfig
+from divergent.model.train_config import TrainConfig, use_bf16
 from divergent.model.transformer import DivergentModel, ModelConfig, encoder_mask
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    bf16 = use_bf16(cfg.bf16)
+    cfg = dataclasses.replace(cfg, bf16=bf16)  # what runs is what the checkpoint records
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -252,7 +255,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = batcher.batch(cfg.batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             _, ce, kl_dims, bow = model(x, y)
         beta = cfg.kl_beta * min(1.0, step / max(1, cfg.kl_warmup_steps))
         # free bits: below the floor a dimension's KL has no gradient, so the encoder can
@@ -261,7 +264,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         loss = ce + beta * kl_term + cfg.bow_weight * bow
         if cfg.aux_batch_size and cfg.aux_seq_len:
             ax, ay = batcher.batch(cfg.aux_batch_size, cfg.aux_seq_len)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 _, ce_aux, kl_aux, bow_aux = model(ax, ay, whole_window=True)
             kl_aux_term = torch.clamp(kl_aux.float(), min=cfg.free_bits).sum() / cfg.aux_seq_len
             loss = loss + ce_aux + beta * kl_aux_term + cfg.bow_weight * bow_aux
@@ -279,8 +282,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         minutes = (time.perf_counter() - t0) / 60
         out_of_time = cfg.max_minutes > 0 and elapsed_before / 60 + minutes >= cfg.max_minutes
         if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
-            metrics = evaluate(model, vx, vy, bf16=cfg.bf16)
-            metrics.update(evaluate_short(model, sx, sy, bf16=cfg.bf16))
+            metrics = evaluate(model, vx, vy, bf16=bf16)
+            metrics.update(evaluate_short(model, sx, sy, bf16=bf16))
             metrics.update(
                 step=step,
                 lr=lr,

@@ -8,7 +8,29 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "add_train_arguments"]
+__all__ = ["TrainConfig", "add_train_arguments", "use_bf16"]
+
+#: the CPU checks torch offers for native bf16 (private in torch 2.13, hence looked up:
+#: one that is missing counts as no)
+_BF16_CPU_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def use_bf16(setting: bool | None, device_type: str = "cpu") -> bool:
+    """Whether training runs under bf16 autocast: ``setting`` when given, else (None,
+    the default of every training config) only where the device computes bf16 natively.
+
+    Why not always: on a CPU without AVX-512 BF16 or AMX torch emulates bf16 matrix
+    products. Measured (concept learning, default recipe, torch 2.13): on a 2-vCPU AMD
+    EPYC with AVX2 only, 11.4 s a step under bf16 against 0.44 s in fp32 (26x slower);
+    on a 2-vCPU Xeon with AVX-512 BF16 and AMX, bf16 was 2.3x faster than fp32.
+    """
+    if setting is not None:
+        return setting
+    import torch
+
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in _BF16_CPU_CHECKS)
 
 
 @dataclass
@@ -46,7 +68,7 @@ class TrainConfig:
     # bookkeeping
     eval_interval: int = 250
     eval_windows: int = 64
-    bf16: bool = True
+    bf16: bool | None = None  # bf16 autocast; None: where the CPU has it (use_bf16)
     threads: int = 0  # 0 = all cores
     seed: int = 1337
     resume: bool = False
@@ -94,7 +116,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a JSON file of TrainConfig fields")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             typ = {"int": int, "float": float, "str": str}[str(f.type)]

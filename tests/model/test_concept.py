@@ -470,3 +470,33 @@ def test_cli_concept_list_learn_remove(
     rc = main(["generate", str(reference), "-o", str(out), "--model", str(root),
                "--concept", "nope", "--concepts", str(tmp_path)])  # fmt: skip
     assert rc == 2 and "no concept named 'nope'" in capsys.readouterr().err
+
+
+def test_bf16_only_where_the_cpu_computes_it(
+    tiny_base: Any, reference: Path, tmp_path: Path
+) -> None:
+    """Training configs leave bf16 autocast to the host: on where the CPU computes bf16
+    natively (AVX-512 BF16 or AMX, as its flags say), off elsewhere (measured on an
+    AVX2-only AMD EPYC: 26x slower than fp32 there). A concept's file records what ran."""
+    from dataclasses import replace
+
+    from divergent.model.bad_config import BadConfig
+    from divergent.model.train_config import TrainConfig, use_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    native = bool({"avx512_bf16", "amx_tile"} & flags)
+    assert use_bf16(None) is native
+    assert use_bf16(True) is True and use_bf16(False) is False
+    assert LearnConfig().bf16 is None and TrainConfig().bf16 is None and BadConfig().bf16 is None
+    assert LearnConfig.from_dict(json.loads(json.dumps(LearnConfig().to_dict()))).bf16 is None
+    root, ckpt, _ = tiny_base
+    concept, _, _ = learn_concept(
+        "auto",
+        [reference],
+        config=replace(FAST, steps=1, bf16=None),
+        concepts_dir=tmp_path,
+        model_dir=root,
+        checkpoint=ckpt,
+        progress=False,
+    )
+    assert concept.meta.config.bf16 is native
