@@ -321,6 +321,7 @@ def _cmd_evaluate_latent(args: argparse.Namespace) -> int:
 
 def _cmd_bench_model(args: argparse.Namespace) -> int:
     from divergent.model.bench import bench_model
+    from divergent.model.concept import ConceptError
     from divergent.model.runtime import ModelError
 
     try:
@@ -328,8 +329,11 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
             model_dir=Path(args.model) if args.model else None,
             repeats=args.repeats,
             device=args.device,
+            concept=args.concept,
+            concepts_dir=_concepts_dir(args),
         )
-    except ModelError as e:  # a device that cannot run the model: one line, status 2
+    # a device that cannot run the model, a concept that cannot load: one line, status 2
+    except (ModelError, ConceptError) as e:
         raise CLIError(str(e)) from e
     print(json.dumps(res, indent=None if args.json else 1))
     return 0
@@ -337,6 +341,13 @@ def _cmd_bench_model(args: argparse.Namespace) -> int:
 
 def _concepts_dir(args: argparse.Namespace) -> Path | None:
     return Path(args.concepts) if args.concepts else None
+
+
+def _add_concept_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """``--concept NAME[+NAME]`` and ``--concepts DIR``, as ``generate`` and ``bench
+    model`` take them."""
+    p.add_argument("--concept", default=None, metavar="NAME[+NAME]", help=what)
+    p.add_argument("--concepts", default=None, metavar="DIR", help="concepts folder")
 
 
 def _cmd_concept_learn(args: argparse.Namespace) -> int:
@@ -530,10 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True, help="output MIDI file")
     g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     g.add_argument("--json", action="store_true", help="print a JSON summary")
-    g.add_argument(
-        "--concept", default=None, metavar="NAME[+NAME]", help="answer in a learned concept"
-    )
-    g.add_argument("--concepts", default=None, metavar="DIR", help="concepts folder")
+    _add_concept_arguments(g, "answer in a learned concept")
     _add_device_argument(g)
     g.set_defaults(func=_cmd_generate)
 
@@ -642,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--model", default=None)
     bm.add_argument("--repeats", type=int, default=200)
     bm.add_argument("--json", action="store_true")
+    _add_concept_arguments(bm, "measure a learned concept beside the base model")
     _add_device_argument(bm)
     bm.set_defaults(func=_cmd_bench_model)
     bl = besub.add_parser("live", help="the live path with real JACK and OSC peers")

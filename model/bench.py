@@ -15,6 +15,11 @@
   do not (issue 13: the same step was 3x slower on another Xeon of the same kind).
 
 Figures after the step timings (bars, notes/s, the knob) run the chosen variant.
+
+With a learned concept (``concept="riff"``, ``--concept riff``): the same figures for
+the concept's generator, built as the server builds it (deltas added, weights
+re-quantized, its own decoder session), measured beside the base model's in the same
+run, with their ratios (``"concept"``; null without one).
 torch is imported only here (and only if installed): the serving path never needs it.
 
 With ``device="cuda"`` (``--device cuda``) the served model is the fp32 decoder on the
@@ -43,7 +48,7 @@ from divergent.model.runtime import (
     session_options,
 )
 
-__all__ = ["bench_model", "floor_chain", "step_macs"]
+__all__ = ["bench_model", "concept_figures", "floor_chain", "step_macs"]
 
 CONTEXTS = (64, 256, 512)
 #: the context the headline figures (speed-up, floor ratio) are taken at
@@ -188,6 +193,81 @@ def _step_timer(model: OnnxModel, ctx: int, rng: np.random.Generator) -> Any:
     return run
 
 
+def _streamed(gen: Generator, prompt_ids: Any, runs: int, divergence: float = 0.0) -> float:
+    """Notes per second of wall time over 16-bar continuations, everything included."""
+    notes = 0
+    total_s = 0.0
+    for i in range(runs):
+        t = time.perf_counter()
+        cont = gen.continue_ids(prompt_ids, bars=16, seed=1000 + i, divergence=divergence)
+        total_s += time.perf_counter() - t
+        notes += len(cont.notes)
+    return round(notes / total_s, 1)
+
+
+def _bar_ms(gen: Generator, prompt_ids: Any, bars: int) -> tuple[list[float], int]:
+    """One bar answered from the prompt, ``bars`` times: (ms each, notes in all)."""
+    bar_ms: list[float] = []
+    notes = 0
+    for i in range(bars):
+        t = time.perf_counter()
+        cont = gen.continue_ids(prompt_ids, bars=1, seed=i)
+        bar_ms.append((time.perf_counter() - t) * 1000)
+        notes += len(cont.notes)
+    return bar_ms, notes
+
+
+def concept_figures(
+    base: Generator,
+    spec: str,
+    concepts_dir: Path | None,
+    prompt_ids: Any,
+    *,
+    repeats: int,
+    bars: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """The base model's figures and a concept's, measured one after the other in this
+    run (per-token at the headline context, bar latency, note events/s at d = 0 and 1),
+    and the concept's ratio to the base for each. The concept's generator is built as
+    the server's concept loader builds it (``server.concepts``)."""
+    from divergent.model.concept import BaseWeights, activate
+    from divergent.model.generate import PROMPT_TOKENS
+
+    model = base.model
+    t = time.perf_counter()
+    active = activate(spec, model, concepts_dir, base=BaseWeights(model.files.root, model.n_layer))
+    gen = Generator(model, concept=active, like=base)
+    gen.warm_prefill(PROMPT_TOKENS)
+    build_ms = (time.perf_counter() - t) * 1000
+    ctx = FLOOR_CONTEXT if model.block_size > FLOOR_CONTEXT else model.block_size // 2
+    runs = max(1, bars // 8)
+    figures: dict[str, dict[str, Any]] = {}
+    for who, g in (("base", base), ("concept", gen)):
+        bar_ms, _ = _bar_ms(g, prompt_ids, bars)
+        figures[who] = {
+            "token_ms": _time(_step_timer(g.model, ctx, rng), repeats),
+            "bar_ms": _pct(bar_ms),
+            "note_events_per_s": _streamed(g, prompt_ids, runs),
+            "note_events_per_s_at_d1": _streamed(g, prompt_ids, runs, divergence=1.0),
+        }
+    b, c = figures["base"], figures["concept"]
+    return {
+        "spec": gen.concept.spec if gen.concept is not None else spec,
+        "context": ctx,
+        "build_ms": round(build_ms, 1),
+        **figures,
+        "ratio_concept_vs_base": {
+            "token_ms_p50": round(c["token_ms"]["p50"] / b["token_ms"]["p50"], 2),
+            "bar_ms_p99": round(c["bar_ms"]["p99"] / b["bar_ms"]["p99"], 2),
+            "note_events_per_s": round(c["note_events_per_s"] / b["note_events_per_s"], 2),
+            "note_events_per_s_at_d1": round(
+                c["note_events_per_s_at_d1"] / b["note_events_per_s_at_d1"], 2
+            ),
+        },
+    }
+
+
 def bench_model(
     model_dir: Path | None = None,
     *,
@@ -195,15 +275,23 @@ def bench_model(
     bars: int = 40,
     cache_dir: Path | None = None,
     device: str = "cpu",
+    concept: str | None = None,
+    concepts_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Every figure above, as one JSON-able dict (``divergent bench model --json``).
 
     ``cache_dir`` is where the host's decoder choice is cached (default: the user's).
-    ``device``: where the served model runs (see above).
+    ``device``: where the served model runs (see above). ``concept``: a learned concept
+    (``A`` or ``A+B``, in ``concepts_dir``) measured beside the base model.
     """
     import onnxruntime as ort
 
     check_device(device)  # refused before anything is measured
+    if concept is not None:
+        from divergent.model.concept import load_concept, parse_spec
+
+        for name in parse_spec(concept):  # so is a concept that is not there
+            load_concept(name, concepts_dir)
     model_dir = model_dir or default_model_dir()
     if device == "cpu":
         # the host's choice, measured afresh (the bench reports this run's reasons) and
@@ -235,21 +323,9 @@ def bench_model(
     _, prompt_ids = read_prompt(example, model)
     gen = Generator(model)
     # one bar answered from the prompt (encode + prefill + sampling): call-and-response
-    bar_ms: list[float] = []
-    bar_notes = 0
-    for i in range(bars):
-        t = time.perf_counter()
-        cont = gen.continue_ids(prompt_ids, bars=1, seed=i)
-        bar_ms.append((time.perf_counter() - t) * 1000)
-        bar_notes += len(cont.notes)
+    bar_ms, bar_notes = _bar_ms(gen, prompt_ids, bars)
     # streaming: 16-bar continuations, notes per second of wall time, everything included
-    notes = 0
-    total_s = 0.0
-    for i in range(max(1, bars // 8)):
-        t = time.perf_counter()
-        cont = gen.continue_ids(prompt_ids, bars=16, seed=1000 + i)
-        total_s += time.perf_counter() - t
-        notes += len(cont.notes)
+    note_events_per_s = _streamed(gen, prompt_ids, max(1, bars // 8))
     # the knob at d = 1: one token through every decoder an answer then runs (the base
     # decoder, two rows when the latent is pushed, and the BAD-tuned decoder), context 256
     # the decoders a d = 1 token runs, as continue_ids picks them: two base rows only when
@@ -272,13 +348,7 @@ def bench_model(
         gen._feed(knob[0], knob[1] if len(knob) > 1 else None, [5])
 
     d1_ms = _time(knob_run, repeats)
-    notes1 = 0
-    total1 = 0.0
-    for i in range(max(1, bars // 8)):
-        t = time.perf_counter()
-        cont = gen.continue_ids(prompt_ids, bars=16, seed=1000 + i, divergence=1.0)
-        total1 += time.perf_counter() - t
-        notes1 += len(cont.notes)
+    note_events_per_s_at_d1 = _streamed(gen, prompt_ids, max(1, bars // 8), divergence=1.0)
     # the readout of one 4-bar answer (surprisal, copy rate, feature distance, in-scale)
     four = gen.continue_ids(prompt_ids, bars=4, seed=7, divergence=0.5)
     readout_ms: list[float] = []
@@ -286,6 +356,11 @@ def bench_model(
         t = time.perf_counter()
         gen.readout(four)
         readout_ms.append((time.perf_counter() - t) * 1000)
+    concept_res = None
+    if concept is not None:
+        concept_res = concept_figures(
+            gen, concept, concepts_dir, prompt_ids, repeats=repeats, bars=bars, rng=rng
+        )
     # torch eager last, in the same run: once torch has run, its OpenMP threads slow
     # every other library in the process (measured: ORT 0.27 -> 0.46 ms/token), so
     # interleaving the two would charge torch's overhead to ONNX Runtime
@@ -302,12 +377,13 @@ def bench_model(
         "auto_token_ms": auto_ms,
         "torch_token_ms": torch_ms,
         "bar_ms": _pct(bar_ms),
-        "note_events_per_s": round(notes / total_s, 1),
+        "note_events_per_s": note_events_per_s,
         "token_ms_at_d1": d1_ms,
-        "note_events_per_s_at_d1": round(notes1 / total1, 1),
+        "note_events_per_s_at_d1": note_events_per_s_at_d1,
         "decoders_at_d1": len(knob),
         "readout_ms": _pct(readout_ms),
         "readout_notes": len(four.notes),
+        "concept": concept_res,
     }
     key = str(floor_ctx)
     res["floor"] = {
