@@ -247,6 +247,9 @@ def _cmd_bench_live(args: argparse.Namespace) -> int:
         res = run_bench_live(
             answers=args.answers, flood_s=args.flood_seconds, jack_period=args.jack_period
         )
+    from divergent.model.host import cpu_model
+
+    res = {"cpu": cpu_model(), **res}  # absolute figures are this CPU's
     print(json.dumps(res, indent=None if args.json else 1))
     return 0
 
