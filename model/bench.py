@@ -15,12 +15,12 @@
   do not (issue 13: the same step was 3x slower on another Xeon of the same kind).
 
 Figures after the step timings (bars, notes/s, the knob) run the chosen variant.
+torch is imported only here (and only if installed): the serving path never needs it.
 
 With a learned concept (``concept="riff"``, ``--concept riff``): the same figures for
 the concept's generator, built as the server builds it (deltas added, weights
 re-quantized, its own decoder session), measured beside the base model's in the same
 run, with their ratios (``"concept"``; null without one).
-torch is imported only here (and only if installed): the serving path never needs it.
 
 With ``device="cuda"`` (``--device cuda``) the served model is the fp32 decoder on the
 GPU (``model.host.choose_decoder``: nothing raced), and ``auto_token_ms`` and every
