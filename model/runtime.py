@@ -301,6 +301,13 @@ def session_options(threads: int = 1) -> Any:
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No memory patterns: ORT keeps one allocation plan per distinct set of input shapes
+    # for the session's life, and a prefill's length (1 to block_size new tokens) is a
+    # new shape until every length has been seen, on every decoder. Found in a soak
+    # (heaptrack, gdb): ~1.6 KB kept after each prefill of a new length, ~0.7 a second,
+    # the steady part of the server's memory growth. The step (one token) was as fast
+    # without them, within 5 %, measured interleaved on a 2-vCPU AMD EPYC; prefills too.
+    so.enable_mem_pattern = False
     return share_cpu_arena(so)
 
 
@@ -473,6 +480,7 @@ class OnnxModel:
         so.inter_op_num_threads = old.inter_op_num_threads
         so.log_severity_level = old.log_severity_level
         so.graph_optimization_level = old.graph_optimization_level
+        so.enable_mem_pattern = old.enable_mem_pattern
         share_cpu_arena(so)
         # ORT reads the buffers during the session's life: the copy keeps them
         values = {
