@@ -7,13 +7,9 @@ import ctypes
 import sys
 
 import numpy as np
-import pytest
 
 from divergent.model.runtime import IncrementalDecoder, OnnxModel, default_model_dir
-
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads glibc's mallinfo2 (Linux only)"
-)
+from tests.conftest import require
 
 
 class _MallInfo2(ctypes.Structure):
@@ -49,6 +45,7 @@ def _prefills(dec: IncrementalDecoder, lengths: range, rng: np.random.Generator)
 
 
 def test_prefills_of_new_lengths_keep_no_memory() -> None:
+    require(sys.platform.startswith("linux"), "reads glibc's mallinfo2 (Linux)")
     # With ONNX Runtime's memory patterns on, every new input length left ~1.7 KB of
     # allocation plan behind for the session's life: 352 KB for these 160 lengths,
     # against 72 KB without them (and 62 KB for the same 160 lengths again: what any
