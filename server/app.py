@@ -444,7 +444,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
                 # one bad event must not end the input path on stage
                 log.exception("MIDI input %s failed", ev.message)
 
-    def _on_midi(self, t: float, msg: mido.Message) -> None:
+    def _on_midi(self, t: float, msg: mido.Message, *, echo_guard: bool = True) -> None:
         if msg.type in _CLOCK_TYPES:
             if isinstance(self.clock, MidiClockFollower):
                 what = self.clock.feed(t, msg)
@@ -454,7 +454,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         if msg.type in _NOTE_TYPES:
             on = msg.type == "note_on" and msg.velocity > 0
             self._drain_sent()  # the echo guard needs the machine's latest notes
-            if self.perf.is_echo(t, msg.channel, msg.note, on):
+            if echo_guard and self.perf.is_echo(t, msg.channel, msg.note, on, msg.velocity):
                 self.stats.echoes = self.perf.echoes
                 if self.perf.echoes == 1:
                     log.warning(

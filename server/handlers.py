@@ -97,8 +97,9 @@ class ControlHandlers(ABC):
         """Machine notes sounding now."""
 
     @abstractmethod
-    def _on_midi(self, t: float, msg: mido.Message) -> None:
-        """One incoming MIDI message."""
+    def _on_midi(self, t: float, msg: mido.Message, *, echo_guard: bool = True) -> None:
+        """One incoming MIDI message (``echo_guard``: it may be the machine's own note
+        coming back through a MIDI loop)."""
 
     @abstractmethod
     def _request_concept(self, spec: str) -> None:
@@ -295,7 +296,11 @@ class ControlHandlers(ABC):
         t = time.monotonic()
         ch = (channel or 1) - 1
         kind = "note_on" if velocity > 0 else "note_off"
-        self._on_midi(t, mido.Message(kind, note=pitch, velocity=velocity, channel=ch))
+        # an OSC note is the performer's: the echo guard is for MIDI loops (out wired back
+        # to in). Without this, a note struck just as the machine played the same pitch
+        # was taken for an echo and lost (its yield of the turn with it).
+        msg = mido.Message(kind, note=pitch, velocity=velocity, channel=ch)
+        self._on_midi(t, msg, echo_guard=False)
 
     @control(
         "/divergent/concept",

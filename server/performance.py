@@ -230,8 +230,8 @@ class Performance:
         self.answer_id = 0
         self.echoes = 0
         self._last_note_event = 0.0
-        # the machine's last notes (time, channel, pitch, on), to recognise echoes
-        self._recent_out: deque[tuple[float, int, int, bool]] = deque(maxlen=64)
+        # the machine's last notes (time, channel, pitch, on, velocity), to recognise echoes
+        self._recent_out: deque[tuple[float, int, int, bool, int]] = deque(maxlen=64)
         self._spec_at: float | None = None  # when to start a speculative answer
         self._end_at: float | None = None  # when the phrase ends, if the silence lasts
         self._speculative: StartAnswer | None = None
@@ -243,13 +243,20 @@ class Performance:
 
     # ------------------------------------------------------------------ notes in
 
-    def is_echo(self, t: float, channel: int, pitch: int, on: bool) -> bool:
+    def is_echo(self, t: float, channel: int, pitch: int, on: bool, velocity: int) -> bool:
         """A machine note coming back in (``divergent out`` routed into ``divergent in``,
-        as loopMIDI on Windows does): to be ignored, or the machine would answer itself."""
-        for i, (sent_t, ch, note, sent_on) in enumerate(self._recent_out):
+        as loopMIDI on Windows does): to be ignored, or the machine would answer itself.
+
+        A loop returns the bytes it was given, so a note-on echo has the velocity the
+        machine sent; a performer who strikes the pitch the machine just played, at another
+        velocity, is heard (a note-off's velocity varies between keyboards: not compared).
+        """
+        for i, (sent_t, ch, note, sent_on, sent_vel) in enumerate(self._recent_out):
             # -5..+50 ms: two stamps taken in different places (after our send, at rtmidi's
             # arrival), and a VM that may stall between them
             same = ch == channel and note == pitch and sent_on == on
+            if same and on and sent_vel != velocity:
+                continue
             if same and -0.005 <= t - sent_t <= 0.05:
                 del self._recent_out[i]
                 self.echoes += 1
@@ -292,7 +299,7 @@ class Performance:
 
     def machine_note(self, t: float, channel: int, pitch: int, velocity: int, on: bool) -> None:
         """A machine note as it was sent (for the echo guard and the context)."""
-        self._recent_out.append((t, channel, pitch, on))
+        self._recent_out.append((t, channel, pitch, on, velocity))
         if on:
             self.history.append(PlayedNote(on=t, pitch=pitch, velocity=velocity, machine=True))
             return

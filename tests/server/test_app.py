@@ -200,6 +200,38 @@ def test_malformed_osc_packets_reach_the_stats(tmp_path: Path) -> None:
     assert server.stats.osc_errors == 1
 
 
+def test_an_osc_note_on_the_pitch_the_machine_just_played_takes_the_turn(
+    tmp_path: Path, generator: Any
+) -> None:
+    """The echo guard is for MIDI loops: an OSC note struck just as the machine played
+    the same pitch (same velocity, too) was taken for an echo and lost, and the answer
+    played on over the performer (CI's turn-taking failures)."""
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    async def body(server: Server, port: FakePort) -> None:
+        assert server.osc is not None
+        port.play([60, 62, 64, 67, 65, 64])  # velocity 80: the machine answers at 80
+        await wait_until(lambda: any(m.type == "note_on" for m in port.sent))
+        first = next(m for m in port.sent if m.type == "note_on")
+        notes_before = server.perf.performer_notes
+        b = OscMessageBuilder(address="/divergent/note")
+        for a in (first.note, first.velocity, 1):
+            b.add_arg(a)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b.build().dgram, ("127.0.0.1", server.osc.port))
+        await wait_until(lambda: server.perf.performer_notes == notes_before + 1, timeout=3)
+        assert server.stats.echoes == 0
+        yielded_at = len(port.sent)
+        await asyncio.sleep(0.6)  # a 4-s answer at 240 BPM: several note-ons, had it gone on
+        after = port.sent[yielded_at:]
+        assert not [m for m in after if m.type == "note_on" and m.velocity > 0], after
+        assert not server.sounding()
+
+    serve_in_process(
+        tmp_path, body, gen=generator, mode="call", phrase_silence_s=0.25, bpm=240, bars=4
+    )
+
+
 def test_startup_runs_blocking_calls_off_the_loop(tmp_path: Path) -> None:
     """A slow port factory (jack_lsp, a device opening) must not stall the event loop."""
     lags: list[float] = []

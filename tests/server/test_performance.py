@@ -168,11 +168,24 @@ def test_echoes_are_recognised_once_each() -> None:
     clock = FakeClock()
     perf = make(clock)
     perf.machine_note(100.0, 0, 72, 90, True)
-    assert perf.is_echo(100.01, 0, 72, True)
-    assert not perf.is_echo(100.02, 0, 72, True), "one echo per sent note"
+    assert perf.is_echo(100.01, 0, 72, True, 90)
+    assert not perf.is_echo(100.02, 0, 72, True, 90), "one echo per sent note"
     perf.machine_note(101.0, 0, 72, 0, False)
-    assert not perf.is_echo(101.2, 0, 72, False), "too late to be an echo"
+    assert not perf.is_echo(101.2, 0, 72, False, 0), "too late to be an echo"
     assert perf.echoes == 1
+
+
+def test_a_note_on_at_another_velocity_is_the_performers_not_an_echo() -> None:
+    """A loop gives back the velocity it was sent: the performer striking the machine's
+    pitch a few ms after it (at their own velocity) is heard, and the echo still is one."""
+    clock = FakeClock()
+    perf = make(clock)
+    perf.machine_note(100.0, 0, 72, 90, True)
+    assert not perf.is_echo(100.004, 0, 72, True, 101)
+    assert perf.is_echo(100.006, 0, 72, True, 90)
+    perf.machine_note(100.5, 0, 72, 0, False)
+    assert perf.is_echo(100.51, 0, 72, False, 64), "a note-off's velocity is not compared"
+    assert perf.echoes == 2
 
 
 def test_a_lost_note_off_counts_as_released_after_a_silence() -> None:
