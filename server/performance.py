@@ -255,8 +255,7 @@ class Performance:
             # -5..+50 ms: two stamps taken in different places (after our send, at rtmidi's
             # arrival), and a VM that may stall between them
             same = ch == channel and note == pitch and sent_on == on
-            if same and on and sent_vel != velocity:
-                continue
+            same = same and (not on or sent_vel == velocity)
             if same and -0.005 <= t - sent_t <= 0.05:
                 del self._recent_out[i]
                 self.echoes += 1

@@ -21,7 +21,7 @@ from divergent.bridges.clock import MidiClockFollower
 from divergent.bridges.midi import MidiEvent
 from divergent.server.app import Server
 from divergent.server.config import ServeConfig
-from divergent.server.livepeer import free_udp_port
+from divergent.server.livepeer import OscClient, free_udp_port
 from tests.conftest import cuda_provider_here, require
 
 
@@ -206,7 +206,6 @@ def test_an_osc_note_on_the_pitch_the_machine_just_played_takes_the_turn(
     """The echo guard is for MIDI loops: an OSC note struck just as the machine played
     the same pitch (same velocity, too) was taken for an echo and lost, and the answer
     played on over the performer (CI's turn-taking failures)."""
-    from pythonosc.osc_message_builder import OscMessageBuilder
 
     async def body(server: Server, port: FakePort) -> None:
         assert server.osc is not None
@@ -214,18 +213,20 @@ def test_an_osc_note_on_the_pitch_the_machine_just_played_takes_the_turn(
         await wait_until(lambda: any(m.type == "note_on" for m in port.sent))
         first = next(m for m in port.sent if m.type == "note_on")
         notes_before = server.perf.performer_notes
-        b = OscMessageBuilder(address="/divergent/note")
-        for a in (first.note, first.velocity, 1):
-            b.add_arg(a)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(b.build().dgram, ("127.0.0.1", server.osc.port))
-        await wait_until(lambda: server.perf.performer_notes == notes_before + 1, timeout=3)
-        assert server.stats.echoes == 0
-        yielded_at = len(port.sent)
-        await asyncio.sleep(0.6)  # a 4-s answer at 240 BPM: several note-ons, had it gone on
-        after = port.sent[yielded_at:]
-        assert not [m for m in after if m.type == "note_on" and m.velocity > 0], after
-        assert not server.sounding()
+        client = OscClient(server.osc.port)
+        try:
+            # (closed only at the end: its close waits for its thread, and the loop must
+            # take the note at once, within the echo guard's window)
+            client.send("/divergent/note", first.note, first.velocity, 1)
+            await wait_until(lambda: server.perf.performer_notes == notes_before + 1, timeout=3)
+            assert server.stats.echoes == 0
+            yielded_at = len(port.sent)
+            await asyncio.sleep(0.6)  # a 4-s answer at 240 BPM: several note-ons, had it gone on
+            after = port.sent[yielded_at:]
+            assert not [m for m in after if m.type == "note_on" and m.velocity > 0], after
+            assert not server.sounding()
+        finally:
+            client.close()
 
     serve_in_process(
         tmp_path, body, gen=generator, mode="call", phrase_silence_s=0.25, bpm=240, bars=4
