@@ -21,6 +21,9 @@ through one of three gradient paths for discrete tokens (``method``):
   analogue of the paper's Bernoulli means; TextGAN's soft-argmax), teacher-forced on the
   sampled prefix;
 - ``gumbel_st``: straight-through Gumbel-softmax: hard one-hot forward, soft gradient;
+- ``straight_through``: the critic reads the tokens actually sampled (so the loss, and
+  the kernel's pull, are where the answers really are), the gradient flows back through
+  the softmax rows as in ``expected``;
 - ``policy_gradient``: the critic reads the sampled tokens; each sample's first
   variation of the set loss (its MMD witness value) is its cost in REINFORCE with a
   mean baseline.
@@ -235,6 +238,10 @@ def _loss(
     else:
         if cfg.method == "expected":
             soft = logp.exp()
+        elif cfg.method == "straight_through":
+            # why: ``expected`` lowers the loss on softmax rows while the sampled tokens'
+            # features barely move (docs/divergence.md); here the values are the samples'
+            soft = hard + logp.exp() - logp.exp().detach()
         else:  # gumbel_st
             u = torch.rand(logp.shape, device=logp.device).clamp(1e-9, 1 - 1e-9)
             y = F.softmax((logp - torch.log(-torch.log(u))) / cfg.gumbel_tau, -1)

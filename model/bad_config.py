@@ -14,7 +14,7 @@ from divergent.model.files import CRITIC_PT_FILE, DEVICE_CHOICES, WEIGHTS_FILE
 
 __all__ = ["BAD_LATENTS", "METHODS", "BadConfig"]
 
-METHODS = ("expected", "gumbel_st", "policy_gradient")
+METHODS = ("expected", "gumbel_st", "straight_through", "policy_gradient")
 #: which latents the generator is trained under: the prompt's posterior mean only, or a
 #: mix of the latents the knob feeds it, a third each: the posterior mean, pushed by
 #: d ~ U(0, 1), and prior samples at a latent temperature ~ U(0.5, 1.5) ("mixed": as

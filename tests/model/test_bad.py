@@ -89,6 +89,37 @@ def test_one_bad_step_lowers_its_loss_on_a_tiny_model(bad_setup, method: str) ->
             assert torch.equal(p, p0)
 
 
+def test_straight_through_reads_the_samples_and_trains_through_the_softmax(bad_setup) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    import torch
+
+    from divergent.model.bad import _loss, _trainable, mmd2
+
+    model0, critic, real, prompt, z, gen_ids = bad_setup
+    model = copy.deepcopy(model0)
+    base = copy.deepcopy(model0).eval()
+    params = _trainable(model)
+
+    def run(method: str, kl: float) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = BadConfig(method=method, bf16=False, kl_weight=kl, gen_tokens=32, prompt_tokens=32)
+        return _loss(cfg, model, base, critic, real, prompt, z, gen_ids, np.random.default_rng(3))
+
+    # with no KL term, its value is the set loss of the sampled tokens' own features
+    loss, _ = run("straight_through", 0.0)
+    cls, whole = real.draw(np.random.default_rng(3))
+    with torch.no_grad():
+        g = real.std_(critic(gen_ids))
+        hard_value = -sum(float(mmd2(g, r)) for r in cls) + 20.0 * float(mmd2(g, whole))
+    assert float(loss.detach()) == pytest.approx(hard_value, rel=1e-4, abs=1e-4)
+    # ... and, unlike the soft features' loss, it has a gradient through the softmax rows
+    soft_loss, _ = run("expected", 0.0)
+    assert float(soft_loss.detach()) != pytest.approx(hard_value, rel=1e-3)
+    loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
 def test_bad_train_checkpoints_resumes_and_exports(  # type: ignore[no-untyped-def]
     tiny_run: Path, tiny_model, two_class_dataset: Path, two_class_critic, tmp_path: Path
 ) -> None:
@@ -126,7 +157,7 @@ def test_bad_train_checkpoints_resumes_and_exports(  # type: ignore[no-untyped-d
 def test_config_round_trip_and_methods() -> None:
     c = BadConfig(method="gumbel_st", steps=3)
     assert BadConfig.from_dict(c.to_dict()) == c
-    assert set(METHODS) == {"expected", "gumbel_st", "policy_gradient"}
+    assert set(METHODS) == {"expected", "gumbel_st", "straight_through", "policy_gradient"}
     with pytest.raises(ValueError):
         BadConfig(method="nope")
     with pytest.raises(ValueError):
