@@ -455,7 +455,7 @@ class _Soak:
         """Stuck notes, dropped input events and what else was sent, heard and refused."""
         received = report["received"]
         self.open.feed(received)
-        ons = sum(1 for r in received if int(r[1]) & 0xF0 == 0x90 and r[3] > 0)
+        ons = _note_ons(received)
         self.heard["performer_note_ons_sent"] += int(report["note_ons"])
         self.heard["machine_note_ons"] += ons
         t0 = float(report["t0"])
@@ -511,7 +511,14 @@ class _Soak:
         performer.stdin.flush()
         tail = _line(lines, performer, time.monotonic() + 30)
         self.open.feed(tail["received"])
+        # the answer playing when the last window closed is in the take: count it as heard
+        self.heard["machine_note_ons"] += _note_ons(tail["received"])
         return self.open.count()
+
+
+def _note_ons(received: list[list[float]]) -> int:
+    """How many of the performer's received messages are note-ons."""
+    return sum(1 for r in received if int(r[1]) & 0xF0 == 0x90 and r[3] > 0)
 
 
 def _line(lines: _Lines, performer: subprocess.Popen[str], deadline: float) -> dict[str, Any]:

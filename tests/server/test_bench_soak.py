@@ -82,6 +82,8 @@ def test_short_soak_end_to_end(tmp_path: Path) -> None:
     # recording was on: every performer note is in the take
     assert res["take"]["takes"] >= 1
     assert res["take"]["performer_notes"] == res["heard"]["performer_note_ons_sent"], res
+    # ... and every machine note the performer heard, up to the end (none heard unrecorded)
+    assert 0 < res["heard"]["machine_note_ons"] <= res["take"]["machine_notes"], res
     assert res["exit_code"] == 0
     # the server ran with the option given (serve refuses an option it does not know)
     assert res["serve_args"][-2:] == ["--warm-prefills", "4"]
