@@ -15,7 +15,7 @@ token level, as Magenta's RL Tuner used; it keeps answers decodable and musical.
 Only the decoder is trained (token/position/latent embeddings, blocks, head); the
 phrase encoder stays as it is. Each step samples continuations of real prompts (z = the
 prompt's posterior mean, as when serving) with the current model, then takes the loss
-through one of three gradient paths for discrete tokens (``method``):
+through one of four gradient paths for discrete tokens (``method``):
 
 - ``expected``: the critic reads the model's softmax rows (expected one-hot tokens, the
   analogue of the paper's Bernoulli means; TextGAN's soft-argmax), teacher-forced on the

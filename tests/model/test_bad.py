@@ -108,11 +108,13 @@ def test_straight_through_reads_the_samples_and_trains_through_the_softmax(bad_s
     # with no KL term, its value is the set loss of the sampled tokens' own features
     loss, _ = run("straight_through", 0.0)
     cls, whole = real.draw(np.random.default_rng(3))
+    c = BadConfig()
     with torch.no_grad():
         g = real.std_(critic(gen_ids))
-        hard_value = -sum(float(mmd2(g, r)) for r in cls) + 20.0 * float(mmd2(g, whole))
+        hard_value = c.class_weight * sum(float(mmd2(g, r, c.sigma)) for r in cls)
+        hard_value += c.global_weight * float(mmd2(g, whole, c.sigma))
     assert float(loss.detach()) == pytest.approx(hard_value, rel=1e-4, abs=1e-4)
-    # ... and, unlike the soft features' loss, it has a gradient through the softmax rows
+    # the softmax rows' features give another value; this one still has their gradient
     soft_loss, _ = run("expected", 0.0)
     assert float(soft_loss.detach()) != pytest.approx(hard_value, rel=1e-3)
     loss.backward()
