@@ -241,7 +241,8 @@ def _loss(
         elif cfg.method == "straight_through":
             # why: ``expected`` lowers the loss on softmax rows while the sampled tokens'
             # features barely move (docs/divergence.md); here the values are the samples'
-            soft = hard + logp.exp() - logp.exp().detach()
+            probs = logp.exp()
+            soft = hard + probs - probs.detach()
         else:  # gumbel_st
             u = torch.rand(logp.shape, device=logp.device).clamp(1e-9, 1 - 1e-9)
             y = F.softmax((logp - torch.log(-torch.log(u))) / cfg.gumbel_tau, -1)
