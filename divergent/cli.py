@@ -370,6 +370,7 @@ def _cmd_concept_learn(args: argparse.Namespace) -> int:
             fraction=args.fraction,
             mask=args.mask,
             steps=args.steps,
+            prompted=args.prompted,
             seed=args.seed,
             threads=args.threads,
         )
@@ -573,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cl.add_argument(
         "--steps", type=int, default=LearnConfig.steps, help="tuning steps (default: %(default)s)"
+    )
+    cl.add_argument(
+        "--prompted",
+        type=float,
+        default=LearnConfig.prompted,
+        metavar="F",
+        help="share of training windows behind a foreign 2-bar prompt, as answers are "
+        "(default: %(default)s)",
     )
     cl.add_argument("--seed", type=int, default=0)
     cl.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")

@@ -202,6 +202,13 @@ class LearnConfig:
     #: empirical Fisher; ``specific``, that Fisher over the general windows' Fisher (plus
     #: its mean), so entries every kind of music needs are left to the base model
     mask: str = "specific"
+    #: share of each batch's windows trained behind a foreign prompt: the identifiers,
+    #: then ``prompt_bars`` bars of a base-model sample (not trained on), then the
+    #: reference. An answer's context is the identifiers, then the performer's prompt in
+    #: whatever style, then the answer; trained only on identifiers straight before the
+    #: reference, the concept is asked at answer time for a case it never saw
+    prompted: float = 0.5
+    prompt_bars: int = 2
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -224,12 +231,20 @@ class LearnConfig:
             raise ConceptError("lora_rank >= 1 and threads >= 0 are required")
         if self.mask not in MASK_MEASURES:
             raise ConceptError(f"mask must be one of {', '.join(MASK_MEASURES)}, got {self.mask!r}")
+        if not 0.0 <= self.prompted <= 1.0 or not 1 <= self.prompt_bars <= 8:
+            raise ConceptError("prompted must be in [0, 1] and prompt_bars in 1..8")
+        if self.prompted > 0 and self.general_windows < 1:
+            raise ConceptError(
+                "foreign prompts are cut from base-model samples (general_windows >= 1)"
+            )
         if self.mask == "specific" and self.general_windows < 1:
             raise ConceptError("the specific mask needs base-model samples (general_windows >= 1)")
 
     def needs_general(self, method: str) -> bool:
         """Whether ``method`` uses base-model samples: for the preservation term, or for
         the specific mask (``ppt`` only)."""
+        if self.prompted > 0:
+            return True
         if method == "token_only":
             return False
         return self.preserve > 0 or (method == "ppt" and self.mask == "specific")
@@ -249,6 +264,7 @@ class LearnConfig:
             "lr": float,
             "ident_lr": float,
             "preserve": float,
+            "prompted": float,
         }
         try:
             values: dict[str, Any] = {k: types.get(k, int)(v) for k, v in d.items()}
@@ -843,6 +859,39 @@ class _Windows:
             rows.append(shifted if shifted is not None else w)
         return np.stack(rows)
 
+    def prompts(self, general: np.ndarray | None) -> list[np.ndarray]:
+        """Foreign prompts: every run of ``prompt_bars`` bars (Bar first) in the base-model
+        samples, at most half a window long."""
+        if general is None or self.cfg.prompted <= 0:
+            return []
+        out = []
+        for row in general:
+            marks = np.flatnonzero(row == self.vocab.bar)
+            for a, b in zip(marks, marks[self.cfg.prompt_bars :], strict=False):
+                if b - a <= self.T // 2:
+                    out.append(row[a:b])
+        return out
+
+    def behind_prompts(
+        self, rows: np.ndarray, prompts: Sequence[np.ndarray], rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, untrained): a ``prompted`` share of ``rows`` rewritten as BOS, a foreign
+        prompt, then the reference window (its BOS dropped), cut to the same length;
+        ``untrained[i]``: how many leading tokens of row i are not predicted (BOS and
+        the prompt), 0 for rows left as they were."""
+        untrained = np.zeros(len(rows), np.int64)
+        if not prompts:
+            return rows, untrained
+        rows = rows.copy()
+        n = round(self.cfg.prompted * len(rows))
+        for i in rng.choice(len(rows), size=n, replace=False):
+            p = prompts[int(rng.integers(len(prompts)))]
+            ref = rows[i, 1:] if rows[i, 0] == self.vocab.bos else rows[i]
+            row = np.concatenate([[self.vocab.bos], p, ref])[: rows.shape[1]]
+            rows[i] = row
+            untrained[i] = 1 + len(p)
+        return rows, untrained
+
 
 def general_windows(
     model_dir: str | Path, n: int, length: int, *, seed: int = 0, threads: int = 1
@@ -917,13 +966,25 @@ def _forward(model: Any, prefix: Any, x: Any, z: Any) -> Any:
     return model.lm_head(tr.ln_f(h))
 
 
-def _loss(model: Any, prefix: Any, windows: np.ndarray, z: Any, bf16: bool) -> Any:
+def _loss(
+    model: Any,
+    prefix: Any,
+    windows: np.ndarray,
+    z: Any,
+    bf16: bool,
+    untrained: np.ndarray | None = None,
+) -> Any:
+    """Next-token loss of ``windows`` behind the identifiers; ``untrained[i]`` leading
+    tokens of row i (a foreign prompt) are context only."""
     import torch
 
     w = torch.from_numpy(windows)
     n = prefix.shape[0]
     x = w[:, :-1]
     targets = torch.cat([torch.full((w.shape[0], n - 1), -1, dtype=torch.long), w], dim=1)
+    if untrained is not None:
+        for i, k in enumerate(untrained):
+            targets[i, n - 1 : n - 1 + int(k)] = -1
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = _forward(model, prefix, x, z)
     return torch.nn.functional.cross_entropy(
@@ -1159,9 +1220,14 @@ def _learn(
     opt = torch.optim.Adam(groups, weight_decay=0.0)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=f"learning ({method})", disable=not progress, leave=False)
+    prompts = windows.prompts(general)
     for _ in bar:
         z = torch.randn(cfg.batch, model.cfg.z_dim, generator=gen)
-        loss = _loss(model, prefix, windows.sample(rng), z, bool(cfg.bf16))
+        rows = windows.sample(rng)
+        untrained = None
+        if prompts:
+            rows, untrained = windows.behind_prompts(rows, prompts, rng)
+        loss = _loss(model, prefix, rows, z, bool(cfg.bf16), untrained)
         if preserve is not None:
             loss = loss + cfg.preserve * _preservation(model, preserve, cfg, rng)
         opt.zero_grad(set_to_none=True)

@@ -119,7 +119,7 @@ def test_bad_names_are_refused() -> None:
 
 
 def test_learn_config_round_trip_and_validation() -> None:
-    cfg = LearnConfig(fraction=0.1, steps=7)
+    cfg = LearnConfig(fraction=0.1, steps=7, prompted=0.25, preserve=0.75)
     assert LearnConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     for bad in ({"fraction": 0.0}, {"fraction": 1.5}, {"steps": -1}, {"n_identifiers": 0}):
         with pytest.raises(ConceptError):
@@ -163,6 +163,59 @@ def test_the_specific_mask_leaves_out_what_general_music_needs(mask_inputs: Any)
         LearnConfig(mask="specific", general_windows=0)
     assert LearnConfig(mask="fisher", preserve=0).needs_general("ppt") is False
     assert LearnConfig().needs_general("ppt") and not LearnConfig().needs_general("token_only")
+
+
+def test_foreign_prompts_are_context_only(
+    mask_inputs: Any, tiny_base: Any, reference: Path
+) -> None:
+    """A `prompted` share of the windows goes behind a run of bars of a base-model sample
+    (BOS, the prompt, then the reference without its BOS, cut to the same length); the
+    prompt's tokens are inputs only, never targets."""
+    from dataclasses import replace
+
+    import torch
+
+    from divergent.model.concept import _forward, _loss, _Windows, reference_ids
+
+    model, prefix, windows, general = mask_inputs
+    vocab = windows.vocab
+    cfg = replace(FAST, batch=4, prompted=0.5, prompt_bars=1)
+    ids = reference_ids([reference], tiny_base[2].tokenizer)
+    w = _Windows(ids, vocab, cfg, model.cfg.block_size)
+    prompts = w.prompts(general)
+    assert prompts
+    for p in prompts:
+        assert p[0] == vocab.bar and int((p == vocab.bar).sum()) == 1 and len(p) <= w.T // 2
+    unprompted = replace(FAST, prompted=0.0)
+    assert _Windows(ids, vocab, unprompted, model.cfg.block_size).prompts(general) == []
+    rng = np.random.default_rng(0)
+    rows = w.sample(rng)
+    out, untrained = w.behind_prompts(rows, prompts, rng)
+    assert out.shape == rows.shape and int((untrained > 0).sum()) == 2
+    for i, k in enumerate(untrained):
+        if k == 0:
+            assert np.array_equal(out[i], rows[i])
+            continue
+        assert out[i, 0] == vocab.bos
+        assert any(np.array_equal(out[i, 1:k], p) for p in prompts)
+        ref = rows[i, 1:] if rows[i, 0] == vocab.bos else rows[i]
+        assert np.array_equal(out[i, k:], ref[: out.shape[1] - k])
+    z = torch.zeros(len(out), model.cfg.z_dim)
+    with torch.no_grad():
+        every = float(_loss(model, prefix, out, z, False))
+        ours = float(_loss(model, prefix, out, z, False, untrained))
+        logp = torch.log_softmax(_forward(model, prefix, torch.from_numpy(out[:, :-1]), z), -1)
+    n = prefix.shape[0]  # the target at position n - 1 + j is token j of the window
+    by_hand = [
+        -float(logp[i, n - 1 + j, out[i, j]])
+        for i, k in enumerate(untrained)
+        for j in range(int(k), out.shape[1])
+    ]
+    assert ours == pytest.approx(float(np.mean(by_hand)), rel=1e-5)
+    assert ours != pytest.approx(every, rel=1e-5)
+    with pytest.raises(ConceptError, match="base-model samples"):
+        LearnConfig(prompted=0.5, general_windows=0, mask="fisher")
+    assert LearnConfig(prompted=0.5).needs_general("token_only")
 
 
 def test_learning_leaves_frozen_weights_bit_identical(tiny_base: Any, reference: Path) -> None:
