@@ -161,8 +161,11 @@ def test_the_specific_mask_leaves_out_what_general_music_needs(mask_inputs: Any)
         LearnConfig(mask="largest")
     with pytest.raises(ConceptError, match="base-model samples"):
         LearnConfig(mask="specific", general_windows=0)
-    assert LearnConfig(mask="fisher", preserve=0).needs_general("ppt") is False
-    assert LearnConfig().needs_general("ppt") and not LearnConfig().needs_general("token_only")
+    unprompted = LearnConfig(prompted=0.0)
+    assert LearnConfig(mask="fisher", preserve=0, prompted=0.0).needs_general("ppt") is False
+    assert unprompted.needs_general("ppt") and not unprompted.needs_general("token_only")
+    # foreign prompts are cut from the base-model samples: every method needs them then
+    assert LearnConfig(mask="fisher", preserve=0).needs_general("token_only")
 
 
 def test_foreign_prompts_are_context_only(
