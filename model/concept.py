@@ -241,8 +241,8 @@ class LearnConfig:
             raise ConceptError("the specific mask needs base-model samples (general_windows >= 1)")
 
     def needs_general(self, method: str) -> bool:
-        """Whether ``method`` uses base-model samples: for the preservation term, or for
-        the specific mask (``ppt`` only)."""
+        """Whether ``method`` uses base-model samples: the foreign prompts (every method),
+        the preservation term, or the specific mask (``ppt`` only)."""
         if self.prompted > 0:
             return True
         if method == "token_only":
