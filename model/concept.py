@@ -1224,9 +1224,7 @@ def _learn(
     for _ in bar:
         z = torch.randn(cfg.batch, model.cfg.z_dim, generator=gen)
         rows = windows.sample(rng)
-        untrained = None
-        if prompts:
-            rows, untrained = windows.behind_prompts(rows, prompts, rng)
+        rows, untrained = windows.behind_prompts(rows, prompts, rng)
         loss = _loss(model, prefix, rows, z, bool(cfg.bf16), untrained)
         if preserve is not None:
             loss = loss + cfg.preserve * _preservation(model, preserve, cfg, rng)
