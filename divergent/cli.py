@@ -173,11 +173,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from divergent.model.concept import ConceptError
     from divergent.model.runtime import ModelError, check_device
     from divergent.server.app import Server
-    from divergent.server.heap import limit_malloc_arenas
+    from divergent.server.heap import fix_mmap_threshold, limit_malloc_arenas
 
     try:
         check_device(config.device)  # refused before the server starts: nothing opened
         limit_malloc_arenas()  # before the server's threads (server/heap.py says why)
+        fix_mmap_threshold()  # before the model's first prefill (the same says why)
         asyncio.run(Server(config).serve())
     except (BridgeError, ModelError, ConceptError, OSError) as e:
         raise CLIError(str(e)) from e
