@@ -129,11 +129,10 @@ class Generator:
     def warm_up(self, bars: int = 4) -> None:
         """Run what a live answer runs (both decoders, a full prompt's prefill, a
         ``bars``-bar answer, the readout) once, so the first answer does not pay ONNX
-        Runtime's first-run costs and less memory appears during a set: ORT's arena and
-        the allocator grow to the longest prefill and context they have seen. Measured
-        (RSS growth over random 4-bar answers after it): 9.0 MB over 100 after the
-        earlier 2-note warm-up, 2.2 MB after 16 bars; the rest of a set's growth is the
-        allocator's, and stops (``docs/reliability.md``)."""
+        Runtime's first-run costs and less memory appears during a set. Measured when
+        ORT still ran with its arena (RSS growth over random 4-bar answers after it):
+        9.0 MB over 100 after the earlier 2-note warm-up, 2.2 MB after 16 bars
+        (``docs/reliability.md``)."""
         ids = self._warm_ids
         # d = 1, 0 < d < 1 and d = 0 run differently shaped calls (one or both decoders;
         # without a BAD decoder, d = 1 runs what d = 0.5 runs); 0 < d < 1 runs the most
@@ -159,10 +158,13 @@ class Generator:
         rows) and sample one token: a few of these, of :func:`warm_lengths`, after start.
 
         Why: each answer's prefill allocates buffers sized by its prompt's length, and
-        ONNX Runtime's arena keeps every region it ever grew. Answers of changing lengths
-        fragment it until it settles, several MB above where it started (over 400 random
-        answers of four generators: +6.7 MB, up to +7.4). Prefills of 48 lengths first:
-        +1.9 MB (at most +3.0), for 5.3 s of one core on a 2-vCPU Xeon.
+        ONNX Runtime's arena, when the sessions had one, kept every region it ever grew:
+        answers of changing lengths fragmented it until it settled, several MB above
+        where it started (+6.7 MB over 400 random answers of four generators; +1.9 MB
+        after prefills of 48 lengths, 5.3 s of one core on a 2-vCPU Xeon). The serving
+        sessions now run without it (``model.runtime.no_cpu_arena``); what a new length
+        still leaves is ONNX Runtime's ~1.8 KB per length per session, which these
+        prefills pay in advance.
         """
         ids = self._warm_ids
         self.continue_ids(ids[-max(1, length) :], bars=1, seed=0, divergence=0.5, max_tokens=1)

@@ -228,8 +228,9 @@ class ServeConfig:
     warm_prefills: int = _f(
         0,
         "int",
-        "prompt lengths the model prefills once after start, between answers, so its memory "
-        "settles sooner (0: none; 48 measured; it slows a concept switch in those seconds)",
+        "prompt lengths the model prefills once after start, between answers, paying in "
+        "advance the little memory a new length costs (0: none; it slows a concept switch "
+        "in those seconds)",
         lo=0,
         hi=1000,
     )
