@@ -4,6 +4,8 @@
   exactly that length, ONNX Runtime int8 (1 intra-op thread) through the serving
   ``IncrementalDecoder.feed`` (Python overhead included), and torch eager
   (``StepModel``) on the same weights (the bundled checkpoint), one thread each;
+- prefill latency (``prefill_ms``: 32, 128 and 384 tokens at once on an emptied cache),
+  the int8 file and the served pair (``OnnxModel(prefill=...)``) timed in turns;
 - 4/4 bar generation latency (sampling and grammar included), p50/p99;
 - end-to-end note events generated per second;
 - the decoder variant and threads this host serves with (``model.host.choose_decoder``,
@@ -51,6 +53,8 @@ from divergent.model.runtime import (
 __all__ = ["bench_model", "concept_figures", "floor_chain", "step_macs"]
 
 CONTEXTS = (64, 256, 512)
+#: prompt lengths whose prefill is timed (a bar or two, a phrase, a long context)
+PREFILLS = (32, 128, 384)
 #: the context the headline figures (speed-up, floor ratio) are taken at
 FLOOR_CONTEXT = 256
 
@@ -72,6 +76,19 @@ def _time(fn: Any, repeats: int) -> dict[str, float]:
         fn()
         ms.append((time.perf_counter() - t) * 1000)
     return _pct(ms)
+
+
+def _interleaved(runs: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
+    """p50/p99 (ms) per named callable, run in turns: a burst of load hits them alike."""
+    for fn in runs.values():
+        fn()  # warm-up
+    ms: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            ms[name].append((time.perf_counter() - t) * 1000)
+    return {name: _pct(xs) for name, xs in ms.items()}
 
 
 def _step_shapes(model: OnnxModel, ctx: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
@@ -193,6 +210,19 @@ def _step_timer(model: OnnxModel, ctx: int, rng: np.random.Generator) -> Any:
     return run
 
 
+def _prefill_timer(model: OnnxModel, n: int, rng: np.random.Generator) -> Any:
+    """A prefill of ``n`` tokens on an emptied cache, through the serving ``feed``."""
+    dec = IncrementalDecoder(model)
+    ids = rng.integers(0, model.vocab_size, n)
+    dec.feed(ids)  # untimed: the first run of a new length allocates
+
+    def run() -> None:
+        dec.reset()
+        dec.feed(ids)
+
+    return run
+
+
 def _streamed(gen: Generator, prompt_ids: Any, runs: int, divergence: float = 0.0) -> float:
     """Notes per second of wall time over 16-bar continuations, everything included."""
     notes = 0
@@ -301,16 +331,20 @@ def bench_model(
         choice = choose_decoder(model_dir, "auto", device=device)
     model = OnnxModel(model_dir, precision="int8", threads=1, device="cpu")
     served = model
-    if (choice.variant, choice.threads, choice.device) != ("int8", 1, "cpu"):
-        served = OnnxModel(
-            model_dir, precision=choice.variant, threads=choice.threads, device=device
-        )
+    served_as = (choice.variant, choice.threads, choice.device, choice.prefill_variant)
+    if served_as != ("int8", 1, "cpu", "int8"):
+        served = choice.load(model_dir)
     rng = np.random.default_rng(0)
     contexts = [ctx for ctx in CONTEXTS if ctx < model.block_size]
     ort_ms = {str(ctx): _time(_step_timer(model, ctx, rng), repeats) for ctx in contexts}
     auto_ms = ort_ms
     if served is not model:
         auto_ms = {str(ctx): _time(_step_timer(served, ctx, rng), repeats) for ctx in contexts}
+    # prefills (a prompt at once), the int8 file and the served pair interleaved
+    prefill_ms: dict[str, dict[str, dict[str, float]]] = {}
+    for n in (n for n in PREFILLS if n < model.block_size):
+        runs = {"int8": _prefill_timer(model, n, rng), "served": _prefill_timer(served, n, rng)}
+        prefill_ms[str(n)] = _interleaved(runs, max(10, repeats // 10))
     # the floor, in the same run: the step's products alone, at the headline context
     floor_ctx = FLOOR_CONTEXT if model.block_size > FLOOR_CONTEXT else contexts[-1]
     floor = _time(floor_chain(model, floor_ctx), repeats)
@@ -375,6 +409,7 @@ def bench_model(
         "decoder": choice.to_dict(),
         "ort_int8_token_ms": ort_ms,
         "auto_token_ms": auto_ms,
+        "prefill_ms": prefill_ms,
         "torch_token_ms": torch_ms,
         "bar_ms": _pct(bar_ms),
         "note_events_per_s": note_events_per_s,

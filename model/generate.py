@@ -515,7 +515,7 @@ def serving_generator(
     from divergent.model.host import choose_decoder
 
     choice = choose_decoder(model_dir, decoder, device=device)
-    model = OnnxModel(model_dir, precision=choice.variant, threads=choice.threads, device=device)
+    model = choice.load(model_dir)
     generator = Generator(model)
     generator.decoder_choice = choice
     generator.warm_up(bars=WARM_UP_BARS)

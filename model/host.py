@@ -6,7 +6,12 @@ another), so no choice made on one machine holds everywhere. :func:`choose_decod
 times one decoder step at a fixed context for each decoder file present (``int8``,
 ``fp32``) and each thread count allowed, interleaved in rounds so that a burst of load
 on a shared machine hits every candidate alike, and keeps the int8 one-thread step (the
-default, parity-checked against torch) unless another candidate is clearly faster. The
+default, parity-checked against torch) unless another candidate is clearly faster. In
+the same rounds it times a prefill (a played phrase's worth of tokens at once) with each
+file, and picks the prefill's file by the same rule: on a CPU without int8 dot products
+(AVX2 only) the fp32 file's batched products prefill ~1.7x faster than the int8 file's
+while the int8 step stays the faster one, so such a host prefills in fp32 and steps in
+int8 on one shared KV cache (``OnnxModel(prefill=...)``). The
 result is cached in a small JSON file under the user's cache directory, keyed by CPU
 model, ONNX Runtime version, the decoder files' hash and the request, so it is measured
 once per host and model (a few seconds) and read back afterwards.
@@ -17,8 +22,7 @@ one's MatMulNBits is a CPU kernel), and the CPU candidates' timings say nothing 
 Wiring (``serve``; ``model.generate.serving_generator``)::
 
     choice = choose_decoder(model_dir, "auto", device="cpu")   # --decoder, --device
-    model = OnnxModel(model_dir, precision=choice.variant, threads=choice.threads,
-                      device=choice.device)
+    model = choice.load(model_dir)   # its variant, threads, device and prefill file
     print(choice.banner())
 """
 
@@ -67,7 +71,7 @@ CHOICES: Final = DECODER_CHOICES
 #: the cache file's name under the cache directory
 CHOICE_CACHE_FILE: Final = "decoder_choice.json"
 # the cache file's layout; another version is ignored (and rewritten)
-_CACHE_VERSION: Final = 1
+_CACHE_VERSION: Final = 2  # 2: the prefill's variant too
 # the variant kept unless another is clearly faster: the parity-checked serving default
 _BASELINE: Final = ("int8", 1)
 
@@ -89,11 +93,15 @@ class HostBenchConfig:
     max_threads: int = 2
     #: another candidate replaces int8 on one thread only below this fraction of its
     #: time: a smaller gain is within the noise of a shared machine, and more threads
-    #: cost CPU that the live path needs
+    #: cost CPU that the live path needs (the prefill's variant is chosen by the same)
     margin: float = 0.85
+    #: tokens of one timed prefill: a played phrase of about four to eight bars
+    prefill_tokens: int = 128
+    #: timed prefills per decoder file and round
+    prefills: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("context", "steps", "rounds", "max_threads"):
+        for name in ("context", "steps", "rounds", "max_threads", "prefill_tokens", "prefills"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -122,9 +130,28 @@ class Choice:
     measured_at: str = ""
     #: where it runs (``model.files.DEVICE_CHOICES``)
     device: str = "cpu"
+    #: the precision that runs prefills (several tokens at once); "" = ``variant``
+    prefill: str = ""
+    #: ms per prefill of ``HostBenchConfig.prefill_tokens`` tokens (p50), keyed by variant
+    prefill_measured: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prefill_variant(self) -> str:
+        """The precision of the prefill decoder (``OnnxModel(prefill=...)``)."""
+        return self.prefill or self.variant
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def load(self, model_dir: str | Path | None = None) -> OnnxModel:
+        """The model this choice serves: its variant, threads, device and prefill file."""
+        return OnnxModel(
+            model_dir,
+            precision=self.variant,
+            threads=self.threads,
+            device=self.device,
+            prefill=self.prefill_variant,
+        )
 
     def banner(self) -> str:
         """The serve banner's line: what runs, where, and why."""
@@ -132,7 +159,10 @@ class Choice:
         src = "cached" if self.cached else "measured now"
         if self.device != "cpu":
             src = "not measured"  # the GPU's figures are bench model's, not the CPU race's
-        return f"decoder {self.variant} on {self.device}, {self.threads} {t} ({src}): {self.why}"
+        pre = f", prefills {self.prefill_variant}" if self.prefill_variant != self.variant else ""
+        return (
+            f"decoder {self.variant}{pre} on {self.device}, {self.threads} {t} ({src}): {self.why}"
+        )
 
 
 def default_cache_dir() -> Path:
@@ -220,16 +250,21 @@ def _from_entry(entry: dict[str, Any]) -> Choice | None:
     except TypeError as e:
         log.warning("ignoring a decoder choice cache entry: %s", e)
         return None
-    if choice.variant not in PRECISIONS or choice.threads < 1:
+    if (
+        choice.variant not in PRECISIONS
+        or choice.prefill_variant not in PRECISIONS
+        or (choice.threads < 1)
+    ):
         log.warning("ignoring a decoder choice cache entry: %s", entry)
         return None
     return choice
 
 
 def _measure(
-    model_dir: Path, candidates: list[tuple[str, int]], cfg: HostBenchConfig
-) -> tuple[dict[tuple[str, int], float], int]:
-    """Per-token p50 (ms) of one step per candidate (interleaved rounds), and the context.
+    model_dir: Path, candidates: list[tuple[str, int]], cfg: HostBenchConfig, prefill: bool
+) -> tuple[dict[tuple[str, int], float], dict[str, float], int]:
+    """Per-token p50 (ms) of one step per candidate, ms p50 of one prefill per variant
+    (one thread; only if ``prefill``), all in the same interleaved rounds, and the context.
 
     The context is ``cfg.context``, or less for a model whose ``block_size`` is shorter.
     """
@@ -255,7 +290,17 @@ def _measure(
             dec.rewind(ctx)
             dec.feed([5])
         decs[(variant, threads)] = dec
+    # a decoder of its own per variant: a prefill restarts the history the step needs
+    pre_ids = ids[: min(cfg.prefill_tokens, model.block_size)]
+    pre_decs = {
+        v: IncrementalDecoder(model, session=decs[(v, t)].session)
+        for v, t in candidates
+        if prefill and t == 1
+    }
+    for dec in pre_decs.values():
+        dec.feed(pre_ids)  # untimed: the first run of a new length allocates
     times: dict[tuple[str, int], list[float]] = {c: [] for c in candidates}
+    pre_times: dict[str, list[float]] = {v: [] for v in pre_decs}
     for _ in range(cfg.rounds):
         for c, dec in decs.items():
             for _ in range(cfg.steps):
@@ -263,7 +308,14 @@ def _measure(
                 dec.rewind(ctx)
                 dec.feed([5])
                 times[c].append(time.perf_counter() - t)
-    return {c: float(np.median(ts)) * 1000 for c, ts in times.items()}, ctx
+        for v, dec in pre_decs.items():
+            for _ in range(cfg.prefills):
+                t = time.perf_counter()
+                dec.reset()
+                dec.feed(pre_ids)
+                pre_times[v].append(time.perf_counter() - t)
+    steps = {c: float(np.median(ts)) * 1000 for c, ts in times.items()}
+    return steps, {v: float(np.median(ts)) * 1000 for v, ts in pre_times.items()}, ctx
 
 
 def _name(c: tuple[str, int]) -> str:
@@ -292,6 +344,23 @@ def _decide(
         f"{measured[base] / measured[fastest]:.2f}× {_name(base)} ({others})"
     )
     return fastest, why
+
+
+def _decide_prefill(
+    step_variant: str, measured: dict[str, float], tokens: int, cfg: HostBenchConfig
+) -> tuple[str, str]:
+    """The variant that runs prefills, and why: the step's own unless another file
+    prefills in under ``cfg.margin`` of its time (a second session costs memory)."""
+    if step_variant not in measured or len(measured) < 2:
+        return step_variant, ""
+    fastest = min(measured, key=measured.__getitem__)
+    own = measured[step_variant]
+    if fastest == step_variant or measured[fastest] >= cfg.margin * own:
+        return step_variant, ""
+    return fastest, (
+        f"; prefills {fastest}: {measured[fastest]:.2f} ms for {tokens} tokens, "
+        f"{own / measured[fastest]:.2f}× {step_variant}"
+    )
 
 
 def choose_decoder(
@@ -344,17 +413,21 @@ def choose_decoder(
     entries = _read_cache(path)
     if not refresh and key in entries:
         cached = _from_entry(entries[key])
-        if cached is not None and cached.variant in variants:
+        if cached is not None and {cached.variant, cached.prefill_variant} <= set(variants):
             return cached
     max_threads = max(1, min(cfg.max_threads, _cpu_count() // 2))
     candidates = [(v, t) for v in variants for t in range(1, max_threads + 1)]
-    measured, ctx = _measure(root, candidates, cfg)
+    # "auto" only: a variant asked for runs steps and prefills alike
+    measured, pre_measured, ctx = _measure(root, candidates, cfg, prefill=choice == "auto")
     (variant, threads), why = _decide(measured, choice, ctx, cfg)
-    why += f"; threads tried: 1-{max_threads} of {_cpu_count()} CPUs"
+    prefill, pre_why = _decide_prefill(variant, pre_measured, cfg.prefill_tokens, cfg)
+    why += f"{pre_why}; threads tried: 1-{max_threads} of {_cpu_count()} CPUs"
     result = Choice(
         variant=variant,
         threads=threads,
         why=why,
+        prefill=prefill,
+        prefill_measured={v: round(ms, 3) for v, ms in pre_measured.items()},
         measured={_name(c): round(ms, 4) for c, ms in measured.items()},
         requested=choice,
         context=ctx,

@@ -305,7 +305,8 @@ class ServeConfig:
     decoder: str = _f(
         "auto",
         "str",
-        "decoder: auto (measured once per host, cached), int8 or fp32",
+        "decoder: auto (measured once per host, cached: the step's file and the "
+        "prefill's, int8 or fp32 each), int8 or fp32 (steps and prefills alike)",
         choices=DECODERS,
     )
     device: str = _f(

@@ -53,6 +53,9 @@ def test_auto_measures_every_decoder_then_reads_the_cache(model_dir: Path, tmp_p
     assert {"int8/1", "fp32/1"} <= set(first.measured)
     assert first.context == 159  # the tiny model's block_size is 160
     assert first.why and first.variant in first.banner()
+    # the prefill raced too, one file against the other
+    assert set(first.prefill_measured) == {"int8", "fp32"}
+    assert first.prefill_variant in PRECISIONS
     data = json.loads((tmp_path / CHOICE_CACHE_FILE).read_text())
     assert len(data["entries"]) == 1
     (key,) = data["entries"]
@@ -63,8 +66,9 @@ def test_auto_measures_every_decoder_then_reads_the_cache(model_dir: Path, tmp_p
     fresh = choose_decoder(model_dir, "auto", cache_dir=tmp_path, config=QUICK, refresh=True)
     assert not fresh.cached
     # the choice loads as the serving model
-    m = OnnxModel(model_dir, precision=again.variant, threads=again.threads, device="cpu")
-    assert m.precision == again.variant
+    assert again.prefill_variant == first.prefill_variant
+    m = again.load(model_dir)
+    assert (m.precision, m.prefill_precision) == (again.variant, again.prefill_variant)
 
 
 def test_another_cpu_or_request_is_measured_anew(
@@ -73,6 +77,8 @@ def test_another_cpu_or_request_is_measured_anew(
     choose_decoder(model_dir, "auto", cache_dir=tmp_path, config=QUICK)
     fixed = choose_decoder(model_dir, "fp32", cache_dir=tmp_path, config=QUICK)
     assert fixed.variant == "fp32" and not fixed.cached and set(fixed.measured) == {"fp32/1"}
+    # a variant asked for runs prefills too: nothing raced for them
+    assert fixed.prefill_variant == "fp32" and not fixed.prefill_measured
     monkeypatch.setattr(host, "cpu_model", lambda: "Another CPU")
     other = choose_decoder(model_dir, "auto", cache_dir=tmp_path, config=QUICK)
     assert not other.cached
@@ -87,7 +93,20 @@ def test_a_broken_cache_is_logged_and_replaced(
     with caplog.at_level(logging.WARNING, logger="divergent.model.host"):
         choice = choose_decoder(model_dir, "int8", cache_dir=tmp_path, config=QUICK)
     assert choice.variant == "int8" and "ignoring" in caplog.text
-    assert json.loads((tmp_path / CHOICE_CACHE_FILE).read_text())["version"] == 1
+    assert json.loads((tmp_path / CHOICE_CACHE_FILE).read_text())["version"] == host._CACHE_VERSION
+
+
+def test_a_cache_of_the_layout_before_prefills_is_measured_anew(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = choose_decoder(model_dir, "int8", cache_dir=tmp_path, config=QUICK)
+    path = tmp_path / CHOICE_CACHE_FILE
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "version": 1}))
+    with caplog.at_level(logging.WARNING, logger="divergent.model.host"):
+        again = choose_decoder(model_dir, "int8", cache_dir=tmp_path, config=QUICK)
+    assert not again.cached and "another format" in caplog.text
+    assert again.variant == first.variant
 
 
 def test_bad_requests(model_dir: Path, tmp_path: Path) -> None:
@@ -114,6 +133,56 @@ def test_decision_keeps_int8_one_thread_unless_clearly_faster() -> None:
     # a fixed variant: its one-thread run is the baseline
     (choice, _) = host._decide({("fp32", 1): 1.0, ("fp32", 2): 0.6}, "fp32", 256, cfg)
     assert choice == ("fp32", 2)
+
+
+def test_the_prefill_keeps_the_steps_variant_unless_another_is_clearly_faster() -> None:
+    cfg = HostBenchConfig(margin=0.85)
+    assert host._decide_prefill("int8", {"int8": 10.0, "fp32": 9.0}, 128, cfg) == ("int8", "")
+    (variant, why) = host._decide_prefill("int8", {"int8": 10.0, "fp32": 6.0}, 128, cfg)
+    assert variant == "fp32" and "1.67× int8" in why and "128 tokens" in why
+    # nothing raced (a variant asked for): the step's own
+    assert host._decide_prefill("fp32", {}, 128, cfg) == ("fp32", "")
+    c = Choice(variant="int8", threads=1, why="w", prefill="fp32")
+    assert c.prefill_variant == "fp32" and "prefills fp32" in c.banner()
+    assert Choice(variant="int8", threads=1, why="w").prefill_variant == "int8"
+
+
+def test_a_prefill_in_the_other_precision_writes_the_cache_the_step_reads(
+    model_dir: Path,
+) -> None:
+    int8 = OnnxModel(model_dir, precision="int8")
+    fp32 = OnnxModel(model_dir, precision="fp32")
+    both = OnnxModel(model_dir, precision="int8", prefill="fp32")
+    assert both.prefill_decoder is not both.decoder and both.prefill_precision == "fp32"
+    assert int8.prefill_decoder is int8.decoder and int8.prefill_precision == "int8"
+    ids = np.random.default_rng(0).integers(5, 100, 40)
+    mixed, ref = IncrementalDecoder(both), IncrementalDecoder(fp32)
+    # the prefill is the fp32 file's, to the bit
+    np.testing.assert_array_equal(mixed.feed(ids, all_logits=True), ref.feed(ids, all_logits=True))
+    # a chunk on the history is a prefill too: the fp32 file's again
+    np.testing.assert_array_equal(mixed.feed([8, 9, 10]), ref.feed([8, 9, 10]))
+    n = len(ids) + 3
+    # one step: the int8 file on the cache the fp32 prefill wrote (the same call made
+    # by hand from the fp32 decoder's cache gives the same logits, to the bit)
+    past = {name: ref._bound[name].numpy() for name in fp32.past_names}
+    by_hand = int8.decoder.run(
+        ["logits"],
+        {
+            "input_ids": np.array([[7]], np.int64),
+            "z": np.zeros((1, int8.z_dim), np.float32),
+            "seqlens_k": np.array([n], np.int32),
+            "total_sequence_length": np.array(n + 1, np.int32),
+            **past,
+        },
+    )[0][0, -1]
+    np.testing.assert_array_equal(mixed.feed([7]), by_hand)
+    # a concept's copy carries its weights in its own int8 session: that runs its
+    # prefills (the fp32 file has the base weights)
+    copy = both.with_decoder_initializers({})
+    assert copy.prefill_decoder is copy.decoder and copy.prefill_precision == "int8"
+    assert both.prefill_decoder is not both.decoder  # the original is untouched
+    with pytest.raises(ModelError, match="precision must be one of"):
+        OnnxModel(model_dir, precision="int8", prefill="fp16")
 
 
 def test_choice_round_trips_through_a_dict() -> None:

@@ -65,9 +65,9 @@ def test_serving_sessions_run_without_an_arena_or_memory_patterns() -> None:
     # the arena kept every region a prefill grew and fragmented over a set
     # (model.runtime.no_cpu_arena); the patterns kept a plan per prompt length
     # (model.runtime.session_options); a concept's rebuilt decoder keeps both settings
-    model = OnnxModel(default_model_dir(), precision="int8", threads=1)
+    model = OnnxModel(default_model_dir(), precision="int8", threads=1, prefill="fp32")
     copy = model.with_decoder_initializers({})
-    for session in (model.decoder, copy.decoder):
+    for session in (model.decoder, model.prefill_decoder, copy.decoder):
         options = session.get_session_options()
         assert options.enable_cpu_mem_arena is False
         assert options.enable_mem_pattern is False
