@@ -141,6 +141,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             concept=args.concept,
             concepts_dir=_concepts_dir(args),
             device=args.device,
+            concept_strength=args.concept_strength,
         )
     except (GenerateError, ModelError, ConceptError) as e:
         raise CLIError(str(e)) from e
@@ -547,6 +548,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     g.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_concept_arguments(g, "answer in a learned concept")
+    from divergent.model.generate import CONCEPT_STRENGTH, CONCEPT_STRENGTHS
+
+    g.add_argument(
+        "--concept-strength",
+        type=float,
+        default=CONCEPT_STRENGTH,
+        metavar="G",
+        help=f"how far the answer leans into the concept's style, "
+        f"{CONCEPT_STRENGTHS[0]:g}..{CONCEPT_STRENGTHS[1]:g}: 1 = as learned, more = "
+        f"pushed further (default: {CONCEPT_STRENGTH:g})",
+    )
     _add_device_argument(g)
     g.set_defaults(func=_cmd_generate)
 

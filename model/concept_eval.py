@@ -70,6 +70,7 @@ from divergent.model.copy_index import interval_ngrams
 from divergent.model.feature_reference import FeatureReference
 from divergent.model.features import features
 from divergent.model.files import FEATURE_REFERENCE_FILE, MANIFEST_FILE, WEIGHTS_FILE
+from divergent.model.generate import CONCEPT_STRENGTH
 from divergent.model.grammar import NoteEvent
 
 __all__ = ["ConceptProtocol", "evaluate_concept", "style_distance", "write_report"]
@@ -104,6 +105,9 @@ class ConceptProtocol:
     steps: int = 60
     threads: int = 1
     seed: int = 0
+    #: every tuned method answers at this strength (``model.generate.CONCEPT_STRENGTH``;
+    #: the protocols before 2026-11-28 answered at 1, the concept as learned)
+    concept_strength: float = CONCEPT_STRENGTH
     #: resamples of each method's answers for the fidelity's 90 % interval (0: none).
     #: Only the answers' sampling: learning seeds move fidelity as much again
     bootstrap: int = 1000
@@ -305,7 +309,7 @@ class _Answers:
     ) -> None:
         from divergent.model.generate import Generator
 
-        gen = Generator(onnx, concept=active)
+        gen = Generator(onnx, concept=active, concept_strength=p.concept_strength)
         self.feats: list[np.ndarray] = []  # one per answer
         self.by_prompt: list[list[np.ndarray]] = []
         self.ngrams: list[np.ndarray] = []

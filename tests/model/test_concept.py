@@ -32,7 +32,7 @@ from divergent.model.concept import (
     torch_weights_hash,
 )
 from divergent.model.files import WEIGHTS_FILE, decoder_file
-from divergent.model.generate import Generator, read_prompt
+from divergent.model.generate import CONCEPT_STRENGTH, GenerateError, Generator, read_prompt
 from divergent.model.played_refs import played_reference
 from divergent.model.runtime import OnnxModel
 
@@ -319,23 +319,51 @@ def test_concept_of_another_base_model_is_refused(
         activate("missing", onnx, tmp_path)
 
 
-def test_concept_answers_are_deterministic_and_start_with_identifiers(
-    learned: Any, tiny_base: Any, reference: Path
-) -> None:
+@pytest.fixture
+def riff(learned: Any, tiny_base: Any, reference: Path):  # type: ignore[no-untyped-def]
+    """(OnnxModel, the learned concept activated on it, a 40-token prompt)."""
     _, _, _, folder = learned
     _, _, onnx = tiny_base
-    active = activate("riff", onnx, folder)
-    _, ids = read_prompt(reference, onnx)
+    return onnx, activate("riff", onnx, folder), read_prompt(reference, onnx)[1][:40]
+
+
+def test_concept_answers_are_deterministic_and_start_with_identifiers(riff: Any) -> None:
+    onnx, active, ids = riff
     gen = Generator(onnx, concept=active)
-    a = gen.continue_ids(ids[:40], bars=2, seed=3)
-    b = Generator(onnx, concept=active).continue_ids(ids[:40], bars=2, seed=3)
+    a = gen.continue_ids(ids, bars=2, seed=3)
+    b = Generator(onnx, concept=active).continue_ids(ids, bars=2, seed=3)
     assert a.tokens == b.tokens
     assert a.prompt_tokens[: len(active.prefix)] == active.prefix
     assert set(active.prefix) <= set(onnx.tokenizer.vocab.concept_ids.tolist())
     # the concept's weights are in the bound session: its logits differ from the base's
-    base = Generator(onnx).continue_ids(ids[:40], bars=2, seed=3)
+    base = Generator(onnx).continue_ids(ids, bars=2, seed=3)
     assert base.prompt_tokens[0] == onnx.tokenizer.vocab.bos
     assert a.prompt_tokens[len(active.prefix) :] == base.prompt_tokens
+
+
+def test_a_concepts_strength_leans_from_its_plain_weights_through_its_style(riff: Any) -> None:
+    onnx, active, prompt = riff
+
+    def answer(strength: float, *, identifiers: bool = True) -> list[int]:
+        gen = Generator(onnx, concept=active, concept_strength=strength)
+        if not identifiers:
+            gen.concept_prefix = []
+        return gen.continue_ids(prompt, bars=2, seed=5).tokens
+
+    # 0: the concept's weights with no identifiers in the context (l0 alone)
+    assert answer(0.0) == answer(1.0, identifiers=False)
+    # 1: the concept as learned (l1 alone: the plain decoder is not run)
+    gen = Generator(onnx, concept=active, concept_strength=1.0)
+    assert gen.continue_ids(prompt, bars=2, seed=5).tokens == answer(1.0)
+    assert gen.plain_decoder is not None and gen.plain_decoder.tokens == []
+    # above 1 the answer moves on past the concept, deterministically per seed
+    assert answer(2.0) == answer(2.0) != answer(1.0)
+    # without a concept the strength changes nothing
+    plain = Generator(onnx, concept_strength=2.0).continue_ids(prompt, bars=2, seed=5)
+    assert plain.tokens == Generator(onnx).continue_ids(prompt, bars=2, seed=5).tokens
+    for bad in (-0.5, 3.5):
+        with pytest.raises(GenerateError, match="concept strength"):
+            Generator(onnx, concept=active, concept_strength=bad)
 
 
 def test_combination_sums_deltas_and_keeps_each_identifier(learned: Any, tiny_base: Any) -> None:
@@ -522,7 +550,15 @@ def test_cli_concept_list_learn_remove(
     args = ["--model", str(root), "--concepts", str(tmp_path), "--json", "--bars", "1"]
     rc = main(["generate", str(reference), "-o", str(out), "--concept", "riff", *args])
     assert rc == 0 and out.exists()
-    assert json.loads(capsys.readouterr().out)["concept"] == "riff"
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["concept"] == "riff" and summary["concept_strength"] == CONCEPT_STRENGTH
+    rc = main(["generate", str(reference), "-o", str(out), "--concept", "riff", *args,
+               "--concept-strength", "1"])  # fmt: skip
+    assert rc == 0 and json.loads(capsys.readouterr().out)["concept_strength"] == 1.0
+    rc = main(["generate", str(reference), "-o", str(out), "--concept", "riff", *args,
+               "--concept-strength", "9"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "concept strength must be in 0..3, got 9.0" in err
     rc = main(["generate", str(reference), "-o", str(out), "--model", str(root),
                "--concept", "nope", "--concepts", str(tmp_path)])  # fmt: skip
     assert rc == 2 and "no concept named 'nope'" in capsys.readouterr().err
