@@ -241,6 +241,9 @@ class Generator:
         sampled (onsets only grow), so the first note can sound while the rest is
         generated; setting
         ``cancel`` stops generation at the next token (the notes so far are returned).
+
+        An answer always has a note: the Bar that would end it is refused until one is
+        sampled (see ``_not_silent``).
         """
         if bars < 1 or bars > 64:
             raise GenerateError(f"bars must be in 1..64, got {bars}")
@@ -310,6 +313,8 @@ class Generator:
             if cancel is not None and cancel.is_set():
                 break
             gmask = grammar.mask()
+            if bars_left == 0 and not notes:
+                gmask = _not_silent(gmask, v.bar)
             if steered:
                 mask = gmask + bound
                 # no long runs of one pitch, and never an answer of one repeated pitch:
@@ -410,6 +415,18 @@ class Generator:
         tail = ids[-PROMPT_TOKENS:]
         bars = np.flatnonzero(tail == self.vocab.bar)
         return [*self.concept_prefix, *(int(t) for t in (tail[bars[0] :] if len(bars) else tail))]
+
+
+def _not_silent(gmask: np.ndarray, bar: int) -> np.ndarray:
+    """``gmask`` without the Bar token that would end an answer with no note yet.
+
+    An answer is never silent: in a jam a one-bar answer of rests is a bar the machine
+    skipped (the performer hears a dropped beat, not a musical rest), and ``generate``
+    would write an empty file. Rests inside a longer answer stay the model's choice.
+    """
+    m = gmask.copy()
+    m[bar] = -np.inf
+    return m if np.isfinite(m.max()) else gmask
 
 
 def warm_lengths(count: int = WARM_PREFILLS, *, seed: int = 1) -> list[int]:

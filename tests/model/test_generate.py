@@ -85,6 +85,37 @@ def test_sharing_banks_changes_no_answer_and_needs_the_same_model(tiny: OnnxMode
         Generator(OnnxModel(None, threads=1), like=own)
 
 
+def test_an_answer_is_never_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from divergent.model import generate
+
+    model = OnnxModel(None, threads=1)
+    _, ids = read_prompt(EXAMPLE, model)
+    gen = Generator(model)
+
+    def answers() -> list[int]:
+        # hot one-bar answers: where the model may sample a bar of rests
+        return [
+            len(gen.continue_ids(ids[:40], bars=1, seed=s, temperature=2.0).notes)
+            for s in range(60)
+        ]
+
+    assert min(answers()) >= 1
+    # the case is real: without the rule some of these answers are a bar of rests
+    monkeypatch.setattr(generate, "_not_silent", lambda gmask, bar: gmask)
+    assert min(answers()) == 0
+
+
+def test_the_silence_rule_never_makes_an_answer_impossible() -> None:
+    from divergent.model.generate import _not_silent
+
+    only_bar = np.full(8, -np.inf, np.float32)
+    only_bar[3] = 0.0
+    assert _not_silent(only_bar, 3) is only_bar
+    both = np.zeros(8, np.float32)
+    got = _not_silent(both, 3)
+    assert got[3] == -np.inf and np.isfinite(np.delete(got, 3)).all() and both[3] == 0.0
+
+
 @pytest.mark.parametrize("bad", [0, 65])
 def test_bars_out_of_range(tiny: OnnxModel, bad: int) -> None:
     ids = tiny.tokenizer.encode_score(chord_score())
