@@ -222,20 +222,32 @@ def test_ten_thousand_bad_packets_and_every_wrong_message_answered(serve_factory
         ("/divergent/clock", [3]),
         ("/divergent/divergence", [0.1, 0.2]),
     ] * 25
+    sock.close()
+    # the flood is behind the server once it answers a ping (it reads in order); only then
+    # the wrong messages, one at a time, each waiting for its own answer: a datagram lost
+    # in a full kernel buffer on this 2-core VM is the network's doing, not the server's,
+    # and must not decide this test
+    # (a ping sent while the server's receive buffer is still full is lost: ping again)
+    deadline = time.monotonic() + 10
+    while True:
+        t = time.monotonic()
+        sp.osc.send("/divergent/ping")
+        if sp.osc.wait_for("/divergent/pong", after=t, timeout=0.5) is not None:
+            break
+        assert time.monotonic() < deadline, "no pong after the flood"
+    time.sleep(0.3)  # the flood's own replies (clamps, NaN rejections) arrive meanwhile
     for address, args in wrong:
         b = OscMessageBuilder(address=address)
         for a in args:
             b.add_arg(a)
-        sock.sendto(b.build().dgram, addr)
-        time.sleep(0.001)
-    sock.close()
-    t = time.monotonic()
-    sp.osc.send("/divergent/ping")
-    assert sp.osc.wait_for("/divergent/pong", after=t, timeout=5) is not None
-    time.sleep(0.3)
-    errors = sp.osc.since(t0, "/divergent/error")
-    rejected = [e for e in errors if "(rejected)" in e[2][0]]
-    assert len(rejected) >= len(wrong), (len(rejected), len(wrong))
+        t = time.monotonic()
+        sp.osc.out.sendto(b.build().dgram, addr)
+        deadline = t + 5
+        while not (got := [e[2][0] for e in sp.osc.since(t, "/divergent/error")]):
+            assert time.monotonic() < deadline, f"no answer to {address} {args}"
+            time.sleep(0.002)
+        assert got[0].startswith(f"{address}: ") and got[0].endswith("(rejected)"), got
+    assert len(sp.osc.since(t0, "/divergent/error")) > len(wrong)  # the flood's NaNs too
     assert sp.proc is not None and sp.proc.poll() is None
 
 
