@@ -104,12 +104,7 @@ class Generator:
         :data:`CONCEPT_STRENGTH` (no effect without a concept)."""
         if like is not None and like.model.files.root != model.files.root:
             raise GenerateError("a generator shares banks only with one of the same model")
-        lo, hi = CONCEPT_STRENGTHS
-        if not lo <= concept_strength <= hi:
-            raise GenerateError(
-                f"concept strength must be in {lo:g}..{hi:g}, got {concept_strength}"
-            )
-        self.concept_strength = float(concept_strength)
+        self.concept_strength = _strength(concept_strength)
         # a concept (``model.concept``): its weights in the decoder session, and its
         # identifier tokens first in every context; without one nothing changes
         self.concept = concept
@@ -229,6 +224,7 @@ class Generator:
         min_onset_beats: float | None = None,
         on_notes: Callable[[list[NoteEvent]], object] | None = None,
         cancel: threading.Event | None = None,
+        concept_strength: float | None = None,
     ) -> Continuation:
         """Continue ``prompt_ids`` (REMI ids without BOS) by ``bars`` bars.
 
@@ -243,7 +239,8 @@ class Generator:
         ``cancel`` stops generation at the next token (the notes so far are returned).
 
         An answer always has a note: the Bar that would end it is refused until one is
-        sampled (see ``_not_silent``).
+        sampled (see ``_not_silent``). ``concept_strength`` overrides the generator's for
+        this answer (a live knob; no effect without a concept).
         """
         if bars < 1 or bars > 64:
             raise GenerateError(f"bars must be in 1..64, got {bars}")
@@ -292,7 +289,7 @@ class Generator:
         if div is not None:
             div.reset()
             div.set_z(z_answer)
-        g = self.concept_strength
+        g = self.concept_strength if concept_strength is None else _strength(concept_strength)
         plain = self.plain_decoder if g != 1.0 else None
         if plain is not None:  # the same context without the identifiers
             plain.reset()
@@ -415,6 +412,14 @@ class Generator:
         tail = ids[-PROMPT_TOKENS:]
         bars = np.flatnonzero(tail == self.vocab.bar)
         return [*self.concept_prefix, *(int(t) for t in (tail[bars[0] :] if len(bars) else tail))]
+
+
+def _strength(g: float) -> float:
+    """``g`` as a concept strength, checked against :data:`CONCEPT_STRENGTHS`."""
+    lo, hi = CONCEPT_STRENGTHS
+    if not lo <= g <= hi:  # NaN fails too
+        raise GenerateError(f"concept strength must be in {lo:g}..{hi:g}, got {g}")
+    return float(g)
 
 
 def _not_silent(gmask: np.ndarray, bar: int) -> np.ndarray:

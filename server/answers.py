@@ -68,6 +68,7 @@ class AnswerSettings:
     seed: int
     quantize: str
     channel: int  # 0-15
+    concept_strength: float  # no effect without a concept (model.generate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,7 @@ class AnswerJob:
             min_onset_beats=min_onset,
             on_notes=lambda notes: hand(self, list(notes)),
             cancel=self.cancel,
+            concept_strength=s.concept_strength,
         )
         return generator.readout(cont)
 

@@ -122,6 +122,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         self.quantize = config.quantize
         self.divergence = config.divergence
         self.temperature = config.temperature
+        self.concept_strength = config.concept_strength
         self.bars = config.bars
         self.seed = config.seed
         self.clock_source = config.clock
@@ -536,6 +537,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         names = [a.name for a in STATUS.args]
         status = dict(zip(names, self.status_args(), strict=True))
         status["midi"], status["disk"] = self.health_args()
+        status["concept_strength"] = float(self.concept_strength)
         return status
 
     def status_args(self) -> tuple[Any, ...]:

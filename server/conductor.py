@@ -56,6 +56,7 @@ class Conductor(ABC):
     stats: Stats
     divergence: float
     temperature: float
+    concept_strength: float
     bars: int
     seed: int | None
     quantize: str
@@ -136,6 +137,7 @@ class Conductor(ABC):
             seed=self.seed if self.seed is not None else req.answer_id,
             quantize=self.quantize,
             channel=self.config.channel - 1,
+            concept_strength=self.concept_strength,
         )
         self.answers.start(req, settings)
 

@@ -28,6 +28,7 @@ import tomli_w
 
 from divergent.bridges.osc import parse_allow
 from divergent.model.files import DECODER_CHOICES, DEVICE_CHOICES
+from divergent.model.generate import CONCEPT_STRENGTH, CONCEPT_STRENGTHS
 
 __all__ = [
     "CLOCKS",
@@ -331,6 +332,14 @@ class ServeConfig:
         optional=True,
         check=_check_concept,
     )
+    concept_strength: float = _f(
+        CONCEPT_STRENGTH,
+        "float",
+        "how far a concept's answers lean into its style: 1 = as learned, more = pushed "
+        "further, 0 = its weights without its identifiers (live: /divergent/concept/strength)",
+        lo=CONCEPT_STRENGTHS[0],
+        hi=CONCEPT_STRENGTHS[1],
+    )
     concept_learn_s: float = _f(
         120.0,
         "float",
@@ -561,6 +570,7 @@ _FLAGS: tuple[tuple[str, str, str | None], ...] = (
     ("--device", "device", None),
     ("--concepts", "concepts", "DIR"),
     ("--concept", "concept", "NAME[+NAME]"),
+    ("--concept-strength", "concept_strength", "G"),
     ("--concept-learn-seconds", "concept_learn_s", "S"),
     ("--concept-learn-steps", "concept_learn_steps", "N"),
     ("--mqtt", "mqtt", "HOST[:PORT]"),

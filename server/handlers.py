@@ -53,6 +53,7 @@ class ControlHandlers(ABC):
     clock_source: str
     divergence: float
     temperature: float
+    concept_strength: float
     bars: int
     quantize: str
 
@@ -317,6 +318,19 @@ class ControlHandlers(ABC):
         except ConceptError as e:
             raise ControlError("/divergent/concept", f"{e} (rejected)") from e
         self._request_concept(spec)
+
+    @control(
+        "/divergent/concept/strength",
+        Arg("value", "f", **arg_range("concept_strength"), clamp=True),
+        doc="How far a concept's answers lean into its style: 1 = as learned, more = pushed "
+        "further (the --concept-strength default was measured closest to the reference), "
+        "0 = the concept's weights without its identifiers. Applies to the next answer (or "
+        "bar, in jam); no effect without a concept.",
+    )
+    def _set_concept_strength(self, value: float) -> None:
+        self.concept_strength = float(value)
+        self._apply(self.perf.settings_changed())  # a warm answer has the old one
+        self._controlled("concept_strength", self.concept_strength)
 
     @control("/divergent/concepts", doc="Replies /divergent/concepts: the learned concepts.")
     def _list_concepts(self) -> None:

@@ -38,6 +38,7 @@ class TakesDesk(ABC):
     temperature: float
     bars: int
     concept: str
+    concept_strength: float
     disk_fault: str
     stats: Stats
     _writes: set[asyncio.Task[None]]
@@ -124,6 +125,7 @@ class TakesDesk(ABC):
             ("bars", self.bars),
             ("mode", self.mode),
             ("concept", self.concept),
+            ("concept_strength", self.concept_strength),
         ):
             self.take.control(now, key, value)
         log.info("recording %s", self.take.path)

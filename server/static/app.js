@@ -278,6 +278,7 @@ const sliders = [
   ["divergence", "/divergent/divergence", "divergence", 2],
   ["temperature", "/divergent/temperature", "temperature", 2],
   ["bars", "/divergent/bars", "bars", 0],
+  ["concept-strength", "/divergent/concept/strength", "concept_strength", 2],
 ];
 const selects = [
   ["mode", "/divergent/mode", "mode"],
@@ -346,7 +347,10 @@ function fillConcepts() {
 
 function syncControls(force) {
   const s = view.status;
-  const values = { divergence: s.divergence, temperature: s.temperature, bars: s.bars };
+  const values = {
+    divergence: s.divergence, temperature: s.temperature, bars: s.bars,
+    concept_strength: s.concept_strength,
+  };
   for (const [id, , key, digits] of sliders) {
     const el = $(id);
     // a control the performer is moving right now is theirs, not the status's

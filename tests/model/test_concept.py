@@ -364,6 +364,13 @@ def test_a_concepts_strength_leans_from_its_plain_weights_through_its_style(riff
     for bad in (-0.5, 3.5):
         with pytest.raises(GenerateError, match="concept strength"):
             Generator(onnx, concept=active, concept_strength=bad)
+    # a live knob: one answer's strength, the generator's own unchanged for the next
+    live = Generator(onnx, concept=active, concept_strength=1.0)
+    assert live.continue_ids(prompt, bars=2, seed=5, concept_strength=2.0).tokens == answer(2.0)
+    assert live.continue_ids(prompt, bars=2, seed=5).tokens == answer(1.0)
+    for bad in (-0.5, 3.5, float("nan")):
+        with pytest.raises(GenerateError, match="concept strength"):
+            live.continue_ids(prompt, bars=2, seed=5, concept_strength=bad)
 
 
 def test_combination_sums_deltas_and_keeps_each_identifier(learned: Any, tiny_base: Any) -> None:

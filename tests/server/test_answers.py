@@ -9,11 +9,19 @@ from typing import Any
 
 import pytest
 
+from divergent.model.generate import CONCEPT_STRENGTH
 from divergent.server.answers import Answers, AnswerSettings
 from divergent.server.performance import StartAnswer, Timeline
 
 SETTINGS = AnswerSettings(
-    bars=1, divergence=0.0, temperature=1.0, top_p=0.9, seed=1, quantize="off", channel=0
+    bars=1,
+    divergence=0.0,
+    temperature=1.0,
+    top_p=0.9,
+    seed=1,
+    quantize="off",
+    channel=0,
+    concept_strength=CONCEPT_STRENGTH,
 )
 NOTES = ((0.0, 60, 0.5, 80), (1.0, 62, 0.5, 80), (2.0, 64, 0.5, 80), (3.0, 65, 0.5, 80))
 

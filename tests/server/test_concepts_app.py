@@ -181,6 +181,38 @@ def test_concept_answers_are_deterministic_per_seed(
     assert live.concept_prefix and live.concept_prefix == offline.concept_prefix
 
 
+def test_concept_strength_is_a_live_knob(tmp_path: Path, concepts: Path, generator: Any) -> None:
+    """``--concept-strength`` starts it; ``/divergent/concept/strength`` moves it for the
+    next answer (clamped to the model's range), in the status and the take."""
+    rec = Recording(generator)
+
+    async def body(server: Server, port: Any) -> None:
+        sent = _capture(server)
+        port.play(PHRASE)
+        await wait_until(lambda: server.stats.midi_in >= 2 * len(PHRASE))
+        server._control("/divergent/generate", [])
+        await wait_until(lambda: server.stats.answers == 1)
+        server._control("/divergent/concept/strength", [0.5])
+        assert server.status_dict()["concept_strength"] == 0.5
+        server._control("/divergent/generate", [])
+        await wait_until(lambda: server.stats.answers == 2)
+        server._control("/divergent/concept/strength", [9])
+        (warning,) = _replies(sent, "/divergent/error")
+        assert warning[0].endswith("clamped to 3.0 (applied)"), warning
+        server._control("/divergent/concept/strength", ["high"])
+        assert "(rejected)" in _replies(sent, "/divergent/error")[-1][0]
+        assert server.concept_strength == 3.0
+        server._control("/divergent/record/stop", [])
+        await asyncio.sleep(0.3)
+
+    serve_in_process(tmp_path, body, gen=rec, concepts=str(concepts), concept_strength=2.0)
+    assert [c["concept_strength"] for c in rec.calls] == [2.0, 0.5]
+    (take,) = (tmp_path / "sessions").glob("*.mid")
+    texts = [m.text for tr in mido.MidiFile(take).tracks for m in tr if m.type == "text"]
+    marks = [t for t in texts if t.startswith("concept_strength=")]
+    assert marks == ["concept_strength=2", "concept_strength=0.5", "concept_strength=3"]
+
+
 def test_starting_in_a_concept(tmp_path: Path, concepts: Path, generator: Any) -> None:
     async def body(server: Server, port: Any) -> None:
         assert server.concept == "riff+waltz"

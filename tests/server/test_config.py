@@ -118,6 +118,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("concepts", 3, "must be a string"),
     ("concept", "../x", "NAME, NAME+NAME or none"),
     ("concept", "riff+riff", "names a concept twice"),
+    ("concept_strength", 3.5, "in 0..3"),
+    ("concept_strength", float("nan"), "finite"),
     ("concept_learn_s", 1, "in 5..600"),
     ("concept_learn_steps", 0, "in 1..1000"),
     ("web", "yes", "true or false"),
@@ -492,6 +494,7 @@ def test_each_range_and_choice_is_declared_once() -> None:
         ("/divergent/mode", "mode"),
         ("/divergent/quantize", "quantize"),
         ("/divergent/clock", "clock"),
+        ("/divergent/concept/strength", "concept_strength"),
     ):
         arg = by_address[address]
         want = arg_range(option)
@@ -501,6 +504,11 @@ def test_each_range_and_choice_is_declared_once() -> None:
     assert rules == [MODES, QUANTIZE, CLOCKS]
     assert CLOCKS == CLOCK_SOURCES and MIDI_BACKENDS == BRIDGE_BACKENDS
     assert arg_range("bpm") == {"lo": BPM_MIN, "hi": BPM_MAX}
+    # a concept's strength: the model's range and default, for serve and generate alike
+    from divergent.model.generate import CONCEPT_STRENGTH, CONCEPT_STRENGTHS
+
+    assert arg_range("concept_strength") == dict(zip(("lo", "hi"), CONCEPT_STRENGTHS, strict=True))
+    assert ServeConfig().concept_strength == CONCEPT_STRENGTH
     # --device: declared in model.files, the one rule for serve, generate and bench model
     from divergent.cli import build_parser
     from divergent.model.files import DECODER_CHOICES, DEVICE_CHOICES
