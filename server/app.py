@@ -537,7 +537,6 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
         names = [a.name for a in STATUS.args]
         status = dict(zip(names, self.status_args(), strict=True))
         status["midi"], status["disk"] = self.health_args()
-        status["concept_strength"] = float(self.concept_strength)
         return status
 
     def status_args(self) -> tuple[Any, ...]:
@@ -554,6 +553,7 @@ class Server(Conductor, ConceptDesk, HealthDesk, TakesDesk, ControlHandlers, Doo
             self.quantize,
             int(self.stats.answers),
             self.concept,
+            float(self.concept_strength),
         )
 
     async def _heartbeat(self) -> None:

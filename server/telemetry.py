@@ -35,11 +35,15 @@ REPLIES: tuple[Reply, ...] = (
             ("quantize", "s"),
             ("answers", "i"),
             ("concept", "s"),
+            ("concept_strength", "f"),
         ),
         doc="The server's state: the reply to /divergent/status and the heartbeat "
         "(about once a second). tempo is in BPM; recording is 1 or 0 (2: recording, but the "
         "journal cannot reach the disk; see /divergent/health); concept is the "
-        "concept answers are made in (A+B for two), none without one.",
+        "concept answers are made in (A+B for two), none without one; concept_strength "
+        "is /divergent/concept/strength's value (it applies only with a concept). New "
+        "fields are only ever added at the end, so a patch that unpacks the first ones "
+        "keeps working.",
     ),
     Reply(
         "/divergent/answer",

@@ -66,7 +66,7 @@ def test_switch_lands_between_answers_and_is_marked(
 
     async def body(server: Server, port: Any) -> None:
         sent = _capture(server)
-        assert server.status_args()[-1] == "none"
+        assert server.status_args()[-2] == "none"
         port.play(PHRASE)
         await wait_until(lambda: server.stats.midi_in >= 2 * len(PHRASE))
         server._control("/divergent/generate", [])
@@ -75,7 +75,7 @@ def test_switch_lands_between_answers_and_is_marked(
         await wait_until(lambda: server.concept == "riff")
         (spec, load_ms), *_ = _replies(sent, "/divergent/concept")
         assert spec == "riff" and 0 < load_ms <= 1000
-        assert server.status_args()[-1] == "riff" and server.status_dict()["concept"] == "riff"
+        assert server.status_args()[-2] == "riff" and server.status_dict()["concept"] == "riff"
         # the answer under way keeps the model it began with and finishes
         assert server.answers is not None
         assert server.answers.generator is not slow
@@ -194,6 +194,7 @@ def test_concept_strength_is_a_live_knob(tmp_path: Path, concepts: Path, generat
         await wait_until(lambda: server.stats.answers == 1)
         server._control("/divergent/concept/strength", [0.5])
         assert server.status_dict()["concept_strength"] == 0.5
+        assert server.status_args()[-1] == 0.5  # the OSC status's last field
         server._control("/divergent/generate", [])
         await wait_until(lambda: server.stats.answers == 2)
         server._control("/divergent/concept/strength", [9])
@@ -216,7 +217,7 @@ def test_concept_strength_is_a_live_knob(tmp_path: Path, concepts: Path, generat
 def test_starting_in_a_concept(tmp_path: Path, concepts: Path, generator: Any) -> None:
     async def body(server: Server, port: Any) -> None:
         assert server.concept == "riff+waltz"
-        assert server.status_args()[-1] == "riff+waltz"
+        assert server.status_args()[-2] == "riff+waltz"
         assert server.answers is not None and server.answers.generator is not generator
 
     serve_in_process(tmp_path, body, gen=generator, concepts=str(concepts), concept="riff+waltz")

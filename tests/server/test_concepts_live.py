@@ -65,18 +65,18 @@ def _play(sp: ServeProcess, pitches: list[int], gap: float = 0.06) -> None:
 def test_list_switch_status_errors_and_take(serve: Any, concepts: Path) -> None:
     sp = serve("--mode", "off", "--bpm", "240", "--bars", "1", "--concepts", str(concepts))
     assert sp.ask("/divergent/concepts", "/divergent/concepts") == ["riff", "waltz"]
-    assert sp.ask("/divergent/status", "/divergent/status")[-1] == "none"
+    assert sp.ask("/divergent/status", "/divergent/status")[-2:] == ["none", 1.5]
     t = time.monotonic()
     concept, load_ms = sp.ask("/divergent/concept", "/divergent/concept", "riff+waltz")
     assert concept == "riff+waltz"
     assert 0 < load_ms <= 1000, load_ms  # the budget for loading
     status = sp.ask("/divergent/status", "/divergent/status")
-    assert len(status) == 10 and status[-1] == "riff+waltz"
+    assert len(status) == 11 and status[-2] == "riff+waltz"
     # the heartbeat names it too (about once a second)
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         beats = sp.osc.since(t, "/divergent/status")
-        if any(m[2][-1] == "riff+waltz" for m in beats[1:]):
+        if any(m[2][-2] == "riff+waltz" for m in beats[1:]):
             break
         time.sleep(0.05)
     else:
@@ -87,7 +87,7 @@ def test_list_switch_status_errors_and_take(serve: Any, concepts: Path) -> None:
     assert "still riff+waltz" in err
     assert "bad concept name" in sp.ask("/divergent/concept", "/divergent/error", "a/b")[0]
     assert sp.ask("/divergent/ping", "/divergent/pong")
-    assert sp.ask("/divergent/status", "/divergent/status")[-1] == "riff+waltz"
+    assert sp.ask("/divergent/status", "/divergent/status")[-2] == "riff+waltz"
     # an answer in the concept, then back to none
     _play(sp, [60, 64, 67, 72, 71, 67])
     assert sp.ask("/divergent/generate", "/divergent/answer", timeout=10)[5] > 0
@@ -182,7 +182,7 @@ def test_learn_over_osc_then_switch_to_it(serve: Any, tmp_path: Path) -> None:
     assert listed is not None and listed[2] == ["mine"]
     assert (folder / "mine.concept.npz").exists()
     assert sp.ask("/divergent/concept", "/divergent/concept", "mine")[0] == "mine"
-    assert sp.ask("/divergent/status", "/divergent/status")[-1] == "mine"
+    assert sp.ask("/divergent/status", "/divergent/status")[-2] == "mine"
 
 
 def test_learning_without_torch_says_what_to_install(
