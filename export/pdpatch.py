@@ -71,8 +71,12 @@ class _Patch:
             f"#X floatatom {x} {y} {width} 0 0 {pos} {_esc(label)} {_esc(rcv)} {_esc(snd)} 0;"
         )
 
-    def symbolatom(self, x: int, y: int, width: int, label: str, rcv: str, pos: int = 1) -> int:
-        return self._box(f"#X symbolatom {x} {y} {width} 0 0 {pos} {_esc(label)} {_esc(rcv)} - 0;")
+    def symbolatom(
+        self, x: int, y: int, width: int, label: str, rcv: str, pos: int = 1, snd: str = "-"
+    ) -> int:
+        return self._box(
+            f"#X symbolatom {x} {y} {width} 0 0 {pos} {_esc(label)} {_esc(rcv)} {_esc(snd)} 0;"
+        )
 
     def sub(self, x: int, y: int, child: _Patch) -> int:
         """Embed a subpatch: its records, then ``#X restore`` makes it a box here."""
@@ -155,10 +159,14 @@ _CHOICES = (
     ("clock", ("internal", "midi", "link")),
     ("quantize", ("off", "beat", "bar")),
 )
-# the heartbeat's fields in order: /divergent/status s f s f i f i s i
+# the heartbeat's fields in order: /divergent/status s f s f i f i s i s f
 _STATUS = ("mode", "tempo", "clock", "divergence", "recording", "temperature", "bars",
-           "quantize", "answers")  # fmt: skip
-_STATUS_TYPES = "s f s f f f f s f"  # oscparse gives every number as a float
+           "quantize", "answers", "concept", "concept_strength")  # fmt: skip
+_STATUS_TYPES = "s f s f f f f s f s f"  # oscparse gives every number as a float
+#: the concept strength's slider range: the server's (model.generate.CONCEPT_STRENGTHS)
+_STRENGTHS = (0.0, 3.0)
+#: how far back a learn reaches when no seconds are given (the server's default too)
+_LEARN_SECONDS = 120
 _ANSWER = ("id", "surprisal", "copy_rate", "feature_distance", "in_scale", "notes",
            "compute_ms", "divergence")  # fmt: skip
 
@@ -356,7 +364,10 @@ def _replies_in() -> _Patch:
     parse = p.obj(120, 170, "oscparse")
     trim = p.obj(120, 195, "list", "trim")  # without it [route] never matches
     r_div = p.obj(120, 220, "route", "divergent")
-    r_kind = p.obj(10, 245, "route", "status", "answer", "error", "out", "pong", "stats")
+    r_kind = p.obj(
+        10, 245, "route", "status", "answer", "error", "out", "pong", "stats", "concept",
+        "concepts",
+    )  # fmt: skip
     p.chain(listen, net, parse, trim, r_div, r_kind)
     # status: print, fan out to the "-now" receivers, keep the light on
     t_st = p.obj(10, 290, "t", "a", "a", "a")
@@ -422,12 +433,19 @@ def _replies_in() -> _Patch:
     p.wire(t_note, 1, p.obj(x + 30, 475, "s", "$0-out-note"))
     p.wire(r_kind, 4, p.obj(x, 545, "print", "divergent-pong"))
     p.wire(r_kind, 5, p.obj(x, 570, "print", "divergent-stats"))
+    # concepts: a switch applied (name, load ms), one learned (its figures), the list
+    x = 1000
+    learned = p.obj(x, 290, "route", "learned")
+    p.wire(r_kind, 6, learned)
+    p.wire(learned, 0, p.obj(x, 380, "print", "divergent-concept-learned"))
+    p.wire(learned, 1, p.obj(x + 30, 345, "print", "divergent-concept"))
+    p.wire(r_kind, 7, p.obj(x, 420, "print", "divergent-concepts"))
     return p
 
 
 def _sync() -> _Patch:
     """The heartbeat's values set the GUIs (without output), so they show the server."""
-    p = _Patch("sync-gui", (120, 120, 860, 300))
+    p = _Patch("sync-gui", (120, 120, 1160, 300))
     p.text(
         10,
         6,
@@ -441,9 +459,15 @@ def _sync() -> _Patch:
         m = p.msg(x, 75, "set", "$1")
         p.chain(r, m, p.obj(x, 100, "s", f"$0-{name}-set"))
         x += 160
-    r = p.obj(x, 50, "r", "$0-recording-now")
-    m = p.msg(x, 75, "set", "$1")
-    p.chain(r, m, p.obj(x, 100, "s", "$0-record-set"))
+    for now, dst in (
+        ("recording", "$0-record-set"),
+        ("concept_strength", "$0-concept-strength-set"),
+        ("concept", "$0-concept-show"),  # the concept box: shown, not sent
+    ):
+        r = p.obj(x, 50, "r", f"$0-{now}-now")
+        m = p.msg(x, 75, "set", "$1")
+        p.chain(r, m, p.obj(x, 100, "s", dst))
+        x += 160
     x = 10
     for name, choices in _CHOICES:
         r = p.obj(x, 150, "r", f"$0-{name}-now")
@@ -455,6 +479,68 @@ def _sync() -> _Patch:
             p.wire(sel, k, m)
             p.wire(m, 0, s)
         x += 200
+    return p
+
+
+def _concepts_out() -> _Patch:
+    """Concept controls -> OSC: switch (a name, A+B, none), strength, learn, list."""
+    p = _Patch("concepts", (160, 160, 900, 420))
+    p.text(
+        10,
+        6,
+        "Concepts (docs/concepts.md): the name box and divergent-concept switch "
+        "(a name , A+B or none) ; the strength slider ; learn NAME from the last "
+        "SECONDS played ; the list is printed.",
+        100,
+    )
+    # switch: the box's symbol, or a script's "divergent-concept riff" (a selector)
+    r_pub = p.obj(10, 50, "r", "divergent-concept")
+    r_ui = p.obj(160, 50, "r", "$0-concept-ui")
+    sym = p.obj(10, 80, "symbol")
+    p.wire(r_pub, 0, sym)
+    p.wire(r_ui, 0, sym)
+    p.chain(sym, p.obj(10, 105, "oscformat", "-f", "s", "divergent", "concept"),
+            p.obj(10, 130, "s", "$0-osc"))  # fmt: skip
+    # strength: as the numeric controls, a slider between the receiver and the OSC
+    r_pub = p.obj(300, 50, "r", "divergent-concept-strength")
+    p.chain(r_pub, p.obj(300, 75, "s", "$0-concept-strength-set"))
+    r_ui = p.obj(300, 105, "r", "$0-concept-strength-ui")
+    fmt = p.obj(300, 130, "oscformat", "-f", "f", "divergent", "concept", "strength")
+    p.chain(r_ui, fmt, p.obj(300, 155, "s", "$0-osc"))
+    # list: a bang asks, the reply is printed (replies-in)
+    r_pub = p.obj(560, 50, "r", "divergent-concepts")
+    r_ui = p.obj(700, 50, "r", "$0-concepts-ui")
+    bang = p.obj(560, 80, "t", "b")  # anything -> a bang: no argument on the wire
+    p.wire(r_pub, 0, bang)
+    p.wire(r_ui, 0, bang)
+    p.chain(bang, p.obj(560, 105, "oscformat", "divergent", "concepts"),
+            p.obj(560, 130, "s", "$0-osc"))  # fmt: skip
+    # learn from a script: "divergent-concept-learn riff [60]" -> [list] "riff 60"; the
+    # default seconds appended, the first two kept: "riff 60" or "riff 120"
+    r_pub = p.obj(10, 200, "r", "divergent-concept-learn")
+    lst = p.obj(10, 225, "list")
+    app = p.obj(10, 250, "list", "append", _LEARN_SECONDS)
+    split = p.obj(10, 275, "list", "split", 2)
+    p.chain(r_pub, lst, app, split)
+    learn = p.obj(10, 340, "oscformat", "-f", "sf", "divergent", "concept", "learn")
+    p.wire(split, 0, learn)
+    p.chain(learn, p.obj(10, 365, "s", "$0-osc"))
+    # learn from the GUI: the bang sends the name box's symbol and the seconds box's value
+    r_name = p.obj(300, 200, "r", "$0-learn-name")
+    r_secs = p.obj(450, 200, "r", "$0-learn-seconds")
+    r_go = p.obj(170, 200, "r", "$0-learn-ui")
+    held = p.obj(170, 250, "symbol")
+    p.wire(r_go, 0, held)
+    p.wire(r_name, 0, held, 1)
+    pack = p.obj(170, 300, "pack", "s", _LEARN_SECONDS)
+    p.wire(held, 0, pack)
+    p.wire(r_secs, 0, pack, 1)
+    p.wire(pack, 0, learn)
+    # the seconds box shows the default at load
+    lb = p.obj(600, 200, "loadbang")
+    p.chain(
+        lb, p.msg(600, 225, "set", _LEARN_SECONDS), p.obj(600, 250, "s", "$0-learn-seconds-set")
+    )
     return p
 
 
@@ -492,7 +578,7 @@ def _midi() -> _Patch:
 
 def build_divergent_pd() -> str:
     """The text of ``max_patches/divergent.pd``."""
-    p = _Patch("divergent", (40, 40, 900, 640))
+    p = _Patch("divergent", (40, 40, 1000, 720))
     p.text(
         20,
         10,
@@ -556,22 +642,43 @@ def build_divergent_pd() -> str:
         "out (Pd's MIDI settings pick the devices).",
         34,
     )
+    _concepts_gui(p, x, 320)
     # plumbing
-    p.text(20, 440, "PLUMBING", 20)
-    p.sub(20, 470, _controls_out())
-    p.sub(140, 470, _network())
-    p.sub(230, 470, _replies_in())
-    p.sub(340, 470, _sync())
-    p.sub(430, 470, _midi())
+    y = 520
+    p.text(20, y, "PLUMBING", 20)
+    p.sub(20, y + 30, _controls_out())
+    p.sub(140, y + 30, _network())
+    p.sub(230, y + 30, _replies_in())
+    p.sub(340, y + 30, _sync())
+    p.sub(430, y + 30, _midi())
+    p.sub(500, y + 30, _concepts_out())
     p.text(
         20,
-        505,
+        y + 65,
         "Scripting: every control has a receiver divergent-NAME (divergence "
         "temperature bars tempo mode clock quantize record take generate stop note "
-        "connect listen control) , e.g. pd -send 'divergent-divergence 0.8'.",
+        "concept concept-strength concept-learn concepts connect listen control) , e.g. "
+        "pd -send 'divergent-divergence 0.8'.",
         110,
     )
     return p.render()
+
+
+def _concepts_gui(p: _Patch, x: int, y: int) -> None:
+    """The CONCEPTS block of the main canvas (its plumbing: :func:`_concepts_out`)."""
+    p.text(x, y, "CONCEPTS", 20)
+    # the box shows the active concept (heartbeat); type a name (A+B, none) and Enter
+    p.symbolatom(x, y + 30, 18, "concept", "$0-concept-show", pos=1, snd="$0-concept-ui")
+    p.msg(x + 180, y + 30, ";", "divergent-concept", "none")
+    _bng(p, x, y + 55, "list", "$0-concepts-ui", "empty", size=15)
+    lo, hi = _STRENGTHS
+    _hsl(p, x, y + 95, lo, hi, "concept-strength")
+    p.floatatom(x + 195, y + 95, 5, "-", "$0-concept_strength-now", pos=1)
+    # learn NAME from the last SECONDS played: type both, then the bang
+    p.symbolatom(x, y + 130, 10, "-", "empty", pos=1, snd="$0-learn-name")
+    p.floatatom(x + 80, y + 130, 4, "s", "$0-learn-seconds-set", pos=1, snd="$0-learn-seconds")
+    _bng(p, x + 130, y + 128, "learn", "$0-learn-ui", "empty", size=18)
+    p.text(x, y + 155, "learn: a name , the seconds to learn from , then the bang", 34)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

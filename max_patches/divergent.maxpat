@@ -12,7 +12,7 @@
 		"rect": [
 			40.0,
 			60.0,
-			1120.0,
+			1480.0,
 			900.0
 		],
 		"bglocked": 0,
@@ -1029,9 +1029,12 @@
 				"box": {
 					"id": "obj-54",
 					"maxclass": "newobj",
-					"numinlets": 6,
-					"numoutlets": 6,
+					"numinlets": 9,
+					"numoutlets": 9,
 					"outlettype": [
+						"",
+						"",
+						"",
 						"",
 						"",
 						"",
@@ -1042,10 +1045,10 @@
 					"patching_rect": [
 						20.0,
 						505.0,
-						660.0,
+						1000.0,
 						22.0
 					],
-					"text": "route /divergent/status /divergent/answer /divergent/error /divergent/pong /divergent/out/note"
+					"text": "route /divergent/status /divergent/answer /divergent/error /divergent/pong /divergent/out/note /divergent/concept /divergent/concepts /divergent/concept/learned"
 				}
 			},
 			{
@@ -1232,10 +1235,10 @@
 					"patching_rect": [
 						360.0,
 						540.0,
-						520.0,
+						560.0,
 						20.0
 					],
-					"text": "status: mode tempo clock divergence recording temperature bars quantize answers"
+					"text": "status: mode tempo clock divergence recording temperature bars quantize answers concept strength (the last two: below, right)"
 				}
 			},
 			{
@@ -1243,7 +1246,7 @@
 					"id": "obj-66",
 					"maxclass": "newobj",
 					"numinlets": 1,
-					"numoutlets": 9,
+					"numoutlets": 11,
 					"outlettype": [
 						"",
 						"float",
@@ -1253,15 +1256,17 @@
 						"float",
 						"int",
 						"",
-						"int"
+						"int",
+						"",
+						"float"
 					],
 					"patching_rect": [
 						360.0,
 						565.0,
-						260.0,
+						300.0,
 						22.0
 					],
-					"text": "unpack s 0. s 0. 0 0. 0 s 0"
+					"text": "unpack s 0. s 0. 0 0. 0 s 0 s 0."
 				}
 			},
 			{
@@ -2715,6 +2720,471 @@
 					],
 					"text": "Use 1+2 or 3+4, not both: both at once would double every note."
 				}
+			},
+			{
+				"box": {
+					"id": "obj-151",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1140.0,
+						40.0,
+						300.0,
+						48.0
+					],
+					"text": "CONCEPTS → server (docs/concepts.md). Edit a name in a message box (unlocked), lock, then click it."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-152",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						95.0,
+						130.0,
+						22.0
+					],
+					"text": "/divergent/concepts"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-153",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1280.0,
+						95.0,
+						160.0,
+						20.0
+					],
+					"text": "← the list shows below"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-154",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						125.0,
+						160.0,
+						22.0
+					],
+					"text": "/divergent/concept riff"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-155",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						153.0,
+						200.0,
+						22.0
+					],
+					"text": "/divergent/concept riff+waltz"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-156",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						181.0,
+						160.0,
+						22.0
+					],
+					"text": "/divergent/concept none"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-157",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1140.0,
+						215.0,
+						300.0,
+						20.0
+					],
+					"text": "strength 0..3 (1 = as learned; the server starts at 1.5)"
+				}
+			},
+			{
+				"box": {
+					"format": 6,
+					"id": "obj-158",
+					"maxclass": "flonum",
+					"maximum": 3.0,
+					"minimum": 0.0,
+					"numinlets": 1,
+					"numoutlets": 2,
+					"outlettype": [
+						"",
+						"bang"
+					],
+					"parameter_enable": 0,
+					"patching_rect": [
+						1140.0,
+						238.0,
+						60.0,
+						22.0
+					]
+				}
+			},
+			{
+				"box": {
+					"id": "obj-159",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						270.0,
+						230.0,
+						22.0
+					],
+					"text": "prepend /divergent/concept/strength"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-160",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1140.0,
+						305.0,
+						300.0,
+						34.0
+					],
+					"text": "learn NAME from the last SECONDS you played (the server needs the training extra)"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-161",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						345.0,
+						230.0,
+						22.0
+					],
+					"text": "/divergent/concept/learn mine 120."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-162",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1140.0,
+						545.0,
+						300.0,
+						20.0
+					],
+					"text": "status: concept, strength"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-163",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						570.0,
+						80.0,
+						22.0
+					],
+					"text": "prepend set"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-164",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						600.0,
+						150.0,
+						22.0
+					],
+					"text": ""
+				}
+			},
+			{
+				"box": {
+					"id": "obj-165",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1310.0,
+						570.0,
+						80.0,
+						22.0
+					],
+					"text": "prepend set"
+				}
+			},
+			{
+				"box": {
+					"format": 6,
+					"id": "obj-166",
+					"maxclass": "flonum",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"outlettype": [
+						"",
+						"bang"
+					],
+					"parameter_enable": 0,
+					"patching_rect": [
+						1310.0,
+						600.0,
+						60.0,
+						22.0
+					]
+				}
+			},
+			{
+				"box": {
+					"id": "obj-167",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1400.0,
+						570.0,
+						80.0,
+						22.0
+					],
+					"text": "prepend set"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-168",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1140.0,
+						640.0,
+						320.0,
+						20.0
+					],
+					"text": "switch applied: concept, load ms"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-169",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						662.0,
+						80.0,
+						22.0
+					],
+					"text": "prepend set"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-170",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						687.0,
+						200.0,
+						22.0
+					],
+					"text": ""
+				}
+			},
+			{
+				"box": {
+					"id": "obj-171",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1140.0,
+						710.0,
+						320.0,
+						20.0
+					],
+					"text": "learned concepts"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-172",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						732.0,
+						80.0,
+						22.0
+					],
+					"text": "prepend set"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-173",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						757.0,
+						300.0,
+						22.0
+					],
+					"text": ""
+				}
+			},
+			{
+				"box": {
+					"id": "obj-174",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1140.0,
+						780.0,
+						320.0,
+						20.0
+					],
+					"text": "learned: name s steps loss notes played_s bytes"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-175",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						802.0,
+						80.0,
+						22.0
+					],
+					"text": "prepend set"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-176",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						827.0,
+						300.0,
+						22.0
+					],
+					"text": ""
+				}
+			},
+			{
+				"box": {
+					"id": "obj-177",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1240.0,
+						802.0,
+						190.0,
+						22.0
+					],
+					"text": "print divergent-concept-learned"
+				}
 			}
 		],
 		"lines": [
@@ -4107,6 +4577,246 @@
 					"source": [
 						"obj-148",
 						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-159",
+						0
+					],
+					"source": [
+						"obj-158",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-3",
+						0
+					],
+					"source": [
+						"obj-152",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-3",
+						0
+					],
+					"source": [
+						"obj-154",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-3",
+						0
+					],
+					"source": [
+						"obj-155",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-3",
+						0
+					],
+					"source": [
+						"obj-156",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-3",
+						0
+					],
+					"source": [
+						"obj-159",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-3",
+						0
+					],
+					"source": [
+						"obj-161",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-163",
+						0
+					],
+					"source": [
+						"obj-66",
+						9
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-164",
+						0
+					],
+					"source": [
+						"obj-163",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-165",
+						0
+					],
+					"source": [
+						"obj-66",
+						10
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-166",
+						0
+					],
+					"source": [
+						"obj-165",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-167",
+						0
+					],
+					"source": [
+						"obj-66",
+						10
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-158",
+						0
+					],
+					"source": [
+						"obj-167",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-169",
+						0
+					],
+					"source": [
+						"obj-54",
+						5
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-170",
+						0
+					],
+					"source": [
+						"obj-169",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-172",
+						0
+					],
+					"source": [
+						"obj-54",
+						6
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-173",
+						0
+					],
+					"source": [
+						"obj-172",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-175",
+						0
+					],
+					"source": [
+						"obj-54",
+						7
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-176",
+						0
+					],
+					"source": [
+						"obj-175",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-177",
+						0
+					],
+					"source": [
+						"obj-54",
+						7
 					]
 				}
 			}

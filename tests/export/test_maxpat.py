@@ -296,14 +296,23 @@ def test_control_surface_covers_the_brief() -> None:
         "/divergent/record/stop",
         "/divergent/ping",
         "/divergent/status",
+        "/divergent/concept",
+        "/divergent/concepts",
+        "/divergent/concept/strength",
+        "/divergent/concept/learn",
     } <= addresses
     assert ("/divergent/divergence", ["f"]) in sent and ("/divergent/temperature", ["f"]) in sent
+    assert ("/divergent/concept/strength", ["f"]) in sent
+    assert ("/divergent/concept/learn", ["s", "f"]) in sent
     assert routed == [
         "/divergent/status",
         "/divergent/answer",
         "/divergent/error",
         "/divergent/pong",
         "/divergent/out/note",
+        "/divergent/concept",
+        "/divergent/concepts",
+        "/divergent/concept/learned",
     ]
     texts = {b.get("text") for b in boxes(p)}
     assert {"udpsend 127.0.0.1 9000", "udpreceive 9001", "delay 2500"} <= texts

@@ -9,6 +9,7 @@ lines the patch prints on Pd's stderr.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -36,6 +37,7 @@ from tests.max_patches.pdread import (
     parse_pd,
     parse_pd_text,
 )
+from tests.server.test_concepts_app import learn_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 PATCH = ROOT / "max_patches" / "divergent.pd"
@@ -296,12 +298,12 @@ class PdProcess:
 
 
 def _status(text: str) -> dict[str, Any]:
-    """A printed heartbeat ``call 120 internal 0.8 1 1 4 off 0 none`` as a dict (the
-    concept, appended last, is missing from an older server's)."""
+    """A printed heartbeat ``call 120 internal 0.8 1 1 4 off 0 none 1.5`` as a dict (the
+    concept and its strength, appended last, are missing from an older server's)."""
     v = text.split()
     keys = ("mode", "tempo", "clock", "divergence", "recording", "temperature", "bars",
-            "quantize", "answers", "concept")  # fmt: skip
-    assert len(v) in (len(keys) - 1, len(keys)), text
+            "quantize", "answers", "concept", "concept_strength")  # fmt: skip
+    assert len(keys) - 2 <= len(v) <= len(keys), text
     text_keys = ("mode", "clock", "quantize", "concept")
     return {k: (x if k in text_keys else float(x)) for k, x in zip(keys, v, strict=False)}
 
@@ -331,6 +333,13 @@ class Live:
 @pytest.fixture
 def live(tmp_path: Path, jack_server: Any) -> Iterator[Live]:
     """A real server replying to Pd's port, and a headless Pd running the patch."""
+    with _live(tmp_path) as lv:
+        yield lv
+
+
+@contextlib.contextmanager
+def _live(tmp_path: Path, *extra: str) -> Iterator[Live]:
+    """:func:`live` with ``extra`` arguments for ``divergent serve``."""
     require_tool("pd")
     osc_port, pd_port, control_port = _free_ports(3)
     name = f"dvpd{os.getpid() % 10000}x{random.randrange(10**6)}"
@@ -339,7 +348,7 @@ def live(tmp_path: Path, jack_server: Any) -> Iterator[Live]:
         [sys.executable, "-m", "divergent", "serve", "--mode", "off", "--midi-backend", "jack",
          "--midi-client", name, "--osc-port", str(osc_port),
          "--osc-reply", f"127.0.0.1:{pd_port}", "--sessions", str(tmp_path / "sessions"),
-         "--bpm", "240", "--bars", "1", "--quantize", "off", "--seed", "7"],
+         "--bpm", "240", "--bars", "1", "--quantize", "off", "--seed", "7", *extra],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     pd: PdProcess | None = None
@@ -407,6 +416,15 @@ def _free_ports(n: int) -> list[int]:
         if p not in ports:
             ports.append(p)
     return ports
+
+
+def _play(send: Callable[[str], None], pitches: list[int], hold: float) -> None:
+    """Notes through the patch's ``divergent-note`` receiver, as a script would play."""
+    for p in pitches:
+        send(f"divergent-note {p} 90 1")
+        time.sleep(hold)
+        send(f"divergent-note {p} 0 1")
+        time.sleep(0.02)
 
 
 def test_defaults_connect_listen_and_ask_for_status_at_load(tmp_path: Path) -> None:
@@ -510,11 +528,7 @@ def test_patch_drives_a_real_server_and_shows_its_replies(live: Live) -> None:
     assert pd.wait_printed("divergent-status", after=t, timeout=3, where=_matches(recording=1.0))
 
     # (c) notes through the patch, then generate: the answer's readout and its notes
-    for p in (60, 64, 67, 72, 71, 67):
-        send(f"divergent-note {p} 90 1")
-        time.sleep(0.08)
-        send(f"divergent-note {p} 0 1")
-        time.sleep(0.02)
+    _play(send, [60, 64, 67, 72, 71, 67], hold=0.08)
     t = time.monotonic()
     send("divergent-generate")
     ans = pd.wait_printed("divergent-answer", after=t, timeout=15)
@@ -557,3 +571,50 @@ def test_patch_drives_a_real_server_and_shows_its_replies(live: Live) -> None:
 
     assert not _pd_errors(pd.output()), pd.output()
     assert time.monotonic() - t_start < 60
+
+
+def test_patch_switches_learns_and_turns_concepts(tmp_path: Path, jack_server: Any) -> None:
+    """The CONCEPTS block against a real server with two learned concepts: the list, a
+    switch shown by the heartbeat, an unknown name as the last error, the strength
+    slider, and a learn from notes played through the patch."""
+    folder = tmp_path / "concepts"
+    learn_tiny(folder, "riff")
+    with _live(tmp_path, "--concepts", str(folder), "--concept-learn-steps", "2") as lv:
+        pd, send = lv.pd, lv.send
+        first = pd.wait_printed("divergent-status", timeout=5)
+        assert first is not None, pd.output() + lv.serve_log()
+        assert _status(first)["concept"] == "none" and _status(first)["concept_strength"] == 1.5
+        t = time.monotonic()
+        send("divergent-concepts")
+        assert pd.wait_printed("divergent-concepts", after=t, timeout=3) == "riff", pd.output()
+        t = time.monotonic()
+        send("divergent-concept riff")
+        applied = pd.wait_printed("divergent-concept", after=t, timeout=5)
+        assert applied is not None and applied.split()[0] == "riff", pd.output()
+        send("divergent-concept-strength 0.75")
+        assert pd.wait_printed(
+            "divergent-status", after=t, timeout=3,
+            where=_matches(concept="riff", concept_strength=0.75),
+        ), (pd.printed("divergent-status", t), lv.serve_log())  # fmt: skip
+        t = time.monotonic()
+        send("divergent-concept nosuch")
+        err = pd.wait_printed("divergent-error", after=t, timeout=3)
+        assert err is not None and "nosuch" in err, pd.output()
+        assert pd.wait_printed(
+            "divergent-status", after=t, timeout=3, where=_matches(concept="riff")
+        )
+        # learn from what was played through the patch, the seconds given by the script
+        _play(send, [60, 63, 65, 66, 67, 70, 72, 70, 67, 65, 63, 60] * 2, hold=0.06)
+        t = time.monotonic()
+        send("divergent-concept-learn mine 60")
+        learned = pd.wait_printed("divergent-concept-learned", after=t, timeout=120)
+        assert learned is not None, pd.output() + lv.serve_log()[-3000:]
+        name, _secs, steps, _loss, notes, played_s, _size = learned.split()
+        assert (name, float(steps), float(notes), float(played_s)) == ("mine", 2, 24, 60), learned
+        assert pd.wait_printed("divergent-concepts", after=t, timeout=5) == "mine riff"
+        send("divergent-concept none")
+        assert pd.wait_printed(
+            "divergent-status", after=t, timeout=3, where=_matches(concept="none")
+        )
+    assert (folder / "mine.concept.npz").exists()
+    assert not _pd_errors(pd.output()), pd.output()
