@@ -119,6 +119,9 @@ MAX_OBJECTS: MappingProxyType[str, ObjectSpec] = MappingProxyType(
         "delay": ObjectSpec(_n(2), _n(1), f"delay: {_SAVED}"),
         # loadbang: 1 inlet, 1 outlet
         "loadbang": ObjectSpec(_n(1), _n(1), f"loadbang: {_SAVED}"),
+        # iter: 1 inlet, 1 outlet (a list out one element at a time; "iter" -> "prepend
+        # append" -> umenu is the usual way to fill a menu)
+        "iter": ObjectSpec(_n(1), _n(1), f"iter: {_SAVED}"),
         # print name: 1 inlet, 0 outlets
         "print": ObjectSpec(_n(1), _n(0), f"print: {_SAVED}"),
         # --- MIDI

@@ -781,9 +781,10 @@
 				"box": {
 					"id": "obj-34",
 					"maxclass": "newobj",
-					"numinlets": 4,
-					"numoutlets": 4,
+					"numinlets": 5,
+					"numoutlets": 5,
 					"outlettype": [
+						"",
 						"",
 						"",
 						"",
@@ -792,10 +793,10 @@
 					"patching_rect": [
 						460.0,
 						70.0,
-						400.0,
+						520.0,
 						22.0
 					],
-					"text": "route /divergent/status /divergent/error /divergent/out/note"
+					"text": "route /divergent/status /divergent/error /divergent/out/note /divergent/concepts"
 				}
 			},
 			{
@@ -908,7 +909,7 @@
 					"id": "obj-41",
 					"maxclass": "newobj",
 					"numinlets": 1,
-					"numoutlets": 9,
+					"numoutlets": 11,
 					"outlettype": [
 						"",
 						"float",
@@ -918,15 +919,17 @@
 						"float",
 						"int",
 						"",
-						"int"
+						"int",
+						"",
+						"float"
 					],
 					"patching_rect": [
 						460.0,
 						280.0,
-						200.0,
+						240.0,
 						22.0
 					],
-					"text": "unpack s 0. s 0. 0 0. 0 s 0"
+					"text": "unpack s 0. s 0. 0 0. 0 s 0 s 0."
 				}
 			},
 			{
@@ -1262,8 +1265,10 @@
 					"id": "obj-59",
 					"maxclass": "newobj",
 					"numinlets": 1,
-					"numoutlets": 4,
+					"numoutlets": 6,
 					"outlettype": [
+						"bang",
+						"bang",
 						"bang",
 						"bang",
 						"bang",
@@ -1272,10 +1277,10 @@
 					"patching_rect": [
 						1040.0,
 						190.0,
-						70.0,
+						90.0,
 						22.0
 					],
-					"text": "t b b b b"
+					"text": "t b b b b b b"
 				}
 			},
 			{
@@ -1290,7 +1295,259 @@
 						210.0,
 						20.0
 					],
-					"text": "back online: resend every parameter"
+					"text": "back online: resend every parameter, ask for the concepts"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-61",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1040.0,
+						240.0,
+						290.0,
+						34.0
+					],
+					"text": "concepts: the strength (a parameter) and a menu of the learned concepts (filled by the server's list)"
+				}
+			},
+			{
+				"box": {
+					"annotation": "How far answers in a concept lean into its style: 1 = as learned (the server starts at 1.5), 0 = the concept's weights without its style. No effect without a concept.",
+					"id": "obj-62",
+					"maxclass": "live.dial",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"outlettype": [
+						"",
+						"float"
+					],
+					"parameter_enable": 1,
+					"patching_rect": [
+						1040.0,
+						280.0,
+						52.0,
+						48.0
+					],
+					"presentation": 1,
+					"presentation_rect": [
+						272.0,
+						20.0,
+						52.0,
+						48.0
+					],
+					"saved_attribute_attributes": {
+						"valueof": {
+							"parameter_initial": [
+								1.5
+							],
+							"parameter_initial_enable": 1,
+							"parameter_longname": "Concept Strength",
+							"parameter_mmax": 3.0,
+							"parameter_mmin": 0.0,
+							"parameter_shortname": "Strength",
+							"parameter_type": 0,
+							"parameter_unitstyle": 1
+						}
+					},
+					"varname": "concept_strength"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-63",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1040.0,
+						340.0,
+						220.0,
+						22.0
+					],
+					"text": "prepend /divergent/concept/strength"
+				}
+			},
+			{
+				"box": {
+					"annotation": "The concept answers are made in: pick one (none = the base model). The list comes from the server; learn new ones with /divergent/concept/learn.",
+					"id": "obj-64",
+					"items": [
+						"none"
+					],
+					"maxclass": "umenu",
+					"numinlets": 1,
+					"numoutlets": 3,
+					"outlettype": [
+						"int",
+						"",
+						""
+					],
+					"parameter_enable": 0,
+					"patching_rect": [
+						1140.0,
+						280.0,
+						100.0,
+						22.0
+					],
+					"presentation": 1,
+					"presentation_rect": [
+						230.0,
+						72.0,
+						94.0,
+						18.0
+					]
+				}
+			},
+			{
+				"box": {
+					"id": "obj-65",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1140.0,
+						370.0,
+						150.0,
+						22.0
+					],
+					"text": "prepend /divergent/concept"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-66",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"outlettype": [
+						"",
+						""
+					],
+					"patching_rect": [
+						1040.0,
+						400.0,
+						40.0,
+						22.0
+					],
+					"text": "t l b"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-67",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1100.0,
+						430.0,
+						110.0,
+						22.0
+					],
+					"text": "clear, append none"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-68",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 2,
+					"outlettype": [
+						"",
+						""
+					],
+					"patching_rect": [
+						1040.0,
+						430.0,
+						50.0,
+						22.0
+					],
+					"text": "route bang"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-69",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1040.0,
+						460.0,
+						30.0,
+						22.0
+					],
+					"text": "iter"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-70",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1040.0,
+						490.0,
+						100.0,
+						22.0
+					],
+					"text": "prepend append"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-71",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1170.0,
+						520.0,
+						110.0,
+						22.0
+					],
+					"text": "prepend setsymbol"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-72",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1170.0,
+						460.0,
+						130.0,
+						22.0
+					],
+					"text": "/divergent/concepts"
 				}
 			}
 		],
@@ -2012,6 +2269,210 @@
 					"source": [
 						"obj-59",
 						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-63",
+						0
+					],
+					"source": [
+						"obj-62",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-8",
+						0
+					],
+					"source": [
+						"obj-63",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-65",
+						0
+					],
+					"source": [
+						"obj-64",
+						1
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-8",
+						0
+					],
+					"source": [
+						"obj-65",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-66",
+						0
+					],
+					"source": [
+						"obj-34",
+						3
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-67",
+						0
+					],
+					"source": [
+						"obj-66",
+						1
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-64",
+						0
+					],
+					"source": [
+						"obj-67",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-68",
+						0
+					],
+					"source": [
+						"obj-66",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-69",
+						0
+					],
+					"source": [
+						"obj-68",
+						1
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-70",
+						0
+					],
+					"source": [
+						"obj-69",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-64",
+						0
+					],
+					"source": [
+						"obj-70",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-71",
+						0
+					],
+					"source": [
+						"obj-41",
+						9
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-64",
+						0
+					],
+					"source": [
+						"obj-71",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-72",
+						0
+					],
+					"source": [
+						"obj-30",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-8",
+						0
+					],
+					"source": [
+						"obj-72",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-62",
+						0
+					],
+					"source": [
+						"obj-59",
+						4
+					]
+				}
+			},
+			{
+				"patchline": {
+					"destination": [
+						"obj-72",
+						0
+					],
+					"source": [
+						"obj-59",
+						5
 					]
 				}
 			}

@@ -22,6 +22,7 @@ from divergent.export.maxpat import (
     osc_usage,
     tokenize,
 )
+from divergent.model.generate import CONCEPT_STRENGTH, CONCEPT_STRENGTHS
 
 REPO = Path(__file__).resolve().parents[2]
 CONTROL_SURFACE = REPO / "max_patches" / "divergent.maxpat"
@@ -30,7 +31,12 @@ PATCHES = [CONTROL_SURFACE, DEVICE_SOURCE]
 OSC_DOC = REPO / "docs" / "osc.md"
 
 # the dial ranges the server declares (docs/osc.md), by Live parameter long name
-DIAL_RANGES = {"Divergence": (0.0, 1.0, 0), "Temperature": (0.05, 2.0, 0), "Bars": (1.0, 16.0, 1)}
+DIAL_RANGES = {
+    "Divergence": (0.0, 1.0, 0),
+    "Temperature": (0.05, 2.0, 0),
+    "Bars": (1.0, 16.0, 1),
+    "Concept Strength": (*CONCEPT_STRENGTHS, 0),
+}
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -218,9 +224,14 @@ def test_live_dials_have_parameters_and_ranges(patcher: dict[str, Any]) -> None:
 def test_device_parameters_match_the_server_defaults() -> None:
     device = load_patcher(DEVICE_SOURCE)
     dials = _params(device, "live.dial")
-    assert set(dials) == {"Divergence", "Temperature", "Bars"}
+    assert set(dials) == {"Divergence", "Temperature", "Bars", "Concept Strength"}
     initial = {name: v["parameter_initial"][0] for name, (v, _b) in dials.items()}
-    assert initial == {"Divergence": 0.0, "Temperature": 1.0, "Bars": 4.0}
+    assert initial == {
+        "Divergence": 0.0,
+        "Temperature": 1.0,
+        "Bars": 4.0,
+        "Concept Strength": CONCEPT_STRENGTH,
+    }
     assert all(v["parameter_initial_enable"] == 1 for v, _b in dials.values())
     menus = _params(device, "live.menu")
     mode = menus["Mode"][0]
@@ -349,7 +360,7 @@ def test_device_passes_midi_through_and_plays_answers() -> None:
         line["source"] == [midiin, 0] and line["destination"] == [midiout, 0] for line in lines(p)
     ), "the track's MIDI must pass straight through"
     assert _reaches(p, (midiin, 0), "udpsend")  # notes out over OSC
-    route = by_class["route"]
+    (route,) = (b for b in boxes(p) if "/divergent/out/note" in box_args(b))
     out_note = box_args(route).index("/divergent/out/note")
     assert _reaches(p, (route["id"], out_note), "midiout")  # answers back into the track
     sent, routed = osc_usage(p)
