@@ -645,7 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--data", default="data/dataset")
     ec.add_argument("--model", default=None)
     ec.add_argument("--report", default=None, metavar="DIR", help="write plots and README.md")
-    ec.add_argument("--steps", type=int, default=60)
+    ec.add_argument(
+        "--steps",
+        type=int,
+        default=LearnConfig.steps,
+        help="tuning steps of every method (default: %(default)s)",
+    )
     ec.add_argument("--seed", type=int, default=0)
     ec.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     ec.add_argument("--json", action="store_true")

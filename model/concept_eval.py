@@ -102,7 +102,7 @@ class ConceptProtocol:
     only: tuple[str, ...] = ()
     retention_windows: int = 8
     retention_len: int = 256
-    steps: int = 60
+    steps: int = LearnConfig.steps
     threads: int = 1
     seed: int = 0
     #: every tuned method answers at this strength (``model.generate.CONCEPT_STRENGTH``;

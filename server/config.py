@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from divergent.bridges.osc import parse_allow
+from divergent.model.concept import LearnConfig
 from divergent.model.files import DECODER_CHOICES, DEVICE_CHOICES
 from divergent.model.generate import CONCEPT_STRENGTH, CONCEPT_STRENGTHS
 
@@ -348,7 +349,11 @@ class ServeConfig:
         hi=600,
     )
     concept_learn_steps: int = _f(
-        60, "int", "tuning steps of a concept learned live (fewer: sooner, weaker)", lo=1, hi=1000
+        LearnConfig.steps,
+        "int",
+        "tuning steps of a concept learned live (fewer: sooner, weaker)",
+        lo=1,
+        hi=1000,
     )
     # MQTT
     mqtt: str | None = _f(
