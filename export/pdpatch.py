@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from divergent.server.config import ServeConfig, arg_range
+
 __all__ = ["PATCH_PATH", "build_divergent_pd", "main"]
 
 PATCH_PATH = Path(__file__).resolve().parent.parent / "max_patches" / "divergent.pd"
@@ -163,10 +165,10 @@ _CHOICES = (
 _STATUS = ("mode", "tempo", "clock", "divergence", "recording", "temperature", "bars",
            "quantize", "answers", "concept", "concept_strength")  # fmt: skip
 _STATUS_TYPES = "s f s f f f f s f s f"  # oscparse gives every number as a float
-#: the concept strength's slider range: the server's (model.generate.CONCEPT_STRENGTHS)
-_STRENGTHS = (0.0, 3.0)
-#: how far back a learn reaches when no seconds are given (the server's default too)
-_LEARN_SECONDS = 120
+#: the concept strength slider's range: what the server's live control accepts
+_STRENGTHS = (arg_range("concept_strength")["lo"], arg_range("concept_strength")["hi"])
+#: how far back a learn reaches when no seconds are given: the server's own default
+_LEARN_SECONDS = int(ServeConfig.concept_learn_s)
 _ANSWER = ("id", "surprisal", "copy_rate", "feature_distance", "in_scale", "notes",
            "compute_ms", "divergence")  # fmt: skip
 
