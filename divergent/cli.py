@@ -94,6 +94,7 @@ def _cmd_bad_train(args: argparse.Namespace) -> int:
             class_weight=args.class_weight,
             global_weight=args.global_weight,
             kl_weight=args.kl_weight,
+            base_weight=args.base_weight,
             sigma=args.sigma,
             threads=args.threads,
             device=args.device,
@@ -518,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--class-weight", type=float, default=BadConfig.class_weight, help="push")
     bt.add_argument("--global-weight", type=float, default=BadConfig.global_weight, help="λ")
     bt.add_argument("--kl-weight", type=float, default=BadConfig.kl_weight, help="β, KL to base")
+    bt.add_argument(
+        "--base-weight",
+        type=float,
+        default=BadConfig.base_weight,
+        help="MMD² weight to the base model's own (d = 0) answers; < 0 pushes away",
+    )
     bt.add_argument("--sigma", type=float, default=BadConfig.sigma, help="kernel width")
     bt.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     bt.add_argument("--device", default=BadConfig.device, choices=DEVICE_CHOICES)

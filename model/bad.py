@@ -179,22 +179,28 @@ def _prompts(
 
 def _latents(
     cfg: BadConfig, mu: torch.Tensor, steering: Steering | None, rng: np.random.Generator
-) -> torch.Tensor:
-    """The latents (B, Z) a step samples under: the posterior means, or the knob's mix."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latents (B, Z) a step samples under (the posterior means, or the knob's mix),
+    and the unpushed latents the same answers start from (the knob's d = 0 answers')."""
     if cfg.latents == "posterior" or steering is None:
-        return mu
+        return mu, mu
     m = mu.float().cpu().numpy()
     out = m.copy()
+    start = m.copy()
     kind = rng.integers(0, 3, len(m))
     for i in range(len(m)):
         if kind[i] == 1:  # where the knob's latent push puts it at a random d
             out[i] = steering.latent(m[i], float(rng.uniform(0, 1)), int(rng.integers(1 << 30)))
         elif kind[i] == 2:  # a prior sample, as the evaluation's latent temperatures do
-            out[i] = rng.uniform(0.5, 1.5) * rng.standard_normal(m.shape[1])
+            out[i] = start[i] = rng.uniform(0.5, 1.5) * rng.standard_normal(m.shape[1])
             if cfg.latents == "knob":  # ... and pushed, as the knob pushes it at d > 0
                 d = float(rng.uniform(0, 1))
                 out[i] = steering.latent(out[i], d, int(rng.integers(1 << 30)))
-    return torch.from_numpy(out.astype(np.float32)).to(mu.device)
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.float32)).to(mu.device)
+
+    return t(out), t(start)
 
 
 def _trainable(model: DivergentModel) -> list[torch.nn.Parameter]:
@@ -214,7 +220,10 @@ def _loss(
     z: torch.Tensor,
     gen_ids: torch.Tensor,
     rng: np.random.Generator,
+    base_feats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The step's loss and its statistics; ``base_feats``: the base model's own answers'
+    standardised critic features (with ``cfg.base_weight``), or None."""
     P, n = prompt.shape[1], gen_ids.shape[1]
     ids = torch.cat([prompt, gen_ids], 1)
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -227,11 +236,15 @@ def _loss(
     V = logits.shape[-1]
     hard = F.one_hot(gen_ids, V).float()
     cls, whole = real.draw(rng)
+    refs = [*cls, whole]
     weights = [cfg.class_weight] * len(cls) + [cfg.global_weight]
+    if base_feats is not None:
+        refs.append(base_feats)
+        weights.append(cfg.base_weight)
     with torch.no_grad():
         g_hard = real.std_(critic.forward_soft(hard))
     if cfg.method == "policy_gradient":
-        cost = witness(g_hard, [*cls, whole], weights, cfg.sigma)
+        cost = witness(g_hard, refs, weights, cfg.sigma)
         adv = (cost - cost.mean()).detach()
         tok_logp = logp.gather(-1, gen_ids.unsqueeze(-1)).squeeze(-1).sum(-1)  # (B,)
         div_loss = (adv * tok_logp).mean() / n
@@ -249,7 +262,7 @@ def _loss(
             soft = F.one_hot(y.argmax(-1), V).float() + y - y.detach()
         g = real.std_(critic.forward_soft(soft))
         div_loss = sum(
-            (w * mmd2(g, r, cfg.sigma) for w, r in zip(weights, [*cls, whole], strict=True)),
+            (w * mmd2(g, r, cfg.sigma) for w, r in zip(weights, refs, strict=True)),
             torch.zeros((), device=logp.device),
         )
     loss = div_loss + cfg.kl_weight * kl
@@ -260,6 +273,8 @@ def _loss(
             "mmd_classes": float(np.mean([float(mmd2(g_hard, r, cfg.sigma)) for r in cls])),
             "mmd_global": float(mmd2(g_hard, whole, cfg.sigma)),
         }
+        if base_feats is not None:
+            stats["mmd_base"] = float(mmd2(g_hard, base_feats, cfg.sigma))
     return loss, stats
 
 
@@ -365,10 +380,19 @@ def train_bad(cfg: BadConfig, *, progress: bool = True) -> dict[str, Any]:
         prompt = _prompts(bank, cfg.batch_size, cfg.prompt_tokens, rng)[0].to(device)
         with torch.no_grad():
             mu = model.encode(prompt, torch.ones(prompt.shape, device=device))[0]
-            z = _latents(cfg, mu, steering, rng)
+            z, z0 = _latents(cfg, mu, steering, rng)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 gen_ids = sample(model, prompt, z, cfg.gen_tokens, banned, gen)
-        loss, stats = _loss(cfg, model, base, critic, real, prompt, z, gen_ids, rng)
+                # the base model's own answers to the same prompts, where d = 0 starts
+                base_ids = (
+                    sample(base, prompt, z0, cfg.gen_tokens, banned, gen)
+                    if cfg.base_weight
+                    else None
+                )
+            base_feats = None if base_ids is None else real.std_(critic(base_ids)).float()
+        loss, stats = _loss(
+            cfg, model, base, critic, real, prompt, z, gen_ids, rng, base_feats=base_feats
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

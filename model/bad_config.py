@@ -41,6 +41,10 @@ class BadConfig(StrictConfig):
     class_weight: float = -1.0
     global_weight: float = 20.0  # λ: the pull back to the whole data (the bound)
     kl_weight: float = 0.2  # β: KL to the base model per generated token
+    #: weight of MMD²(φ(G), φ(base answers)): the base model's own answers to the same
+    #: prompts at the unpushed latents (the knob's d = 0 answers); < 0 pushes away from
+    #: them, the departure the evaluation's precision measures; 0 = the paper's loss
+    base_weight: float = 0.0
     sigma: float = 1.0  # kernel width (features are standardised)
     real_per_class: int = 48  # real phrases per class drawn for each step's MMD
     gumbel_tau: float = 1.0

@@ -55,6 +55,19 @@ def _tiny_bad(run: Path, data: Path, critic, tmp: Path, **kw) -> BadConfig:  # t
     )
 
 
+def _one_step_lowers(loss, opt) -> None:  # type: ignore[no-untyped-def]
+    """One optimiser step on ``loss()`` lowers it (the loss is a function of the weights)."""
+    import torch
+
+    before = loss()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss()
+    assert float(after) < float(before.detach())
+
+
 @pytest.mark.parametrize("method", ["expected", "policy_gradient"])
 def test_one_bad_step_lowers_its_loss_on_a_tiny_model(bad_setup, method: str) -> None:  # type: ignore[no-untyped-def]
     import copy
@@ -76,13 +89,7 @@ def test_one_bad_step_lowers_its_loss_on_a_tiny_model(bad_setup, method: str) ->
             0
         ]
 
-    before = loss()
-    opt.zero_grad()
-    before.backward()
-    opt.step()
-    with torch.no_grad():
-        after = loss()
-    assert float(after) < float(before.detach())
+    _one_step_lowers(loss, opt)
     # the phrase encoder is not trained
     for (n, p), p0 in zip(model.named_parameters(), model0.parameters(), strict=True):
         if n.startswith("encoder."):
@@ -120,6 +127,47 @@ def test_straight_through_reads_the_samples_and_trains_through_the_softmax(bad_s
     loss.backward()
     grads = [p.grad for p in params if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_the_base_answers_term_adds_its_weighted_mmd_and_pushes_away(bad_setup) -> None:  # type: ignore[no-untyped-def]
+    """``base_weight`` adds w · MMD²(φ(G), φ(base answers)) to the loss; with w < 0 a step
+    moves the answers' features away from the base model's own answers."""
+    import copy
+
+    import torch
+
+    from divergent.model.bad import _loss, _trainable, mmd2, sample
+
+    model0, critic, real, prompt, z, gen_ids = bad_setup
+    model = copy.deepcopy(model0)
+    base = copy.deepcopy(model0).eval()
+    nothing_banned = torch.zeros(0, dtype=torch.int64)
+    with torch.no_grad():
+        base_ids = sample(base, prompt, z, 32, nothing_banned, torch.Generator().manual_seed(7))
+        base_feats = real.std_(critic(base_ids))
+
+    def run(w: float, **kw: object) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = BadConfig(
+            bf16=False, kl_weight=0.0, base_weight=w, gen_tokens=32, prompt_tokens=32, **kw
+        )  # type: ignore[arg-type]
+        feats = base_feats if w else None
+        rng = np.random.default_rng(3)  # the same real draw: a function of the weights
+        return _loss(cfg, model, base, critic, real, prompt, z, gen_ids, rng, base_feats=feats)
+
+    plain, _ = run(0.0, method="straight_through")
+    pushed, stats = run(-2.0, method="straight_through")
+    with torch.no_grad():
+        term = float(mmd2(real.std_(critic(gen_ids)), base_feats, 1.0))
+    assert stats["mmd_base"] == pytest.approx(term, rel=1e-5)
+    assert float(pushed.detach()) == pytest.approx(float(plain.detach()) - 2.0 * term, rel=1e-4)
+    # a step on the base term alone moves the softmax rows' features away from the base's
+    params = _trainable(model)
+    opt = torch.optim.SGD(params, lr=1e-3)
+
+    def loss() -> torch.Tensor:
+        return run(-1.0, method="expected", class_weight=0.0, global_weight=0.0)[0]
+
+    _one_step_lowers(loss, opt)  # i.e. MMD² to the base answers rose
 
 
 def test_bad_train_checkpoints_resumes_and_exports(  # type: ignore[no-untyped-def]
@@ -183,13 +231,18 @@ def test_mixed_latents_keep_a_third_posterior_and_push_or_sample_the_rest(  # ty
     mu = torch.randn(300, z_dim)
     steering = Steering.from_model_dir(tiny_model[0])
     mixed = BadConfig(latents="mixed")
-    z = _latents(mixed, mu, steering, np.random.default_rng(0))
+    z, start = _latents(mixed, mu, steering, np.random.default_rng(0))
     assert z.shape == mu.shape and z.dtype == torch.float32
     same = (z == mu).all(1).float().mean().item()
     assert 0.2 < same < 0.47  # a third kept, the rest moved (pushed or drawn from the prior)
+    # where each answer starts before any push (the knob's d = 0 answer's latent): the
+    # prompt's own for the kept and the pushed rows, the prior draw for the drawn ones
+    kinds = np.random.default_rng(0).integers(0, 3, len(mu))
+    assert torch.equal(start[kinds != 2], mu[kinds != 2])
+    assert torch.equal(start[kinds == 2], z[kinds == 2])
     # posterior: the latents are the prompts' own, untouched
     posterior = BadConfig(latents="posterior")
-    assert _latents(posterior, mu, steering, np.random.default_rng(0)) is mu
+    assert all(x is mu for x in _latents(posterior, mu, steering, np.random.default_rng(0)))
 
 
 def test_knob_latents_push_the_prior_draws_as_well(  # type: ignore[no-untyped-def]
@@ -206,8 +259,11 @@ def test_knob_latents_push_the_prior_draws_as_well(  # type: ignore[no-untyped-d
     mu = torch.randn(300, z_dim)
     steering = Steering.from_model_dir(tiny_model[0])
     kinds = np.random.default_rng(0).integers(0, 3, len(mu))
-    mixed = _latents(BadConfig(latents="mixed"), mu, steering, np.random.default_rng(0))
-    knob = _latents(BadConfig(latents="knob"), mu, steering, np.random.default_rng(0))
+    mixed, _ = _latents(BadConfig(latents="mixed"), mu, steering, np.random.default_rng(0))
+    knob, start = _latents(BadConfig(latents="knob"), mu, steering, np.random.default_rng(0))
+    # a pushed prior draw starts from the draw itself (the d = 0 answer's latent)
+    assert torch.equal(start[kinds != 2], mu[kinds != 2])
+    assert not (start[kinds == 2] == knob[kinds == 2]).all(1).any()
     assert torch.equal(knob[kinds == 0], mu[kinds == 0])
     assert not (knob[kinds != 0] == mu[kinds != 0]).all(1).any()
     # pushed by d ~ U(0, 1) × latent_scale × √Z: further out than the plain prior draws
@@ -215,8 +271,15 @@ def test_knob_latents_push_the_prior_draws_as_well(  # type: ignore[no-untyped-d
     assert float(pushed) > float(drawn) + 0.5
 
 
-def test_bad_train_with_mixed_latents_runs_and_logs(  # type: ignore[no-untyped-def]
-    tiny_run: Path, tiny_model, two_class_dataset: Path, two_class_critic, tmp_path: Path
+@pytest.mark.parametrize(("latents", "base_weight"), [("mixed", 0.0), ("knob", -2.0)])
+def test_bad_train_with_the_knobs_latents_runs_and_logs(  # type: ignore[no-untyped-def]
+    tiny_run: Path,
+    tiny_model,
+    two_class_dataset: Path,
+    two_class_critic,
+    tmp_path: Path,
+    latents: str,
+    base_weight: float,
 ) -> None:
     from divergent.model.bad import train_bad
 
@@ -226,12 +289,17 @@ def test_bad_train_with_mixed_latents_runs_and_logs(  # type: ignore[no-untyped-
         two_class_critic,
         tmp_path,
         steps=2,
-        latents="mixed",
+        latents=latents,
+        base_weight=base_weight,
         knob_model=str(tiny_model[0]),
     )
     res = train_bad(cfg, progress=False)
     assert res["steps"] == 2 and res["device"] == "cpu"
-    assert res["config"]["latents"] == "mixed"
+    assert res["config"]["latents"] == latents
+    assert res["config"]["base_weight"] == base_weight
+    logged = [json.loads(x) for x in (tmp_path / "bad" / "log.jsonl").read_text().splitlines()]
+    # the distance to the base model's own answers is logged only when it is in the loss
+    assert [("mmd_base" in row) for row in logged] == [bool(base_weight)] * 2
 
 
 @pytest.fixture(scope="module")
