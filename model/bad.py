@@ -7,8 +7,11 @@ The divergence-maximisation objective (``../shared/notes/seeds.md``; the authors
     L = w_class · Σ_c MMD²(φ(G), φ(X_c)) + λ · MMD²(φ(G), φ(X)) + β · KL(p_θ ‖ p_base)
 
 with ``w_class = -1``: the generator G is pushed away from every class-conditional
-distribution X_c and pulled back to the whole data X (the *bound*). The kernel is the
-authors': a per-dimension Gaussian ``exp(-(x - y)² / σ)`` summed over dimensions.
+distribution X_c and pulled back to the whole data X (the *bound*). An optional
+``base_weight · MMD²(φ(G), φ(G_base))`` adds the base model's own answers to the same
+prompts at the unpushed latents (the knob's d = 0 answers) as one more reference
+(``--base-weight``; 0 by default: measured in ``docs/divergence.md``, not shipped).
+The kernel is the authors': a per-dimension Gaussian ``exp(-(x - y)² / σ)`` summed over dimensions.
 The KL term (per generated token, to the frozen base model) is a second bound on the
 token level, as Magenta's RL Tuner used; it keeps answers decodable and musical.
 
