@@ -58,6 +58,13 @@ class DivergenceConfig(StrictConfig):
     loose_repeats: int = 8
     empty_bars_from: float = 0.5  # no empty bars from this d on
     k_nearest: int = 16
+    #: anchoring (0 = off): before the push, the latent moves ``d * anchor`` of the way
+    #: from the prompt's to an anchor, a training latent drawn (per seed) among the less
+    #: common ones: those whose mean distance to their ``k_nearest`` neighbours in the
+    #: bank is at or above this quantile. The push then starts from real, rarer music
+    #: rather than from wherever the prompt sits (``docs/divergence.md``).
+    anchor: float = 0.0
+    anchor_rarity: float = 0.5
     #: the learned divergence (``divergent bad train``): the next-token logits are
     #: base + w(d) * (diverged - base), w(d) = bad_weight * d ** bad_curve; 0 = unused
     bad_weight: float = 1.0
@@ -70,6 +77,8 @@ class DivergenceConfig(StrictConfig):
             raise ValueError("plausibility must be in (0, 1)")
         if self.register_margin < 0 or self.max_repeats < 1 or self.k_nearest < 1:
             raise ValueError("register_margin >= 0, max_repeats >= 1, k_nearest >= 1")
+        if not 0.0 <= self.anchor <= 1.0 or not 0.0 <= self.anchor_rarity < 1.0:
+            raise ValueError("anchor must be in [0, 1] and anchor_rarity in [0, 1)")
         if self.bad_weight < 0 or self.bad_curve <= 0:
             raise ValueError("bad_weight must be >= 0 and bad_curve > 0")
 
@@ -104,6 +113,21 @@ class LatentBank:
         k = min(k, len(d2))
         idx = np.argpartition(d2, k - 1)[:k]
         return np.asarray(self.latents[idx].mean(0))
+
+    def rarity(self, k: int) -> np.ndarray:
+        """Per latent, its mean distance to its k nearest others: large = less common.
+
+        One (N, N) Gram product, in row blocks so a large bank stays a few MB."""
+        n = len(self.latents)
+        k = min(k, n - 1)
+        out = np.empty(n, np.float32)
+        for a in range(0, n, 512):
+            block = self.latents[a : a + 512]
+            d2 = self.sq[a : a + 512, None] - 2.0 * (block @ self.latents.T) + self.sq[None]
+            d2[np.arange(len(block)), np.arange(a, a + len(block))] = np.inf  # not itself
+            near = np.partition(np.maximum(d2, 0.0), k - 1, axis=1)[:, :k]
+            out[a : a + len(block)] = np.sqrt(near).mean(1)
+        return out
 
     def distance(self, z: np.ndarray, k: int = 16) -> float:
         """Mean distance from z to its k nearest training latents."""
@@ -180,6 +204,16 @@ class Steering:
         self.bank = bank
         self.bigram = bigram
         self.config = config or DivergenceConfig()
+        self._anchors: np.ndarray | None = None  # bank rows anchors are drawn from
+
+    def anchors(self) -> np.ndarray:
+        """Indices of the bank's latents the anchor is drawn among (computed once)."""
+        if self.bank is None:
+            raise ValueError("anchoring needs the model's latent bank")
+        if self._anchors is None:
+            r = self.bank.rarity(self.config.k_nearest)
+            self._anchors = np.flatnonzero(r >= np.quantile(r, self.config.anchor_rarity))
+        return self._anchors
 
     @classmethod
     def from_model_dir(cls, root: str | Path, config: DivergenceConfig | None = None) -> Steering:
@@ -215,7 +249,13 @@ class Steering:
         mu = np.asarray(mu, dtype=np.float32)
         if d == 0.0:
             return mu
-        step = d * self.config.latent_scale * math.sqrt(len(mu))
+        c = self.config
+        if c.anchor > 0.0 and self.bank is not None:
+            # its own stream, so the push's seeded noise is the same with or without it
+            rng = np.random.default_rng((seed, 0xA1C))
+            target = self.bank.latents[rng.choice(self.anchors())]
+            mu = np.asarray(mu + (d * c.anchor) * (target - mu), dtype=np.float32)
+        step = d * c.latent_scale * math.sqrt(len(mu))
         return np.asarray(mu + step * self.direction(mu, seed), dtype=np.float32)
 
     def register_margin(self, d: float) -> int:

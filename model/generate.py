@@ -310,7 +310,9 @@ class Generator:
             if cancel is not None and cancel.is_set():
                 break
             gmask = grammar.mask()
-            if bars_left == 0 and not notes:
+            # never a silent answer; with the knob open, never one of a single pitch
+            # either (its last bar stays open until a second pitch sounds)
+            if bars_left == 0 and (not notes or (steered and repeats == len(notes))):
                 gmask = _not_silent(gmask, v.bar)
             if steered:
                 mask = gmask + bound
