@@ -306,11 +306,17 @@ def _cmd_evaluate_divergence(args: argparse.Namespace) -> int:
     from divergent.model.divergence_eval import EvalProtocol, evaluate_divergence
 
     _ensure_dataset(args.data)
+    sets = args.paper_seed_sets
     res = evaluate_divergence(
         data=Path(args.data),
         model_dir=Path(args.model) if args.model else None,
         report=Path(args.report) if args.report else None,
-        protocol=EvalProtocol(prompts=args.prompts, samples=args.samples, seed=args.seed),
+        protocol=EvalProtocol(
+            prompts=args.prompts,
+            samples=args.samples,
+            seed=args.seed,
+            **({} if sets is None else {"paper_seed_sets": sets}),
+        ),
     )
     print(json.dumps(res, indent=None if args.json else 1))
     return 0
@@ -641,6 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--prompts", type=int, default=16)
     dv.add_argument("--samples", type=int, default=4)
     dv.add_argument("--seed", type=int, default=0)
+    dv.add_argument(
+        "--paper-seed-sets",
+        type=int,
+        default=None,
+        help="the paper table's T = 1 row on this many seed sets (default: the protocol's)",
+    )
     dv.add_argument("--json", action="store_true")
     dv.set_defaults(func=_cmd_evaluate_divergence)
     lt = evsub.add_parser("latent", help="is the latent used? KL and output statistics vs z")

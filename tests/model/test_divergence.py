@@ -218,6 +218,7 @@ def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def
         temperatures=(1.0, 2.0),
         latent_temperatures=(0.5, 1.0),
         real_per_class=8,
+        paper_seed_sets=2,
     )
     folder = tmp_path / "model"
     shutil.copytree(tiny_model[0], folder)
@@ -233,6 +234,15 @@ def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def
         assert len(res[k]) == 2 and all(0.0 <= x <= 1.0 for x in res[k]), k
     for k in ("mmd_classes", "mmd_global"):
         assert set(res[k]) == {"base", "diverged"} and res[k]["base"] >= 0.0, k
+    # the T = 1 row on two seed sets: the first is the table's own, the mean is theirs
+    sets = res["paper_t1_seed_sets"]
+    assert [r["seed0"] for r in sets] == [20_000, 30_000]
+    assert sets[0]["precision"] == res["bad_precision"][1]
+    ratio = res["mmd_global"]["diverged"] / res["mmd_global"]["base"]
+    assert sets[0]["mmd_global_ratio"] == pytest.approx(ratio, rel=1e-2)
+    mean = res["paper_t1_mean"]
+    both = (sets[0]["precision"] + sets[1]["precision"]) / 2
+    assert mean["precision"] == pytest.approx(both, abs=1e-4)
     for k in (
         "matched_temperature",
         "knob_scale",
@@ -261,6 +271,7 @@ def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def
     assert res["protocol"]["prompts"] == 4
     for name in ("README.md", "metrics_vs_divergence.png", "knob_vs_temperature.png"):
         assert (tmp_path / "rep" / name).exists()
+    assert "| mean |" in (tmp_path / "rep" / "README.md").read_text()
     assert json.loads((tmp_path / "rep" / "divergence_eval.json").read_text())["levels"] == [
         0.0,
         0.5,
