@@ -215,7 +215,8 @@ def quantize_int8(fp32: Any, path: Path) -> None:
     # Re-measured side by side on a 2-vCPU Xeon (AVX-512 VNNI, AMX; issue 13), step at
     # context 256 relative to this file, top-1 vs torch on 32 x 256 training windows:
     # blocks of 32: 0.92-0.97x, 98.2%; 64: 0.97x, 98.1%; 128: 0.87x, 97.8% (fails the
-    # 98% gate); 4-bit blocks of 32: 0.69-0.80x, 94.7% (fails); accuracy_level 0 (fp32
+    # 98% gate); 4-bit blocks of 32: 0.69-0.80x, 94.7% (fails); 4-bit only in the MLP:
+    # 0.89x, 97.1% vs the fp32 file (this file: 98.7%; fails); accuracy_level 0 (fp32
     # compute): 10.7x slower; ONNX Runtime's transformer optimizer (SkipLayerNormalization
     # on top of the fusions ORT already makes at load, which fold the biases into
     # MatMulNBits and Gelu into FastGelu): 1.00-1.02x. Its BiasGelu fusion replaces the
