@@ -243,8 +243,13 @@ class Steering:
                 return np.asarray(u / np.linalg.norm(u), dtype=np.float32)
         return np.asarray(noise / np.linalg.norm(noise), dtype=np.float32)
 
-    def latent(self, mu: np.ndarray, d: float, seed: int = 0) -> np.ndarray:
-        """The answer's latent at knob position d (mu itself at d = 0)."""
+    def latent(
+        self, mu: np.ndarray, d: float, seed: int = 0, *, anchor_seed: int | None = None
+    ) -> np.ndarray:
+        """The answer's latent at knob position d (mu itself at d = 0).
+
+        ``anchor_seed`` draws the anchor (default: ``seed``): answers that share it share
+        their anchor, e.g. the bars of one jam phrase, while each keeps its own push."""
         d = float(np.clip(d, 0.0, 1.0))
         mu = np.asarray(mu, dtype=np.float32)
         if d == 0.0:
@@ -252,7 +257,7 @@ class Steering:
         c = self.config
         if c.anchor > 0.0 and self.bank is not None:
             # its own stream, so the push's seeded noise is the same with or without it
-            rng = np.random.default_rng((seed, 0xA1C))
+            rng = np.random.default_rng((seed if anchor_seed is None else anchor_seed, 0xA1C))
             target = self.bank.latents[rng.choice(self.anchors())]
             mu = np.asarray(mu + (d * c.anchor) * (target - mu), dtype=np.float32)
         step = d * c.latent_scale * math.sqrt(len(mu))

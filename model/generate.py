@@ -225,6 +225,7 @@ class Generator:
         on_notes: Callable[[list[NoteEvent]], object] | None = None,
         cancel: threading.Event | None = None,
         concept_strength: float | None = None,
+        anchor_seed: int | None = None,
     ) -> Continuation:
         """Continue ``prompt_ids`` (REMI ids without BOS) by ``bars`` bars.
 
@@ -240,7 +241,8 @@ class Generator:
 
         An answer always has a note: the Bar that would end it is refused until one is
         sampled (see ``_not_silent``). ``concept_strength`` overrides the generator's for
-        this answer (a live knob; no effect without a concept).
+        this answer (a live knob; no effect without a concept). ``anchor_seed`` draws the
+        knob's anchor (``Steering.latent``; default ``seed``).
         """
         if bars < 1 or bars > 64:
             raise GenerateError(f"bars must be in 1..64, got {bars}")
@@ -265,7 +267,7 @@ class Generator:
         mu = self.latent(prompt_ids) if z is None else np.asarray(z, np.float32)
         d = float(divergence)
         steered = d > 0.0
-        z_answer = self.steering.latent(mu, d, seed) if steered else mu
+        z_answer = self.steering.latent(mu, d, seed, anchor_seed=anchor_seed) if steered else mu
         bound = np.zeros(v.size, np.float32)
         # the learned divergence: the diverged decoder's logits mixed in by w(d)
         w_bad = self.steering.mix_weight(d) if steered else 0.0

@@ -69,6 +69,7 @@ class AnswerSettings:
     quantize: str
     channel: int  # 0-15
     concept_strength: float  # no effect without a concept (model.generate)
+    anchor_seed: int | None = None  # the knob's anchor (None: seed's; a jam phrase's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,7 @@ class AnswerJob:
             on_notes=lambda notes: hand(self, list(notes)),
             cancel=self.cancel,
             concept_strength=s.concept_strength,
+            anchor_seed=s.anchor_seed,
         )
         return generator.readout(cont)
 

@@ -33,6 +33,7 @@ from divergent.server.performance import (
     Request,
     StartAnswer,
     YieldTurn,
+    jam_anchor_seed,
 )
 from divergent.server.recorder import TakeRecorder
 from divergent.server.sender import Sender
@@ -138,6 +139,9 @@ class Conductor(ABC):
             quantize=self.quantize,
             channel=self.config.channel - 1,
             concept_strength=self.concept_strength,
+            anchor_seed=(
+                None if req.jam_bar is None else jam_anchor_seed(req.jam_bar, self.bars, self.seed)
+            ),
         )
         self.answers.start(req, settings)
 

@@ -185,6 +185,29 @@ def test_anchor_moves_the_latent_to_a_rarer_training_latent() -> None:
     assert float(np.linalg.norm(z - s.latent(mu, 1.0, seed=0))) == pytest.approx(step, rel=1e-5)
 
 
+def test_answers_sharing_an_anchor_seed_share_their_anchor() -> None:
+    rng = np.random.default_rng(5)
+    bank = LatentBank(rng.standard_normal((200, 4)).astype(np.float32))
+    cfg = DivergenceConfig(anchor=1.0, anchor_rarity=0.0, latent_scale=0.0)
+    s = Steering(bank=bank, bigram=None, config=cfg)
+    mu = np.zeros(4, np.float32)
+    # by default the seed draws the anchor: unchanged when anchor_seed is that seed
+    for seed in range(4):
+        assert np.array_equal(s.latent(mu, 1.0, seed), s.latent(mu, 1.0, seed, anchor_seed=seed))
+    held = {tuple(s.latent(mu, 1.0, seed, anchor_seed=7)) for seed in range(6)}
+    assert len(held) == 1  # six answers, one anchor
+    assert len({tuple(s.latent(mu, 1.0, 0, anchor_seed=a)) for a in range(6)}) > 1
+    # with the push on, the anchor is still shared and only the push's noise differs
+    pushed = Steering(
+        bank=bank, bigram=None, config=DivergenceConfig(anchor=1.0, anchor_rarity=0.0)
+    )
+    step = pushed.config.latent_scale * 2.0  # d * s * sqrt(z_dim)
+    anchor = s.latent(mu, 1.0, 0, anchor_seed=7)
+    for seed in range(3):
+        z = pushed.latent(mu, 1.0, seed, anchor_seed=7)
+        assert float(np.linalg.norm(z - anchor)) == pytest.approx(step, rel=1e-5)
+
+
 def test_anchored_knob_on_the_tiny_model(tiny_model, prompt: np.ndarray) -> None:  # type: ignore[no-untyped-def]
     root = tiny_model[0]
     tiny = OnnxModel(root)
@@ -199,6 +222,14 @@ def test_anchored_knob_on_the_tiny_model(tiny_model, prompt: np.ndarray) -> None
         c = gen.continue_ids(prompt, bars=2, seed=seed, divergence=1.0)
         assert c.notes and c.z is not None
         assert not np.allclose(c.z, plain.continue_ids(prompt, bars=2, seed=seed, divergence=1.0).z)
+        # anchor_seed reaches the knob: the seed's own is the default, another moves z
+        same = gen.continue_ids(prompt, bars=2, seed=seed, divergence=1.0, anchor_seed=seed)
+        assert same.tokens == c.tokens and np.array_equal(same.z, c.z)
+    zs = {
+        tuple(gen.continue_ids(prompt, bars=1, seed=0, divergence=1.0, anchor_seed=a).z)
+        for a in range(4)
+    }
+    assert len(zs) > 1
 
 
 def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def]

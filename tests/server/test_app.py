@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import sys
@@ -187,6 +188,25 @@ def test_top_p_reaches_the_model(tmp_path: Path, generator: Any) -> None:
 
     serve_in_process(tmp_path, body, gen=rec, top_p=0.5)
     assert rec.calls[0]["top_p"] == 0.5
+    assert rec.calls[0]["anchor_seed"] is None  # a call-mode answer: its seed's own anchor
+
+
+def test_jam_bars_of_a_phrase_share_the_knobs_anchor(tmp_path: Path, generator: Any) -> None:
+    rec = Recording(generator)
+
+    async def body(server: Server, port: FakePort) -> None:
+        deadline = time.monotonic() + 30
+        while len(rec.calls) < 5:  # keep playing: the machine jams only along a player
+            assert time.monotonic() < deadline, "no jam bars"
+            port.play([60, 64])
+            await asyncio.sleep(0.4)
+
+    serve_in_process(tmp_path, body, gen=rec, mode="jam", bpm=240, bars=2, divergence=1.0)
+    seeds = [c["anchor_seed"] for c in rec.calls[:5]]
+    assert all(isinstance(a, int) for a in seeds)
+    # bars of two-bar phrases: runs of at most two, and never an anchor back once left
+    runs = [len(list(g)) for _, g in itertools.groupby(seeds)]
+    assert max(runs) <= 2 and len(runs) == len(set(seeds)) and len(runs) < len(seeds)
 
 
 def test_malformed_osc_packets_reach_the_stats(tmp_path: Path) -> None:

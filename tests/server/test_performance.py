@@ -21,6 +21,7 @@ from divergent.server.performance import (
     StartAnswer,
     Timeline,
     YieldTurn,
+    jam_anchor_seed,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,6 +217,20 @@ def test_jam_asks_for_each_bar_ahead_while_the_performer_plays() -> None:
     later = of(StartAnswer, run_until(perf, clock, 112.0))
     # a note within the bars before: the bar at 212 (played at 100 s = beat 200) still jams
     assert [s.jam_bar for s in later] == [212.0], "then no jamming on its own"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bars", [1, 2, 4, 8])
+@pytest.mark.parametrize("seed", [None, 0, 7])
+def test_jam_bars_of_one_phrase_keep_one_anchor(bars: int, seed: int | None) -> None:
+    """Phrases of ``bars`` bars on the grid: one anchor seed each, a new one per phrase."""
+    per_phrase = [
+        {jam_anchor_seed(4.0 * (p * bars + b), bars, seed) for b in range(bars)}
+        for p in range(40, 46)
+    ]
+    assert all(len(one) == 1 for one in per_phrase)
+    assert len(set().union(*per_phrase)) == len(per_phrase)
+    assert all(a >= 0 for a in set().union(*per_phrase))  # a numpy seed
+    assert jam_anchor_seed(160.0, bars, 3) != jam_anchor_seed(160.0, bars, 4)
 
 
 def test_mode_change_panics_and_forgets_the_phrase() -> None:
