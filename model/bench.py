@@ -360,14 +360,17 @@ def bench_model(
     bar_ms, bar_notes = _bar_ms(gen, prompt_ids, bars)
     # streaming: 16-bar continuations, notes per second of wall time, everything included
     note_events_per_s = _streamed(gen, prompt_ids, max(1, bars // 8))
-    # the knob at d = 1: one token through every decoder an answer then runs (the base
-    # decoder, two rows when the latent is pushed, and the BAD-tuned decoder), context 256
-    # the decoders a d = 1 token runs, as continue_ids picks them: two base rows only when
-    # the answer's logits still use the base decoder's (w(1) < 1), else the readout's row
+    # the knob at d = 1: one token through every decoder an answer then runs, context 256,
+    # as continue_ids picks them: two base rows when the latent is pushed and the answer's
+    # logits still use the base decoder's (w(1) < 1), beside the BAD-tuned decoder; at
+    # w(1) = 1 the BAD-tuned decoder alone (the readout's base row reads the answer after
+    # it, in one call: in note_events_per_s_at_d1, not here)
     w1 = gen.steering.mix_weight(1.0) if gen.div_decoder is not None else 0.0
     pair = gen.steering.config.latent_scale > 0 and w1 != 1.0
     knob = [gen.pair_decoder if pair else gen.decoder]
-    if gen.div_decoder is not None and gen.steering.mix_weight(1.0) > 0:
+    if gen.div_decoder is not None and w1 == 1.0:
+        knob = [gen.div_decoder]
+    elif gen.div_decoder is not None and w1 > 0:
         knob.append(gen.div_decoder)
     ctx1 = 256 if model.block_size > 256 else model.block_size // 2
     ids1 = rng.integers(0, model.vocab_size, ctx1)

@@ -7,6 +7,7 @@ and a seeded :class:`~model.grammar.Sampler`, and produces a :class:`Continuatio
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,28 @@ CONCEPT_STRENGTHS = (0.0, 3.0)
 
 class GenerateError(ValueError):
     """A prompt or a request that cannot be continued (the message says why)."""
+
+
+def _deferred_base_logprobs(
+    dec: IncrementalDecoder, first: np.ndarray, masks: list[np.ndarray], tokens: list[int]
+) -> list[float]:
+    """The base model's log-probability of each answer token, under the grammar mask it
+    was sampled with: ``first`` predicts tokens[0], one call over the rest the others.
+
+    A token at a time where the cache would overflow (its rewind keeps only the recent
+    history, as the live path does), so the figures are the live path's."""
+    masks = masks[: len(tokens)]  # the answer's closing Bar was masked, not kept
+    rows = [first]
+    rest = tokens[:-1]
+    if rest and len(dec.tokens) + len(rest) <= dec.model.block_size:
+        rows.extend(dec.feed(rest, all_logits=True))
+    else:
+        for tok in rest:
+            rows.append(dec.feed([tok]).copy())
+    return [
+        float(logsoftmax(row, mask)[tok])
+        for row, mask, tok in zip(rows, masks, tokens, strict=True)
+    ]
 
 
 @dataclass
@@ -298,6 +321,12 @@ class Generator:
             plain.set_z(z_answer)
             side = plain
         self._feed(dec, side, context, skip=len(self.concept_prefix) if plain is not None else 0)
+        # at w = 1 the base decoder only serves the readout (its row at the prompt's latent):
+        # it reads the answer afterwards in one call, not one step per token beside the
+        # diverged decoder (the grammar masks it needs are kept meanwhile)
+        deferred: list[np.ndarray] | None = None
+        if steered and w_bad == 1.0 and plain is None and div is not None and not pair:
+            deferred = [dec.last_logits.copy()]
         sampler = Sampler(v.size, seed=seed)
         out: list[int] = []
         notes: list[NoteEvent] = []
@@ -333,8 +362,12 @@ class Generator:
                 tok, lp = sampler.sample_with_logprob(
                     logits, mask, temperature=temperature, top_p=top_p
                 )
-                base_row = dec.last_logits_all[1] if pair else dec.last_logits_all[0]
-                base_lp = float(logsoftmax(base_row, gmask)[tok])
+                if deferred is not None:
+                    deferred.append(gmask.copy())
+                    base_lp = math.nan  # filled in by _deferred_base_logprobs
+                else:
+                    base_row = dec.last_logits_all[1] if pair else dec.last_logits_all[0]
+                    base_lp = float(logsoftmax(base_row, gmask)[tok])
             elif plain is not None:
                 logits = mix_logits(plain.last_logits, dec.last_logits, g)
                 tok, lp = sampler.sample_with_logprob(
@@ -364,7 +397,12 @@ class Generator:
             logprobs.append(lp)
             base_lps.append(base_lp)
             prev = tok
-            self._feed(dec, side, [tok])
+            if deferred is not None:
+                side.feed([tok])  # type: ignore[union-attr]  # the diverged decoder alone
+            else:
+                self._feed(dec, side, [tok])
+        if deferred is not None:
+            base_lps = _deferred_base_logprobs(dec, deferred[0], deferred[1:], out)
         return Continuation(
             tokens=out,
             notes=notes,
