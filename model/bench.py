@@ -363,8 +363,8 @@ def bench_model(
     # the knob at d = 1: one token through every decoder an answer then runs, context 256,
     # as continue_ids picks them: two base rows when the latent is pushed and the answer's
     # logits still use the base decoder's (w(1) < 1), beside the BAD-tuned decoder; at
-    # w(1) = 1 the BAD-tuned decoder alone (the readout's base row reads the answer after
-    # it, in one call: in note_events_per_s_at_d1, not here)
+    # w(1) = 1 the BAD-tuned decoder alone (the readout's base row reads the answer beside
+    # it, in chunks on the worker thread: in note_events_per_s_at_d1, not here)
     w1 = gen.steering.mix_weight(1.0) if gen.div_decoder is not None else 0.0
     pair = gen.steering.config.latent_scale > 0 and w1 != 1.0
     knob = [gen.pair_decoder if pair else gen.decoder]

@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -69,26 +69,59 @@ class GenerateError(ValueError):
     """A prompt or a request that cannot be continued (the message says why)."""
 
 
-def _deferred_base_logprobs(
-    dec: IncrementalDecoder, first: np.ndarray, masks: list[np.ndarray], tokens: list[int]
-) -> list[float]:
-    """The base model's log-probability of each answer token, under the grammar mask it
-    was sampled with: ``first`` predicts tokens[0], one call over the rest the others.
+def _read_rows(dec: IncrementalDecoder, tokens: list[int]) -> list[np.ndarray]:
+    """Feed ``tokens``; the logits after each. Calls stop where the cache is full: the
+    next token then rewinds it to its recent history, as feeding it alone would."""
+    rows: list[np.ndarray] = []
+    while tokens:
+        room = dec.model.block_size - len(dec.tokens)
+        if room > 0:
+            rows.extend(dec.feed(tokens[:room], all_logits=True))
+            tokens = tokens[room:]
+        else:
+            rows.append(dec.feed(tokens[:1]).copy())  # the rewind
+            tokens = tokens[1:]
+    return rows
 
-    A token at a time where the cache would overflow (its rewind keeps only the recent
-    history, as the live path does), so the figures are the live path's."""
-    masks = masks[: len(tokens)]  # the answer's closing Bar was masked, not kept
-    rows = [first]
-    rest = tokens[:-1]
-    if rest and len(dec.tokens) + len(rest) <= dec.model.block_size:
-        rows.extend(dec.feed(rest, all_logits=True))
-    else:
-        for tok in rest:
-            rows.append(dec.feed([tok]).copy())
-    return [
-        float(logsoftmax(row, mask)[tok])
-        for row, mask, tok in zip(rows, masks, tokens, strict=True)
-    ]
+
+class _BaseReader:
+    """At w(d) = 1 the answer's logits are the diverged decoder's alone and the base
+    decoder (its row at the prompt's latent) serves only the readout's surprisal: it reads
+    the answer in chunks of ``CHUNK`` tokens on the side thread while the diverged decoder
+    samples on this one — a call per chunk, not a step per token — and only the last chunk
+    is left when the answer ends. The grammar mask of every step is kept for it."""
+
+    CHUNK = 32
+
+    def __init__(self, dec: IncrementalDecoder, pool: ThreadPoolExecutor) -> None:
+        self.dec, self.pool = dec, pool
+        self.rows = [dec.last_logits.copy()]  # what the context predicts: the first token
+        self.masks: list[np.ndarray] = []
+        self.fed = 0
+        self.pending: Future[list[np.ndarray]] | None = None
+
+    def _collect(self) -> None:
+        if self.pending is not None:
+            self.rows.extend(self.pending.result())
+            self.pending = None
+
+    def step(self, out: list[int]) -> None:
+        """After each kept token: the next chunk goes to the side thread when full."""
+        if len(out) - self.fed >= self.CHUNK:
+            self._collect()
+            self.pending = self.pool.submit(_read_rows, self.dec, out[self.fed :])
+            self.fed = len(out)
+
+    def logprobs(self, out: list[int]) -> list[float]:
+        """The base log-probability of every kept token (after the answer)."""
+        self._collect()
+        self.rows.extend(_read_rows(self.dec, out[self.fed : len(out) - 1]))
+        # a closing Bar was sampled (its mask kept) and not kept; a chunk may end with
+        # the last token (its row predicts nothing kept)
+        return [
+            float(logsoftmax(row, mask)[tok])
+            for row, mask, tok in zip(self.rows, self.masks, out, strict=False)
+        ]
 
 
 @dataclass
@@ -321,12 +354,9 @@ class Generator:
             plain.set_z(z_answer)
             side = plain
         self._feed(dec, side, context, skip=len(self.concept_prefix) if plain is not None else 0)
-        # at w = 1 the base decoder only serves the readout (its row at the prompt's latent):
-        # it reads the answer afterwards in one call, not one step per token beside the
-        # diverged decoder (the grammar masks it needs are kept meanwhile)
-        deferred: list[np.ndarray] | None = None
+        reader = None  # at w = 1: the base decoder reads the answer in chunks (_BaseReader)
         if steered and w_bad == 1.0 and plain is None and div is not None and not pair:
-            deferred = [dec.last_logits.copy()]
+            reader = _BaseReader(dec, self._side_pool())
         sampler = Sampler(v.size, seed=seed)
         out: list[int] = []
         notes: list[NoteEvent] = []
@@ -362,9 +392,9 @@ class Generator:
                 tok, lp = sampler.sample_with_logprob(
                     logits, mask, temperature=temperature, top_p=top_p
                 )
-                if deferred is not None:
-                    deferred.append(gmask.copy())
-                    base_lp = math.nan  # filled in by _deferred_base_logprobs
+                if reader is not None:
+                    reader.masks.append(gmask.copy())
+                    base_lp = math.nan  # filled in by the reader after the answer
                 else:
                     base_row = dec.last_logits_all[1] if pair else dec.last_logits_all[0]
                     base_lp = float(logsoftmax(base_row, gmask)[tok])
@@ -397,12 +427,14 @@ class Generator:
             logprobs.append(lp)
             base_lps.append(base_lp)
             prev = tok
-            if deferred is not None:
-                side.feed([tok])  # type: ignore[union-attr]  # the diverged decoder alone
+            if reader is not None:
+                assert div is not None  # a reader only beside the diverged decoder
+                div.feed([tok])  # the answer's decoder; the base one reads in chunks
+                reader.step(out)
             else:
                 self._feed(dec, side, [tok])
-        if deferred is not None:
-            base_lps = _deferred_base_logprobs(dec, deferred[0], deferred[1:], out)
+        if reader is not None:
+            base_lps = reader.logprobs(out)
         return Continuation(
             tokens=out,
             notes=notes,
@@ -418,6 +450,12 @@ class Generator:
             beats_per_bar=beats_per_bar,
             bar_start_beats=bar_start,
         )
+
+    def _side_pool(self) -> ThreadPoolExecutor:
+        """The worker thread a side decoder runs on (one, made on first use)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="side-decoder")
+        return self._pool
 
     def _feed(
         self,
@@ -437,9 +475,7 @@ class Generator:
         if side is None:
             dec.feed(toks)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="side-decoder")
-        fut = self._pool.submit(side.feed, toks[skip:])
+        fut = self._side_pool().submit(side.feed, toks[skip:])
         dec.feed(toks)
         fut.result()
 

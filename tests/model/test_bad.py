@@ -403,18 +403,23 @@ def test_knob_answers_are_deterministic_per_seed_with_the_diverged_decoder(
     assert a.tokens != Generator(m).continue_ids(prompt, bars=2, seed=5, divergence=0.0).tokens
 
 
-@pytest.mark.parametrize("room", [400, 5])  # one call over the answer / a token at a time
-def test_deferred_readout_reads_what_the_live_path_reads(diverged_model: Path, room: int) -> None:
-    """At w = 1 the readout's base log-probabilities come after the answer, in one call
-    (or, near the cache's end, token by token as the live path would): the same figures."""
-    from divergent.model.generate import _deferred_base_logprobs
+@pytest.mark.parametrize("chunk", [5, 32])
+@pytest.mark.parametrize("room", [400, 9])  # within the cache / across its end
+def test_base_reader_reads_what_the_live_path_reads(
+    diverged_model: Path, room: int, chunk: int
+) -> None:
+    """At w = 1 the readout's base log-probabilities come from chunks read on the side
+    thread (and, at the cache's end, a rewind as the live path makes): the same figures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from divergent.model.generate import _BaseReader
     from divergent.model.grammar import logsoftmax
     from divergent.model.runtime import IncrementalDecoder, OnnxModel
 
     m = OnnxModel(diverged_model)
-    rng = np.random.default_rng(room)
+    rng = np.random.default_rng(room + chunk)
     context = rng.integers(1, m.vocab_size, max(8, m.block_size - room)).tolist()
-    answer = rng.integers(1, m.vocab_size, 12).tolist()
+    answer = rng.integers(1, m.vocab_size, 21).tolist()
     masks = [np.where(rng.random(m.vocab_size) < 0.3, -np.inf, 0.0) for _ in answer]
     for mask, tok in zip(masks, answer, strict=True):
         mask[tok] = 0.0
@@ -426,8 +431,16 @@ def test_deferred_readout_reads_what_the_live_path_reads(diverged_model: Path, r
         live.feed([tok])
     dec = IncrementalDecoder(m)
     dec.feed(context)
-    # one mask more than tokens: the closing Bar's, sampled and then not kept
-    got = _deferred_base_logprobs(dec, dec.last_logits.copy(), [*masks, masks[0]], answer)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        reader = _BaseReader(dec, pool)
+        reader.CHUNK = chunk
+        out: list[int] = []
+        for mask, tok in zip(masks, answer, strict=True):
+            reader.masks.append(mask)
+            out.append(tok)
+            reader.step(out)
+        reader.masks.append(masks[0])  # a closing Bar: sampled, its mask kept, not kept
+        got = reader.logprobs(out)
     assert got == pytest.approx(want, abs=1e-4)
 
 
