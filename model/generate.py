@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -100,6 +100,13 @@ class _BaseReader:
         self.fed = 0
         self.pending: Future[list[np.ndarray]] | None = None
 
+    def settle(self) -> None:
+        """Wait for a chunk still being read (an answer that failed midway left it), so
+        that the next answer does not reset the decoder under it."""
+        if self.pending is not None:
+            wait([self.pending])
+            self.pending = None
+
     def _collect(self) -> None:
         if self.pending is not None:
             self.rows.extend(self.pending.result())
@@ -118,9 +125,10 @@ class _BaseReader:
         self.rows.extend(_read_rows(self.dec, out[self.fed : len(out) - 1]))
         # a closing Bar was sampled (its mask kept) and not kept; a chunk may end with
         # the last token (its row predicts nothing kept)
+        n = len(out)
         return [
             float(logsoftmax(row, mask)[tok])
-            for row, mask, tok in zip(self.rows, self.masks, out, strict=False)
+            for row, mask, tok in zip(self.rows[:n], self.masks[:n], out, strict=True)
         ]
 
 
@@ -190,6 +198,7 @@ class Generator:
         # it: the serve banner says which and why
         self.decoder_choice: Any = None
         self._pool: ThreadPoolExecutor | None = None  # the diverged decoder's worker
+        self._reader: _BaseReader | None = None  # the last answer's, at w = 1
         # the readout's banks are optional: without them copy rate / distance are empty
         self.index: NgramIndex | None
         self.reference: FeatureReference | None
@@ -341,6 +350,8 @@ class Generator:
             pv = v.value[v.pitch_ids]
             bound[v.pitch_ids[(pv < lo) | (pv > hi)]] = -np.inf
         dec = self.pair_decoder if pair else self.decoder
+        if self._reader is not None:
+            self._reader.settle()
         dec.reset()
         dec.set_z(np.stack([z_answer, mu]) if pair else mu)
         side = div
@@ -356,7 +367,7 @@ class Generator:
         self._feed(dec, side, context, skip=len(self.concept_prefix) if plain is not None else 0)
         reader = None  # at w = 1: the base decoder reads the answer in chunks (_BaseReader)
         if steered and w_bad == 1.0 and plain is None and div is not None and not pair:
-            reader = _BaseReader(dec, self._side_pool())
+            reader = self._reader = _BaseReader(dec, self._side_pool())
         sampler = Sampler(v.size, seed=seed)
         out: list[int] = []
         notes: list[NoteEvent] = []

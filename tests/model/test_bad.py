@@ -444,6 +444,32 @@ def test_base_reader_reads_what_the_live_path_reads(
     assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_an_answer_failing_midway_at_the_knobs_top_leaves_the_next_one_whole(
+    diverged_model: Path,
+) -> None:
+    """A failure mid-answer (here the note callback) may leave a chunk being read on the
+    side thread: the next answer waits for it, and is the answer a fresh generator makes."""
+    from divergent.model.generate import Generator
+    from divergent.model.runtime import OnnxModel
+
+    m = OnnxModel(diverged_model)
+    prompt = _prompt(m)
+    gen = Generator(m)
+    gen_notes: list[object] = []
+
+    def boom(notes: list[object]) -> None:
+        gen_notes.extend(notes)
+        if len(gen_notes) >= 12:
+            raise RuntimeError("the sink broke")
+
+    with pytest.raises(RuntimeError, match="sink broke"):
+        gen.continue_ids(prompt, bars=8, seed=2, divergence=1.0, on_notes=boom)
+    again = gen.continue_ids(prompt, bars=2, seed=3, divergence=1.0)
+    fresh = Generator(m).continue_ids(prompt, bars=2, seed=3, divergence=1.0)
+    assert again.tokens == fresh.tokens
+    assert again.base_logprobs == pytest.approx(fresh.base_logprobs, abs=1e-5)
+
+
 def test_knob_at_one_runs_only_the_readout_row_and_answers_the_same(
     diverged_model: Path,
 ) -> None:
