@@ -368,7 +368,7 @@ def bench_model(
     w1 = gen.steering.mix_weight(1.0) if gen.div_decoder is not None else 0.0
     pair = gen.steering.config.latent_scale > 0 and w1 != 1.0
     knob = [gen.pair_decoder if pair else gen.decoder]
-    if gen.div_decoder is not None and w1 == 1.0:
+    if gen.div_decoder is not None and gen.diverged_alone(w1):
         knob = [gen.div_decoder]
     elif gen.div_decoder is not None and w1 > 0:
         knob.append(gen.div_decoder)

@@ -366,7 +366,7 @@ class Generator:
             side = plain
         self._feed(dec, side, context, skip=len(self.concept_prefix) if plain is not None else 0)
         reader = None  # at w = 1: the base decoder reads the answer in chunks (_BaseReader)
-        if steered and w_bad == 1.0 and plain is None and div is not None and not pair:
+        if steered and self.diverged_alone(w_bad):
             reader = self._reader = _BaseReader(dec, self._side_pool())
         sampler = Sampler(v.size, seed=seed)
         out: list[int] = []
@@ -461,6 +461,12 @@ class Generator:
             beats_per_bar=beats_per_bar,
             bar_start_beats=bar_start,
         )
+
+    def diverged_alone(self, w: float) -> bool:
+        """Whether a token at mix weight ``w`` samples from the diverged decoder alone: then
+        the base decoder (one row, at the prompt's latent: no pair, and a model with a
+        diverged decoder has no concept) only reads the answer for the readout."""
+        return w == 1.0 and self.div_decoder is not None
 
     def _side_pool(self) -> ThreadPoolExecutor:
         """The worker thread a side decoder runs on (one, made on first use)."""
