@@ -14,7 +14,12 @@
   fp32 MatMul chain of every matrix a step multiplies by, attention over the context's
   K and V included, one thread), and ``floor_ratio`` = the served step's p50 at context
   256 / the chain's p50, a figure that compares across machines where absolute times
-  do not (issue 13: the same step was 3x slower on another Xeon of the same kind).
+  do not (issue 13: the same step was 3x slower on another Xeon of the same kind);
+- the bytes floor: the bytes the served step reads (its weights as stored and the K/V
+  cache at context 256, ``step_bytes``) at the rate the chain moved its own, and
+  ``bytes_floor_ratio`` = the served step's p50 / that time. An int8 step multiplies a
+  quarter of the chain's weight bytes, so ``floor_ratio`` can fall under 1 while the
+  step still runs at half the host's memory rate; this ratio says how far it is.
 
 Figures after the step timings (bars, notes/s, the knob) run the chosen variant.
 torch is imported only here (and only if installed): the serving path never needs it.
@@ -50,7 +55,14 @@ from divergent.model.runtime import (
     session_options,
 )
 
-__all__ = ["bench_model", "concept_figures", "floor_chain", "step_macs"]
+__all__ = [
+    "bench_model",
+    "chain_bytes",
+    "concept_figures",
+    "floor_chain",
+    "step_bytes",
+    "step_macs",
+]
 
 CONTEXTS = (64, 256, 512)
 #: prompt lengths whose prefill is timed (a bar or two, a phrase, a long context)
@@ -111,6 +123,37 @@ def _step_shapes(model: OnnxModel, ctx: int) -> list[tuple[str, tuple[int, ...],
 def step_macs(model: OnnxModel, ctx: int) -> int:
     """Multiply-adds of one decoder step (batch 1) on a cache of ``ctx`` tokens."""
     return sum(int(np.prod(x[:-1])) * int(np.prod(w[-2:])) for _, x, w in _step_shapes(model, ctx))
+
+
+def chain_bytes(model: OnnxModel, ctx: int) -> int:
+    """Bytes the floor's MatMul chain reads at ``ctx``: every operand, in float32."""
+    return 4 * sum(int(np.prod(x)) + int(np.prod(w)) for _, x, w in _step_shapes(model, ctx))
+
+
+def step_bytes(model: OnnxModel, ctx: int) -> int:
+    """Bytes one decoder step (batch 1) reads at ``ctx``: the served decoder file's
+    weights as stored (a table read through Gather or Slice, the token and position
+    embeddings, counts one row) and the K/V cache of ``ctx`` tokens.
+
+    A step multiplies every weight once and reads the whole cache once, so on a host
+    where they do not stay in the core's own cache between steps this many bytes cross
+    from the shared cache or memory every token (the step is memory-bound: measured op
+    by op, MatMulNBits' time follows its weight bytes at 14-17 GB/s, MODEL_CARD.md).
+    """
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(model.files.decoder(model.precision))).graph
+    lookups = {n.input[0] for n in graph.node if n.op_type in ("Gather", "Slice")}
+    others = {i for n in graph.node if n.op_type not in ("Gather", "Slice") for i in n.input}
+    total = 0
+    for t in graph.initializer:
+        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        dims = list(t.dims)
+        read = dims[1:] if t.name in lookups and t.name not in others and dims else dims
+        total += int(np.prod(read)) * item
+    cache = model.n_layer * 2 * model.n_head * ctx * model.head_size
+    return total + cache * np.dtype(model.cache_type).itemsize
 
 
 def floor_chain(model: OnnxModel, ctx: int) -> Any:
@@ -349,6 +392,8 @@ def bench_model(
     floor_ctx = FLOOR_CONTEXT if model.block_size > FLOOR_CONTEXT else contexts[-1]
     floor = _time(floor_chain(model, floor_ctx), repeats)
     macs = step_macs(model, floor_ctx)
+    moved = chain_bytes(model, floor_ctx)
+    served_bytes = step_bytes(served, floor_ctx)
     model = served
     # bar generation on the bundled example prompt (4/4), sampling and grammar included
     from divergent.model.generate import read_prompt
@@ -429,11 +474,23 @@ def bench_model(
         "macs": macs,
         "ms": floor,
         "gmacs_per_s": round(macs / floor["p50"] / 1e6, 2),
+        "bytes": moved,
+        "gb_per_s": round(moved / floor["p50"] / 1e6, 2),
         "how": "ORT fp32 MatMul chain of the step's shapes, one thread",
+    }
+    # the served step's own bytes at the rate the chain moved its (4 bytes a multiply-
+    # add): the time a step cannot beat on this host while its weights and cache do not
+    # stay in the core's own cache between tokens
+    res["bytes_floor"] = {
+        "context": floor_ctx,
+        "bytes": served_bytes,
+        "ms": round(served_bytes / moved * floor["p50"], 4),
+        "how": "the served decoder's weights as stored and its K/V cache, at the chain's rate",
     }
     if device == "cpu":
         # the served step against the CPU's own multiply-add rate: a CPU figure
         res["floor_ratio"] = round(auto_ms[key]["p50"] / floor["p50"], 2)
+        res["bytes_floor_ratio"] = round(auto_ms[key]["p50"] / res["bytes_floor"]["ms"], 2)
     if torch_ms:
         # the served (auto) step against torch eager
         res["speedup_vs_torch_256"] = round(torch_ms[key]["p50"] / auto_ms[key]["p50"], 2)
