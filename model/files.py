@@ -34,6 +34,7 @@ __all__ = [
     "MODEL_CARD_FILE",
     "MODEL_FOLDER_FILES",
     "PRECISIONS",
+    "PREFILL_PRECISIONS",
     "TOKENIZER_FILE",
     "TRAIN_CONFIG_FILE",
     "WEIGHTS_FILE",
@@ -50,6 +51,13 @@ TOKENIZER_FILE: Final = "tokenizer.json"
 ENCODER_FILE: Final = "encoder.onnx"
 #: the precisions the decoder step is exported in (see :func:`decoder_file`)
 PRECISIONS: Final = ("int8", "fp32")
+#: decoders that only prefill (several tokens at once, writing the KV cache a step
+#: decoder of PRECISIONS then reads on): 8-bit weights per output channel, activations
+#: quantized per call (ONNX Runtime's DynamicQuantizeMatMul, whose u8s8 GEMM uses VNNI
+#: or AMX where the CPU has them). Its top-1 agreement with torch as a step decoder is
+#: under the 98% gate (97.3-97.7%), so it never steps; a prefill on it followed by int8
+#: steps agrees as well as int8 alone (MODEL_CARD.md)
+PREFILL_PRECISIONS: Final = ("int8dyn",)
 #: What ``serve --decoder`` accepts: a precision, or ``auto`` (a short self-benchmark per
 #: host picks one, cached: :func:`divergent.model.host.choose_decoder`).
 DECODER_CHOICES: Final = ("auto", *PRECISIONS)
@@ -93,9 +101,10 @@ MANIFEST_FILE: Final = "manifest.json"
 
 
 def decoder_file(precision: str) -> str:
-    """The decoder step's file name in ``precision`` ("int8" or "fp32")."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    """The decoder's file name in ``precision`` ("int8", "fp32"; "int8dyn" prefills only)."""
+    if precision not in (*PRECISIONS, *PREFILL_PRECISIONS):
+        known = ", ".join((*PRECISIONS, *PREFILL_PRECISIONS))
+        raise ValueError(f"precision must be one of {known}, got {precision!r}")
     return f"decoder.{precision}.onnx"
 
 
@@ -105,7 +114,7 @@ MODEL_FOLDER_FILES: Final = frozenset(
         CONFIG_FILE,
         TOKENIZER_FILE,
         ENCODER_FILE,
-        *(decoder_file(p) for p in PRECISIONS),
+        *(decoder_file(p) for p in (*PRECISIONS, *PREFILL_PRECISIONS)),
         DIVERGED_DECODER_FILE,
         LATENTS_FILE,
         BIGRAM_FILE,

@@ -11,7 +11,9 @@ the same rounds it times a prefill (a played phrase's worth of tokens at once) w
 file, and picks the prefill's file by the same rule: on a CPU without int8 dot products
 (AVX2 only) the fp32 file's batched products prefill ~1.7x faster than the int8 file's
 while the int8 step stays the faster one, so such a host prefills in fp32 and steps in
-int8 on one shared KV cache (``OnnxModel(prefill=...)``). The
+int8 on one shared KV cache (``OnnxModel(prefill=...)``); the ``int8dyn`` file, which only
+ever prefills (``model.files.PREFILL_PRECISIONS``), races there too: on a CPU with VNNI or
+AMX its u8s8 products prefill about twice as fast as either. The
 result is cached in a small JSON file under the user's cache directory, keyed by CPU
 model, ONNX Runtime version, the decoder files' hash and the request, so it is measured
 once per host and model (a few seconds) and read back afterwards.
@@ -41,7 +43,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from divergent.model.files import DECODER_CHOICES, PRECISIONS
+from divergent.model.files import DECODER_CHOICES, PRECISIONS, PREFILL_PRECISIONS
 from divergent.model.runtime import (
     IncrementalDecoder,
     ModelError,
@@ -130,7 +132,8 @@ class Choice:
     measured_at: str = ""
     #: where it runs (``model.files.DEVICE_CHOICES``)
     device: str = "cpu"
-    #: the precision that runs prefills (several tokens at once); "" = ``variant``
+    #: the precision that runs prefills (several tokens at once): one of
+    #: ``model.files.PRECISIONS`` or ``PREFILL_PRECISIONS``; "" = ``variant``
     prefill: str = ""
     #: ms per prefill of ``HostBenchConfig.prefill_tokens`` tokens (p50), keyed by variant
     prefill_measured: dict[str, float] = field(default_factory=dict)
@@ -252,7 +255,7 @@ def _from_entry(entry: dict[str, Any]) -> Choice | None:
         return None
     if (
         choice.variant not in PRECISIONS
-        or choice.prefill_variant not in PRECISIONS
+        or choice.prefill_variant not in (*PRECISIONS, *PREFILL_PRECISIONS)
         or (choice.threads < 1)
     ):
         log.warning("ignoring a decoder choice cache entry: %s", entry)
@@ -260,31 +263,38 @@ def _from_entry(entry: dict[str, Any]) -> Choice | None:
     return choice
 
 
+def _session(model_dir: Path, variant: str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(
+            str(ModelFiles(model_dir).decoder(variant)),
+            session_options(threads),
+            providers=["CPUExecutionProvider"],
+        )
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise ModelError(f"cannot load the {variant} decoder in {model_dir}: {e}") from e
+
+
 def _measure(
-    model_dir: Path, candidates: list[tuple[str, int]], cfg: HostBenchConfig, prefill: bool
+    model_dir: Path,
+    candidates: list[tuple[str, int]],
+    cfg: HostBenchConfig,
+    prefill: bool,
+    prefill_only: tuple[str, ...] = (),
 ) -> tuple[dict[tuple[str, int], float], dict[str, float], int]:
     """Per-token p50 (ms) of one step per candidate, ms p50 of one prefill per variant
-    (one thread; only if ``prefill``), all in the same interleaved rounds, and the context.
+    (one thread; only if ``prefill``: the candidates' files and the ``prefill_only``
+    ones), all in the same interleaved rounds, and the context.
 
     The context is ``cfg.context``, or less for a model whose ``block_size`` is shorter.
     """
-    import onnxruntime as ort
-
-    files = ModelFiles(model_dir)
     model = OnnxModel(model_dir, precision=candidates[0][0], threads=1, device="cpu")
     ctx = min(cfg.context, model.block_size - 1)
     ids = np.random.default_rng(0).integers(0, model.vocab_size, ctx)
     decs: dict[tuple[str, int], IncrementalDecoder] = {}
     for variant, threads in candidates:
-        try:
-            session = ort.InferenceSession(
-                str(files.decoder(variant)),
-                session_options(threads),
-                providers=["CPUExecutionProvider"],
-            )
-        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise ModelError(f"cannot load the {variant} decoder in {model_dir}: {e}") from e
-        dec = IncrementalDecoder(model, session=session)
+        dec = IncrementalDecoder(model, session=_session(model_dir, variant, threads))
         dec.feed(ids)
         for _ in range(cfg.warmup):
             dec.rewind(ctx)
@@ -297,6 +307,8 @@ def _measure(
         for v, t in candidates
         if prefill and t == 1
     }
+    for v in prefill_only if prefill else ():
+        pre_decs[v] = IncrementalDecoder(model, session=_session(model_dir, v, 1))
     for dec in pre_decs.values():
         dec.feed(pre_ids)  # untimed: the first run of a new length allocates
     times: dict[tuple[str, int], list[float]] = {c: [] for c in candidates}
@@ -407,18 +419,24 @@ def choose_decoder(
         files.check(v)
     if not variants:
         raise ModelError(f"model folder {root} has no decoder")
+    # "auto" only: a variant asked for runs steps and prefills alike
+    prefill_only = tuple(
+        v for v in PREFILL_PRECISIONS if choice == "auto" and files.decoder(v).exists()
+    )
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / CHOICE_CACHE_FILE
-    key = _cache_key(root, choice, variants)
+    key = _cache_key(root, choice, variants + prefill_only)
     entries = _read_cache(path)
     if not refresh and key in entries:
         cached = _from_entry(entries[key])
-        if cached is not None and {cached.variant, cached.prefill_variant} <= set(variants):
+        present = set(variants + prefill_only)
+        if cached is not None and {cached.variant, cached.prefill_variant} <= present:
             return cached
     max_threads = max(1, min(cfg.max_threads, _cpu_count() // 2))
     candidates = [(v, t) for v in variants for t in range(1, max_threads + 1)]
-    # "auto" only: a variant asked for runs steps and prefills alike
-    measured, pre_measured, ctx = _measure(root, candidates, cfg, prefill=choice == "auto")
+    measured, pre_measured, ctx = _measure(
+        root, candidates, cfg, prefill=choice == "auto", prefill_only=prefill_only
+    )
     (variant, threads), why = _decide(measured, choice, ctx, cfg)
     prefill, pre_why = _decide_prefill(variant, pre_measured, cfg.prefill_tokens, cfg)
     why += f"{pre_why}; threads tried: 1-{max_threads} of {_cpu_count()} CPUs"

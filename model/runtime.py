@@ -31,6 +31,7 @@ from divergent.model.files import (
     DEVICE_CHOICES,
     DIVERGED_DECODER_FILE,
     ENCODER_FILE,
+    PREFILL_PRECISIONS,
     TOKENIZER_FILE,
     decoder_file,
 )
@@ -315,13 +316,20 @@ class OnnxModel:
         chunks) in :class:`IncrementalDecoder`; None, the same as ``precision``. On a CPU
         without int8 dot products (AVX2 only) the fp32 file's batched products run a
         prefill ~1.7x faster than the int8 file's, while the int8 step stays the faster
-        one-token path; ``model.host`` measures which pair a host serves with."""
+        one-token path; on one with VNNI/AMX the ``int8dyn`` file (prefills only,
+        ``model.files.PREFILL_PRECISIONS``) runs it about 2x faster than either;
+        ``model.host`` measures which pair a host serves with."""
         import onnxruntime as ort
 
         self.files = ModelFiles(Path(model_dir) if model_dir else default_model_dir())
         # CPU unless asked: a model this small answers fastest on one CPU thread; cuda
         # is for hosts whose CPU is busy or slow, and is refused where it cannot run
         prov = providers(device)
+        if precision in PREFILL_PRECISIONS:
+            raise ModelError(
+                f"the {precision} decoder only prefills (as a step decoder it misses the "
+                f"98% top-1 gate): use prefill={precision!r} beside an int8 or fp32 step"
+            )
         precision = device_precision(self.files, precision, device)
         prefill = precision if prefill is None else prefill
         if prefill != precision:

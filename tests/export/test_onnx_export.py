@@ -75,9 +75,14 @@ def test_export_parity(exported) -> None:  # type: ignore[no-untyped-def]
     assert p["fp32_incremental_max_abs_logit_diff"] <= 1e-4
     assert p["int8_top1_agreement"] >= 0.9
     assert abs(p["int8_nll_diff"]) < 0.05
+    # int8 steps after a prefill on each file that can write their cache, as served
+    pairs = p["prefill_top1_agreement"]
+    assert set(pairs) == {"int8", "fp32", "int8dyn"} and p["prefill_tokens"] > 0
+    assert all(a >= 0.9 for a in pairs.values()), pairs
     for name in (
         decoder_file("fp32"),
         decoder_file("int8"),
+        decoder_file("int8dyn"),
         ENCODER_FILE,
         TOKENIZER_FILE,
         CONFIG_FILE,

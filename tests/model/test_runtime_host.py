@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from divergent.model import host
-from divergent.model.files import PRECISIONS, decoder_file
+from divergent.model.files import PRECISIONS, PREFILL_PRECISIONS, decoder_file
 from divergent.model.host import CHOICE_CACHE_FILE, Choice, HostBenchConfig, choose_decoder
 from divergent.model.runtime import (
     CPU_PROVIDER,
@@ -53,9 +53,11 @@ def test_auto_measures_every_decoder_then_reads_the_cache(model_dir: Path, tmp_p
     assert {"int8/1", "fp32/1"} <= set(first.measured)
     assert first.context == 159  # the tiny model's block_size is 160
     assert first.why and first.variant in first.banner()
-    # the prefill raced too, one file against the other
-    assert set(first.prefill_measured) == {"int8", "fp32"}
-    assert first.prefill_variant in PRECISIONS
+    # the prefill raced too, every file that can write the cache against the others
+    assert set(first.prefill_measured) == {"int8", "fp32", "int8dyn"}
+    assert first.prefill_variant in (*PRECISIONS, *PREFILL_PRECISIONS)
+    # a prefill-only file never steps
+    assert all(not k.startswith("int8dyn/") for k in first.measured)
     data = json.loads((tmp_path / CHOICE_CACHE_FILE).read_text())
     assert len(data["entries"]) == 1
     (key,) = data["entries"]
@@ -142,29 +144,33 @@ def test_the_prefill_keeps_the_steps_variant_unless_another_is_clearly_faster() 
     assert variant == "fp32" and "1.67× int8" in why and "128 tokens" in why
     # nothing raced (a variant asked for): the step's own
     assert host._decide_prefill("fp32", {}, 128, cfg) == ("fp32", "")
+    three = {"int8": 10.0, "fp32": 8.0, "int8dyn": 5.0}
+    assert host._decide_prefill("int8", three, 128, cfg)[0] == "int8dyn"
     c = Choice(variant="int8", threads=1, why="w", prefill="fp32")
     assert c.prefill_variant == "fp32" and "prefills fp32" in c.banner()
     assert Choice(variant="int8", threads=1, why="w").prefill_variant == "int8"
 
 
-def test_a_prefill_in_the_other_precision_writes_the_cache_the_step_reads(
-    model_dir: Path,
+@pytest.mark.parametrize("prefill", ["fp32", "int8dyn"])
+def test_a_prefill_in_another_precision_writes_the_cache_the_step_reads(
+    model_dir: Path, prefill: str
 ) -> None:
     int8 = OnnxModel(model_dir, precision="int8")
-    fp32 = OnnxModel(model_dir, precision="fp32")
-    both = OnnxModel(model_dir, precision="int8", prefill="fp32")
-    assert both.prefill_decoder is not both.decoder and both.prefill_precision == "fp32"
+    both = OnnxModel(model_dir, precision="int8", prefill=prefill)
+    assert both.prefill_decoder is not both.decoder and both.prefill_precision == prefill
     assert int8.prefill_decoder is int8.decoder and int8.prefill_precision == "int8"
+    # the prefill file alone, on a cache of its own
+    alone = OnnxModel(model_dir, precision="int8", prefill=prefill)
     ids = np.random.default_rng(0).integers(5, 100, 40)
-    mixed, ref = IncrementalDecoder(both), IncrementalDecoder(fp32)
-    # the prefill is the fp32 file's, to the bit
+    mixed, ref = IncrementalDecoder(both), IncrementalDecoder(int8, session=alone.prefill_decoder)
+    # the prefill is that file's, to the bit
     np.testing.assert_array_equal(mixed.feed(ids, all_logits=True), ref.feed(ids, all_logits=True))
-    # a chunk on the history is a prefill too: the fp32 file's again
+    # a chunk on the history is a prefill too: that file's again
     np.testing.assert_array_equal(mixed.feed([8, 9, 10]), ref.feed([8, 9, 10]))
     n = len(ids) + 3
-    # one step: the int8 file on the cache the fp32 prefill wrote (the same call made
-    # by hand from the fp32 decoder's cache gives the same logits, to the bit)
-    past = {name: ref._bound[name].numpy() for name in fp32.past_names}
+    # one step: the int8 file on the cache the prefill wrote (the same call made by
+    # hand from the prefill file's cache gives the same logits, to the bit)
+    past = {name: ref._bound[name].numpy() for name in int8.past_names}
     by_hand = int8.decoder.run(
         ["logits"],
         {
@@ -177,12 +183,40 @@ def test_a_prefill_in_the_other_precision_writes_the_cache_the_step_reads(
     )[0][0, -1]
     np.testing.assert_array_equal(mixed.feed([7]), by_hand)
     # a concept's copy carries its weights in its own int8 session: that runs its
-    # prefills (the fp32 file has the base weights)
+    # prefills (the prefill file has the base weights)
     copy = both.with_decoder_initializers({})
     assert copy.prefill_decoder is copy.decoder and copy.prefill_precision == "int8"
     assert both.prefill_decoder is not both.decoder  # the original is untouched
     with pytest.raises(ModelError, match="precision must be one of"):
         OnnxModel(model_dir, precision="int8", prefill="fp16")
+
+
+def test_the_prefill_only_file_never_steps(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="only prefills"):
+        OnnxModel(model_dir, precision="int8dyn")
+    # --decoder takes step precisions only
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        choose_decoder(model_dir, "int8dyn", cache_dir=tmp_path, config=QUICK)
+
+
+def test_a_cached_prefill_file_that_is_gone_is_measured_anew(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def measured(root, candidates, cfg, prefill, prefill_only=()):  # type: ignore[no-untyped-def]
+        pre = {"int8": 10.0, "fp32": 8.0, **{v: 4.0 for v in prefill_only}}
+        return {c: 1.0 for c in candidates}, pre if prefill else {}, 100
+
+    monkeypatch.setattr(host, "_measure", measured)
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    first = choose_decoder(folder, "auto", cache_dir=tmp_path, config=QUICK)
+    assert first.prefill_variant == "int8dyn" and "prefills int8dyn" in first.banner()
+    assert choose_decoder(folder, "auto", cache_dir=tmp_path, config=QUICK).cached
+    m = first.load(folder)
+    assert (m.precision, m.prefill_precision) == ("int8", "int8dyn")
+    (folder / decoder_file("int8dyn")).unlink()
+    again = choose_decoder(folder, "auto", cache_dir=tmp_path, config=QUICK)
+    assert not again.cached and again.prefill_variant == "fp32"
 
 
 def test_choice_round_trips_through_a_dict() -> None:
