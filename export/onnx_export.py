@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,10 @@ from divergent.model.files import (
     EXPORT_REPORT_FILE,
     FEATURE_REFERENCE_FILE,
     LATENTS_FILE,
+    PREFILL_PRECISIONS,
     TOKENIZER_FILE,
     decoder_file,
+    diverged_file,
 )
 
 log = logging.getLogger(__name__)
@@ -209,7 +212,8 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
 
 
 def quantize_int8(fp32: Any, path: Path) -> None:
-    """Write the int8 decoder (MatMulNBits, 8-bit blocks of 16) of an fp32 step graph."""
+    """Write the int8 decoder (MatMulNBits, 8-bit blocks of 16) of an fp32 step graph
+    (the ModelProto ``fp32`` is rewritten in place: the quantizer works on it)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # 8-bit weights in blocks of 16 (MatMulNBits), computed in int8 with activations
@@ -275,12 +279,15 @@ def quantize_int8_dynamic(fp32: Path, path: Path) -> None:
 
 
 def export_diverged(checkpoint: Path, model_dir: Path) -> dict[str, Any]:
-    """Add a BAD-tuned decoder (``divergent bad train``) to a model folder, int8.
+    """Add a BAD-tuned decoder (``divergent bad train``) to a model folder, int8, with
+    its prefill-only twin (``decoder.diverged.int8dyn.onnx``).
 
     The diverged decoder shares everything but its weights with the base decoder (same
     sizes, I/O names and tokenizer, checked), so the knob can mix their logits per token.
     ``config.json`` records its recipe under ``"diverged"``.
     """
+    import onnx
+
     from divergent.model.runtime import ModelFiles
     from divergent.model.train import load_model
 
@@ -291,7 +298,16 @@ def export_diverged(checkpoint: Path, model_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{checkpoint} is not a fine-tune of the model in {model_dir}")
     if blob.get("tokenizer_hash", cfg["tokenizer_hash"]) != cfg["tokenizer_hash"]:
         raise ValueError("the diverged checkpoint was trained with another tokenizer")
-    quantize_int8(_step_graph(model), files.diverged)
+    graph = _step_graph(model)
+    # with its prefill-only twin (the host may prefill on that kind of file, model.host):
+    # the dynamic quantizer reads a file, so the fp32 graph passes through a temporary
+    # one, saved first (quantize_int8 rewrites the graph it is given in place)
+    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
+        fp32 = Path(tmp) / decoder_file("fp32")
+        onnx.save(graph, str(fp32))
+        quantize_int8(graph, files.diverged)
+        for p in PREFILL_PRECISIONS:
+            quantize_int8_dynamic(fp32, model_dir / diverged_file(p))
     cfg["diverged"] = {
         "file": files.diverged.name,
         "bad_config": blob.get("bad_config"),
@@ -313,7 +329,7 @@ def parity_report(model: Any, out: Path, windows: np.ndarray, *, z_seed: int = 0
     """
     import torch
 
-    from divergent.model.files import PRECISIONS, PREFILL_PRECISIONS
+    from divergent.model.files import PRECISIONS
     from divergent.model.runtime import IncrementalDecoder, OnnxModel
 
     cfg = model.cfg

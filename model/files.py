@@ -39,6 +39,7 @@ __all__ = [
     "TRAIN_CONFIG_FILE",
     "WEIGHTS_FILE",
     "decoder_file",
+    "diverged_file",
 ]
 
 # ---------------------------------------------------------------- a model folder
@@ -108,6 +109,17 @@ def decoder_file(precision: str) -> str:
     return f"decoder.{precision}.onnx"
 
 
+def diverged_file(precision: str) -> str:
+    """The BAD-tuned decoder's file: ``int8`` steps (and prefills unless a twin does);
+    a precision of ``PREFILL_PRECISIONS`` names its prefill-only twin."""
+    if precision == "int8":
+        return DIVERGED_DECODER_FILE
+    if precision not in PREFILL_PRECISIONS:
+        known = ", ".join(("int8", *PREFILL_PRECISIONS))
+        raise ValueError(f"the diverged decoder comes in {known}, not {precision!r}")
+    return f"decoder.diverged.{precision}.onnx"
+
+
 #: everything a complete model folder (the bundled one) holds
 MODEL_FOLDER_FILES: Final = frozenset(
     {
@@ -116,6 +128,7 @@ MODEL_FOLDER_FILES: Final = frozenset(
         ENCODER_FILE,
         *(decoder_file(p) for p in (*PRECISIONS, *PREFILL_PRECISIONS)),
         DIVERGED_DECODER_FILE,
+        *(diverged_file(p) for p in PREFILL_PRECISIONS),
         LATENTS_FILE,
         BIGRAM_FILE,
         COPY_INDEX_FILE,

@@ -182,7 +182,9 @@ class Generator:
         self.pair_decoder = IncrementalDecoder(model, batch=2)
         # the BAD-tuned decoder the knob mixes in, fed the same tokens (when shipped)
         self.div_decoder = (
-            IncrementalDecoder(model, session=model.diverged)
+            IncrementalDecoder(
+                model, session=model.diverged, prefill_session=model.diverged_prefill
+            )
             if model.diverged is not None
             else None
         )

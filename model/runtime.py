@@ -34,6 +34,7 @@ from divergent.model.files import (
     PREFILL_PRECISIONS,
     TOKENIZER_FILE,
     decoder_file,
+    diverged_file,
 )
 from divergent.model.tokenizer import DivergentTokenizer, load_tokenizer
 
@@ -127,6 +128,14 @@ class ModelFiles:
     def diverged(self) -> Path:
         """The BAD-tuned decoder (int8) behind the divergence knob, when shipped."""
         return self.root / DIVERGED_DECODER_FILE
+
+    def diverged_prefill(self, precision: str) -> Path | None:
+        """The BAD-tuned decoder's prefill-only twin in ``precision`` (None: there is no
+        such twin for that precision; the path may not exist in an older folder)."""
+        try:
+            return self.root / diverged_file(precision) if precision != "int8" else None
+        except ValueError:
+            return None
 
     def decoder(self, precision: str) -> Path:
         """The decoder step in ``precision``; ModelError for one never exported."""
@@ -378,6 +387,14 @@ class OnnxModel:
                 if prefill == precision
                 else ort.InferenceSession(str(self.files.decoder(prefill)), so, providers=prov)
             )
+            # the diverged decoder's prefills: on its twin in the prefill's precision where
+            # one is shipped (its weights are in no other file), else on itself
+            twin = self.files.diverged_prefill(prefill)
+            self.diverged_prefill = (
+                ort.InferenceSession(str(twin), so, providers=[CPU_PROVIDER])
+                if self.diverged is not None and twin is not None and twin.exists()
+                else self.diverged
+            )
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise ModelError(f"cannot load the ONNX model in {self.files.root}: {e}") from e
         self.precision = precision
@@ -526,6 +543,7 @@ class OnnxModel:
         # that does would blend two different models, so the copy's knob goes without it
         # (latent push, contrastive tokens and bounds still act)
         other.diverged = None
+        other.diverged_prefill = None
         other._initializer_values = values  # type: ignore[attr-defined]
         return other
 
@@ -546,7 +564,9 @@ class IncrementalDecoder:
     Several tokens at once (a prefill, a chunk on the history) run on the model's
     ``prefill_decoder``, whose IO binding holds the same cache buffers: on a host that
     prefills in fp32 and steps in int8 the fp32 file writes the cache and the int8 file
-    reads it on (a diverged or concept decoder prefills on its own session).
+    reads it on (a concept decoder prefills on its own session; the diverged decoder on
+    its prefill-only twin where the model prefills on that kind of file and one is
+    shipped, ``OnnxModel.diverged_prefill``, else on its own session).
 
     When the context reaches the model's ``block_size``, the last ``keep`` tokens are
     re-fed as a fresh prefill (positions restart), so a live stream never stops.
@@ -565,15 +585,19 @@ class IncrementalDecoder:
         keep: int = 384,
         batch: int = 1,
         session: Any = None,
+        prefill_session: Any = None,
     ) -> None:
         import onnxruntime as ort
 
         self.model = model
         # another decoder of the same shape (the diverged one), or the model's own
         self.session = session if session is not None else model.decoder
-        # several tokens at once (prefills, chunks): the model's prefill decoder when this
-        # runs the model's own weights, else the same session
-        self.prefill_session = model.prefill_decoder if session is None else session
+        # several tokens at once (prefills, chunks): the one given (the diverged decoder's
+        # twin), else the model's prefill decoder when this runs the model's own weights,
+        # else the same session
+        if prefill_session is None:
+            prefill_session = model.prefill_decoder if session is None else session
+        self.prefill_session = prefill_session
         self.batch = batch
         self.keep = min(keep, model.block_size // 2)
         B = batch

@@ -161,6 +161,26 @@ def two_class_critic(two_class_dataset: Path, tmp_path_factory: pytest.TempPathF
 # --- real peers: JACK, liblo, mosquitto, Pd ----------------------------------------------
 
 
+def step_by_hand(session: Any, model: Any, cache: Any, token: int = 7) -> Any:
+    """Logits of one ``token`` run by hand on ``session`` over ``cache`` (an
+    IncrementalDecoder whose buffers hold the history): what the serving binding should
+    give for the same step, to the bit."""
+    import numpy as np
+
+    n = len(cache.tokens)
+    past = {name: cache._bound[name].numpy() for name in model.past_names}
+    return session.run(
+        ["logits"],
+        {
+            "input_ids": np.array([[token]], np.int64),
+            "z": cache._z[:1].copy(),
+            "seqlens_k": np.array([n], np.int32),
+            "total_sequence_length": np.array(n + 1, np.int32),
+            **past,
+        },
+    )[0][0, -1]
+
+
 def require(condition: bool, why: str) -> None:
     """Skip a test whose machine lacks what it needs, except in CI, where it must fail.
 

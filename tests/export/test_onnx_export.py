@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from divergent.model.data import load_split
@@ -79,6 +80,9 @@ def test_export_parity(exported) -> None:  # type: ignore[no-untyped-def]
     pairs = p["prefill_top1_agreement"]
     assert set(pairs) == {"int8", "fp32", "int8dyn"} and p["prefill_tokens"] > 0
     assert all(a >= 0.9 for a in pairs.values()), pairs
+    ops = {p: {n.op_type for n in onnx.load(str(out / decoder_file(p))).graph.node} for p in pairs}
+    assert "MatMulNBits" in ops["int8"] and "MatMul" in ops["fp32"]
+    assert "MatMulInteger" in ops["int8dyn"] and "MatMulNBits" not in ops["int8dyn"]
     for name in (
         decoder_file("fp32"),
         decoder_file("int8"),

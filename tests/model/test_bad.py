@@ -8,10 +8,18 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from divergent.model.bad_config import BAD_LATENTS, METHODS, BadConfig
-from divergent.model.files import CONFIG_FILE, CRITIC_PT_FILE, DEVICE_CHOICES, WEIGHTS_FILE
+from divergent.model.files import (
+    CONFIG_FILE,
+    CRITIC_PT_FILE,
+    DEVICE_CHOICES,
+    WEIGHTS_FILE,
+    diverged_file,
+)
+from tests.conftest import step_by_hand
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +198,18 @@ def test_bad_train_checkpoints_resumes_and_exports(  # type: ignore[no-untyped-d
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model[0], folder)
+    before = set(folder.iterdir())
     info = export_diverged(tmp_path / "bad" / WEIGHTS_FILE, folder)
     assert info["step"] == 3
     m = OnnxModel(folder)
     assert m.diverged is not None
+    # the int8 decoder and its prefill-only twin, and nothing else left behind
+    added = {f.name for f in set(folder.iterdir()) - before}
+    assert added == {diverged_file("int8"), diverged_file("int8dyn")}
+    ops = {name: {n.op_type for n in onnx.load(str(folder / name)).graph.node} for name in added}
+    assert "MatMulNBits" in ops[diverged_file("int8")]
+    twin = ops[diverged_file("int8dyn")]  # the dynamic kind, as the base model's twin
+    assert "MatMulInteger" in twin and "MatMulNBits" not in twin
     # another model's fine-tune is refused
     other = tmp_path / "other"
     shutil.copytree(tiny_model[0], other)
@@ -339,6 +355,37 @@ def test_knob_at_zero_is_plain_sampling(diverged_model: Path, tiny_model) -> Non
         b = Generator(without).continue_ids(prompt, bars=2, seed=seed, divergence=0.0)
         assert a.tokens == b.tokens
         assert a.logprobs == b.logprobs
+
+
+def test_the_diverged_decoder_prefills_on_its_twin_where_the_model_prefills_int8dyn(
+    diverged_model: Path, tmp_path: Path
+) -> None:
+    from divergent.model.generate import Generator
+    from divergent.model.runtime import IncrementalDecoder, OnnxModel
+
+    m = OnnxModel(diverged_model, prefill="int8dyn")
+    assert m.diverged is not None and m.diverged_prefill is not m.diverged
+    div = Generator(m).div_decoder
+    assert div is not None and div.prefill_session is m.diverged_prefill
+    assert div.session is m.diverged
+    # the prefill is the twin's, to the bit; the next step, the int8 decoder's on the
+    # cache the twin wrote (the same call made by hand gives the same logits)
+    ids = _prompt(m)
+    twin = IncrementalDecoder(m, session=m.diverged_prefill)
+    np.testing.assert_array_equal(div.feed(ids, all_logits=True), twin.feed(ids, all_logits=True))
+    np.testing.assert_array_equal(div.feed([7]), step_by_hand(m.diverged, m, twin, token=7))
+    # prefilling on a file the diverged decoder has no twin for: on itself
+    for prefill in ("int8", "fp32"):
+        other = OnnxModel(diverged_model, prefill=prefill)
+        assert other.diverged_prefill is other.diverged
+    # an older folder without the twin: on itself too; a concept's copy has neither
+    older = tmp_path / "older"
+    shutil.copytree(diverged_model, older)
+    (older / diverged_file("int8dyn")).unlink()
+    old = OnnxModel(older, prefill="int8dyn")
+    assert old.diverged is not None and old.diverged_prefill is old.diverged
+    copy = m.with_decoder_initializers({})
+    assert copy.diverged is None and copy.diverged_prefill is None
 
 
 def test_knob_departs_monotonically_from_the_base_model(diverged_model: Path) -> None:

@@ -21,7 +21,8 @@ ROOMS = ("model", "export")
 def _declared() -> set[str]:
     """Every name model/files.py declares (the decoder's per precision)."""
     names = {v for k, v in vars(files).items() if k.endswith("_FILE") and isinstance(v, str)}
-    return names | {files.decoder_file(p) for p in (*files.PRECISIONS, *files.PREFILL_PRECISIONS)}
+    names |= {files.decoder_file(p) for p in (*files.PRECISIONS, *files.PREFILL_PRECISIONS)}
+    return names | {files.diverged_file(p) for p in files.PREFILL_PRECISIONS}
 
 
 def _strings(tree: ast.AST) -> list[tuple[int, str]]:

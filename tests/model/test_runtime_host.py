@@ -28,7 +28,7 @@ from divergent.model.runtime import (
     session_device,
     session_options,
 )
-from tests.conftest import cuda_provider_here, require
+from tests.conftest import cuda_provider_here, require, step_by_hand
 
 # a self-benchmark of a few steps: what is tested is the plumbing, not the speed
 QUICK = HostBenchConfig(steps=3, rounds=2, warmup=1)
@@ -167,20 +167,9 @@ def test_a_prefill_in_another_precision_writes_the_cache_the_step_reads(
     np.testing.assert_array_equal(mixed.feed(ids, all_logits=True), ref.feed(ids, all_logits=True))
     # a chunk on the history is a prefill too: that file's again
     np.testing.assert_array_equal(mixed.feed([8, 9, 10]), ref.feed([8, 9, 10]))
-    n = len(ids) + 3
     # one step: the int8 file on the cache the prefill wrote (the same call made by
     # hand from the prefill file's cache gives the same logits, to the bit)
-    past = {name: ref._bound[name].numpy() for name in int8.past_names}
-    by_hand = int8.decoder.run(
-        ["logits"],
-        {
-            "input_ids": np.array([[7]], np.int64),
-            "z": np.zeros((1, int8.z_dim), np.float32),
-            "seqlens_k": np.array([n], np.int32),
-            "total_sequence_length": np.array(n + 1, np.int32),
-            **past,
-        },
-    )[0][0, -1]
+    by_hand = step_by_hand(int8.decoder, int8, ref, token=7)
     np.testing.assert_array_equal(mixed.feed([7]), by_hand)
     # a concept's copy carries its weights in its own int8 session: that runs its
     # prefills (the prefill file has the base weights)
