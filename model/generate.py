@@ -342,8 +342,10 @@ class Generator:
         # a second base row only when the answer's latent differs from the prompt's (the
         # surprisal readout is always under the base model at the prompt's latent), and
         # when the answer uses the base decoder's logits at all: at w = 1 (d = 1 by
-        # default) the answer's logits are the diverged decoder's alone
-        pair = steered and w_bad != 1.0 and not np.array_equal(z_answer, mu)
+        # default) with a diverged decoder the answer's logits are its alone. Without one
+        # (a concept loaded, an older model folder) w(1) is 1 too, and the answer is the
+        # base decoder's at the answer's latent up to the knob's top
+        pair = steered and not self.diverged_alone(w_bad) and not np.array_equal(z_answer, mu)
         if steered:
             grammar.allow_empty_bars = d < self.steering.config.empty_bars_from
             margin = self.steering.register_margin(d)

@@ -67,6 +67,21 @@ def test_latent_moves_with_d(tiny: OnnxModel, prompt: np.ndarray) -> None:
     assert all(b >= a - 1e-6 for a, b in itertools.pairwise(away))
 
 
+@pytest.mark.parametrize("d", [0.5, 1.0])
+def test_without_a_diverged_decoder_the_answer_uses_its_latent_up_to_the_top(
+    tiny: OnnxModel, prompt: np.ndarray, d: float
+) -> None:
+    # w(1) is 1 whether or not a diverged decoder is shipped: without one (a concept
+    # loaded, an older folder) the answer's logits are the base decoder's at the answer's
+    # latent at every d > 0, the knob's top included (the readout's row at the prompt's)
+    gen = Generator(tiny)
+    assert tiny.diverged is None and gen.steering.mix_weight(d) == pytest.approx(d)
+    c = gen.continue_ids(prompt, bars=1, seed=4, divergence=d)
+    assert c.prompt_z is not None and not np.allclose(c.z, c.prompt_z)
+    np.testing.assert_array_equal(gen.pair_decoder.z, c.z)
+    np.testing.assert_array_equal(gen.pair_decoder._z[1], c.prompt_z)
+
+
 @pytest.mark.parametrize("d", LEVELS)
 def test_every_level_is_grammar_valid(tiny: OnnxModel, prompt: np.ndarray, d: float) -> None:
     gen = Generator(tiny)
