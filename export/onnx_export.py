@@ -201,7 +201,8 @@ def _export_graphs(model: Any, out: Path) -> dict[str, Any]:
             dynamo=False,
         )
     quantize_int8(onnx.load(str(out / decoder_file("fp32"))), out / decoder_file("int8"))
-    quantize_int8_dynamic(out / decoder_file("fp32"), out / decoder_file("int8dyn"))
+    for p in PREFILL_PRECISIONS:
+        quantize_int8_dynamic(out / decoder_file("fp32"), out / decoder_file(p))
     return {
         "past_names": past_names,
         "present_names": present_names,

@@ -132,10 +132,9 @@ class ModelFiles:
     def diverged_prefill(self, precision: str) -> Path | None:
         """The BAD-tuned decoder's prefill-only twin in ``precision`` (None: there is no
         such twin for that precision; the path may not exist in an older folder)."""
-        try:
-            return self.root / diverged_file(precision) if precision != "int8" else None
-        except ValueError:
+        if precision not in PREFILL_PRECISIONS:
             return None
+        return self.root / diverged_file(precision)
 
     def decoder(self, precision: str) -> Path:
         """The decoder step in ``precision``; ModelError for one never exported."""
