@@ -129,7 +129,7 @@ class ModelFiles:
         """The BAD-tuned decoder (int8) behind the divergence knob, when shipped."""
         return self.root / DIVERGED_DECODER_FILE
 
-    def diverged_prefill(self, precision: str) -> Path | None:
+    def diverged_twin(self, precision: str) -> Path | None:
         """The BAD-tuned decoder's prefill-only twin in ``precision`` (None: there is no
         such twin for that precision; the path may not exist in an older folder)."""
         if precision not in PREFILL_PRECISIONS:
@@ -388,7 +388,7 @@ class OnnxModel:
             )
             # the diverged decoder's prefills: on its twin in the prefill's precision where
             # one is shipped (its weights are in no other file), else on itself
-            twin = self.files.diverged_prefill(prefill)
+            twin = self.files.diverged_twin(prefill)
             self.diverged_prefill = (
                 ort.InferenceSession(str(twin), so, providers=[CPU_PROVIDER])
                 if self.diverged is not None and twin is not None and twin.exists()
