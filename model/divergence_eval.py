@@ -20,7 +20,8 @@ real phrases of the training split), two more measurements:
   0.1 … 3.0, by the base model (d = 0) and the diverged one (d = 1); improved
   precision/recall (k = 3) of the diverged answers against the base answers, and the
   squared MMD (the BAD kernel) of both to each class (mean over classes) and to the
-  whole data, at latent temperature 1.0;
+  whole data, at latent temperature 1.0, beside held-out real music measured the same
+  way (the whole data's mixture and each class alone: the scale the class MMD² reads on);
 - *knob vs temperature at matched novelty*: novelty = 1 - precision against the d = 0
   answers; for every knob level, the temperature reaching the same novelty (linear
   interpolation along the sweep), and both methods' scale consistency, groove
@@ -135,6 +136,34 @@ class CriticSpace:
 
     def mmd_global(self, feats: np.ndarray) -> float:
         return mmd2(feats, self.whole)
+
+    def real_sets(self, data: Path, n: int, seed: int) -> dict[str, Any]:
+        """Held-out real music measured as answers are: ``n`` validation phrases of the
+        whole data and of each class, with their MMD² to the classes (mean) and the whole.
+
+        The scale against which "MMD² to the classes rises" reads: the whole data's own
+        mixture has the lowest class MMD² of any set, and every real class's phrases, far
+        from the other classes, a high one (``docs/divergence.md``).
+        """
+        from divergent.model.critic import PhraseBank, class_of_works
+
+        _, labels = class_of_works(data, self.critic.min_works)
+        bank = PhraseBank(data, "val", labels["val"], self.critic.phrase_tokens)
+        per, whole = bank.references(n, np.random.default_rng((seed, 0x5EA1)))
+
+        def row(x: np.ndarray) -> dict[str, float]:
+            f = self.standardize(self.critic.features(x))
+            return {
+                "mmd_classes": round(self.mmd_classes(f), 4),
+                "mmd_global": round(self.mmd_global(f), 4),
+            }
+
+        return {
+            "split": "val",
+            "phrases": n,
+            "whole_data": row(whole[:n]),
+            "per_class": {self.critic.classes[c]: row(x) for c, x in per.items()},
+        }
 
 
 def matched_temperature(
@@ -280,6 +309,7 @@ def evaluate_divergence(
     }
     result.update(_matched_novelty(per_level, per_temp, p))
     result.update(_paper_table(answer, prompts, p, space, model.z_dim))
+    result["mmd_real"] = space.real_sets(Path(data), p.real_per_class, p.seed)
     lv = list(p.levels)
     result["spearman"] = {
         "surprisal": _spearman(lv, result["surprisal"]),
@@ -357,6 +387,33 @@ def _seed_set_lines(result: dict[str, Any]) -> list[str]:
             f"| {r['seed0']} | {r['precision']:.3f} | ×{r['mmd_global_ratio']:.2f} | "
             f"{r['mmd_classes_change']:+.3f} |"
         )
+    return [*out, ""]
+
+
+def _real_lines(result: dict[str, Any]) -> list[str]:
+    """Held-out real music's MMD² beside the T = 1 answers', as report lines."""
+    real = result.get("mmd_real")
+    if not real:
+        return []
+    rows = [
+        ("base answers (T = 1)", result["mmd_classes"]["base"], result["mmd_global"]["base"]),
+        (
+            "diverged answers (T = 1)",
+            result["mmd_classes"]["diverged"],
+            result["mmd_global"]["diverged"],
+        ),
+        ("real: the whole data", *real["whole_data"].values()),
+        *((f"real: {c} only", *r.values()) for c, r in real["per_class"].items()),
+    ]
+    out = [
+        f"Real music measured the same way ({real['phrases']} phrases of the {real['split']} "
+        "split per set): the whole data's own mixture has the lowest MMD² to the classes; a "
+        "set rises above it as its MMD² to the whole data rises.",
+        "",
+        "| set | MMD² classes (mean) | MMD² whole |",
+        "|---|---|---|",
+        *(f"| {name} | {c:.3f} | {g:.3f} |" for name, c, g in rows),
+    ]
     return [*out, ""]
 
 
@@ -607,6 +664,7 @@ def _learned_tables(result: dict[str, Any]) -> list[str]:
         f"{f(result['mmd_global']['diverged'])}.",
         "",
         *_seed_set_lines(result),
+        *_real_lines(result),
         "![precision and recall vs latent temperature](bad_precision_recall.png)",
         "",
         "## Knob vs temperature at matched novelty (critic space)",

@@ -289,6 +289,12 @@ def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def
     mean = res["paper_t1_mean"]
     both = (sets[0]["precision"] + sets[1]["precision"]) / 2
     assert mean["precision"] == pytest.approx(both, abs=1e-4)
+    # held-out real music in the same space: the whole data's mixture and each class alone
+    real = res["mmd_real"]
+    assert real["split"] == "val" and real["phrases"] == 8
+    assert set(real["per_class"]) <= set(res["protocol"]["critic_classes"])
+    for r in [real["whole_data"], *real["per_class"].values()]:
+        assert r["mmd_classes"] > 0.0 and r["mmd_global"] >= 0.0
     for k in (
         "matched_temperature",
         "knob_scale",
@@ -317,7 +323,8 @@ def test_evaluate_divergence_protocol_and_report(  # type: ignore[no-untyped-def
     assert res["protocol"]["prompts"] == 4
     for name in ("README.md", "metrics_vs_divergence.png", "knob_vs_temperature.png"):
         assert (tmp_path / "rep" / name).exists()
-    assert "| mean |" in (tmp_path / "rep" / "README.md").read_text()
+    page = (tmp_path / "rep" / "README.md").read_text()
+    assert "| mean |" in page and "| real: the whole data |" in page
     assert json.loads((tmp_path / "rep" / "divergence_eval.json").read_text())["levels"] == [
         0.0,
         0.5,
