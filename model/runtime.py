@@ -401,14 +401,35 @@ class OnnxModel:
         self.device = device
         # the KV cache's element type: the decoder's past inputs' (float32 as exported)
         self.cache_type = _input_type(self.decoder, self.past_names[0])
-        if _input_type(self.prefill_decoder, self.past_names[0]) != self.cache_type:
-            raise ModelError(
-                f"the {prefill} and {precision} decoders keep their KV caches in different "
-                "types: one cannot prefill for the other"
-            )
+        self._check_cache_types()
         self.output_names = ["logits", *self.present_names]
         if device == "cuda":
             self._check_on_gpu()
+
+    def _check_cache_types(self) -> None:
+        """Every session that writes or reads a KV cache keeps it in the step decoder's
+        type (float32 as exported): one session's cache is continued by another (the
+        prefill's by the step's, the diverged twin's by the diverged decoder), so a
+        mismatched file (hand-made, or from another export) is refused at load with its
+        name rather than failing inside the first answer that reaches it."""
+        sessions = (
+            (self.files.decoder(self.prefill_precision), self.prefill_decoder),
+            (self.files.diverged, self.diverged),
+            (self.files.diverged_twin(self.prefill_precision), self.diverged_prefill),
+        )
+        want = np.dtype(self.cache_type).name
+        seen: list[Any] = [self.decoder]
+        for path, session in sessions:
+            if session is None or any(session is s for s in seen):
+                continue
+            seen.append(session)
+            got = np.dtype(_input_type(session, self.past_names[0])).name
+            if got != want:
+                name = path.name if path is not None else "a decoder"
+                raise ModelError(
+                    f"{name} keeps its KV cache in {got}, the {self.precision} decoder in "
+                    f"{want}: one cannot continue the other's cache"
+                )
 
     def _check_on_gpu(self) -> None:
         """The sessions really run on the GPU: CUDA is their first provider (ORT falls

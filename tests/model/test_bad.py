@@ -388,6 +388,52 @@ def test_the_diverged_decoder_prefills_on_its_twin_where_the_model_prefills_int8
     assert copy.diverged is None and copy.diverged_prefill is None
 
 
+def _with_a_float16_cache(src: Path, dst: Path, past: list[str], present: list[str]) -> None:
+    """``src`` rewritten to take and give its KV cache in float16 (Casts at its edges):
+    a decoder that loads and runs, but cannot continue a float32 cache."""
+    g = (m := onnx.load(str(src))).graph
+    for names, edge in ((past, g.input), (present, g.output)):
+        for name in names:
+            inner = f"{name}.f32"
+            for node in g.node:
+                for slots in (node.input, node.output):
+                    for i, x in enumerate(slots):
+                        if x == name:
+                            slots[i] = inner
+            next(
+                v for v in edge if v.name == name
+            ).type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+            if names is past:
+                cast = onnx.helper.make_node("Cast", [name], [inner], to=onnx.TensorProto.FLOAT)
+                g.node.insert(0, cast)
+            else:
+                g.node.append(
+                    onnx.helper.make_node("Cast", [inner], [name], to=onnx.TensorProto.FLOAT16)
+                )
+    onnx.save(m, str(dst))
+
+
+@pytest.mark.parametrize("which", ["int8", "int8dyn"])
+def test_a_diverged_file_with_another_cache_type_is_refused_at_load_by_name(
+    diverged_model: Path, tmp_path: Path, which: str
+) -> None:
+    import onnxruntime as ort
+
+    from divergent.model.runtime import ModelError, OnnxModel
+
+    m = OnnxModel(diverged_model, prefill="int8dyn")
+    folder = tmp_path / "model"
+    shutil.copytree(diverged_model, folder)
+    bad = folder / diverged_file(which)
+    _with_a_float16_cache(diverged_model / diverged_file(which), bad, m.past_names, m.present_names)
+    session = ort.InferenceSession(str(bad), providers=["CPUExecutionProvider"])
+    assert {i.type for i in session.get_inputs() if i.name in m.past_names} == {"tensor(float16)"}
+    with pytest.raises(ModelError, match=rf"{diverged_file(which)} keeps its KV cache in float16"):
+        OnnxModel(folder, prefill="int8dyn")
+    if which == "int8dyn":  # a host that prefills int8 never opens the twin
+        assert OnnxModel(folder, prefill="int8").diverged_prefill is not None
+
+
 def test_knob_departs_monotonically_from_the_base_model(diverged_model: Path) -> None:
     """KL(knob(d) || base) of the next-token distribution rises with d, and at d > 0 the
     answers come from the learned divergence (they differ from the base decoder's)."""
