@@ -402,8 +402,13 @@ def _real_lines(result: dict[str, Any]) -> list[str]:
             result["mmd_classes"]["diverged"],
             result["mmd_global"]["diverged"],
         ),
-        ("real: the whole data", *real["whole_data"].values()),
-        *((f"real: {c} only", *r.values()) for c, r in real["per_class"].items()),
+        *(
+            (name, r["mmd_classes"], r["mmd_global"])
+            for name, r in [
+                ("real: the whole data", real["whole_data"]),
+                *((f"real: {c} only", r) for c, r in real["per_class"].items()),
+            ]
+        ),
     ]
     out = [
         f"Real music measured the same way ({real['phrases']} phrases of the {real['split']} "
