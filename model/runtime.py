@@ -418,11 +418,11 @@ class OnnxModel:
             (self.files.diverged_twin(self.prefill_precision), self.diverged_prefill),
         )
         want = np.dtype(self.cache_type).name
-        seen: list[Any] = [self.decoder]
+        # a session standing in for another (the step decoder prefilling, the diverged
+        # decoder without a twin) is checked again: the same answer, no special case
         for path, session in sessions:
-            if session is None or any(session is s for s in seen):
+            if session is None:
                 continue
-            seen.append(session)
             got = np.dtype(_input_type(session, self.past_names[0])).name
             if got != want:
                 name = path.name if path is not None else "a decoder"
